@@ -1,0 +1,19 @@
+"""textenv: RLHF with PPO as plain reinforcement learning.
+
+``gym.make("TokenRLHF-v0")`` is one token-generation episode at a time;
+``gym.make_vec("TokenRLHF-v0", num_envs=N, vectorization_mode="vector_entry_point")``
+steps N of them as one batch. With no arguments both use the embedded default task.
+"""
+
+import gymnasium as gym
+
+from textenv.env import TokenGenerationEnv
+from textenv.vector_env import TokenGenerationVectorEnv
+
+gym.register(
+    id="TokenRLHF-v0",
+    entry_point="textenv.env:TokenGenerationEnv",
+    vector_entry_point="textenv.vector_env:TokenGenerationVectorEnv",
+)
+
+__all__ = ["TokenGenerationEnv", "TokenGenerationVectorEnv"]

@@ -7,6 +7,8 @@ means the same thing whether it is padded on the left or on the right.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,23 @@ def to_left_padding(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int
     return ids.masked_fill(mask == 0, pad_token_id), mask
 
 
+@contextmanager
+def pooling_at_last_position(model: torch.nn.Module) -> Iterator[None]:
+    """Make a sequence classifier pool at index -1, even where the last real token is the PAD id.
+
+    Hugging Face's classifiers pool at "the rightmost token that is not pad_token_id".
+    Our batches are left-padded, so index -1 is always the last real token; hiding the
+    pad id for the call keeps a PAD token generated as an action from being skipped.
+    """
+    config = model.config
+    saved = config.pad_token_id
+    config.pad_token_id = -1  # no token has this id
+    try:
+        yield
+    finally:
+        config.pad_token_id = saved
+
+
 @torch.no_grad()
 def sequence_scores(reward_model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """One scalar per row, read by a frozen ``reward_model`` at the row's last real token. Returns (B,)."""
@@ -38,9 +57,8 @@ def sequence_scores(reward_model: torch.nn.Module, input_ids: Tensor, attention_
 def sequence_scores_with_grad(reward_model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """``sequence_scores`` that keeps the graph, for training a reward model. Returns (B,).
 
-    Works for any padding side: rows are re-laid to left padding first, so a
-    sequence-classification head that pools "the rightmost non-pad token" or
-    "index -1" reads the same token, and position ids are computed from the mask.
+    Works for any padding side: rows are re-laid to left padding first and the head
+    pools at index -1 (``pooling_at_last_position``); position ids come from the mask.
     """
     pad = reward_model.config.pad_token_id
     ids, mask = to_left_padding(input_ids, attention_mask, pad if pad is not None else 0)

@@ -1,0 +1,124 @@
+"""The batched TokenRLHF-v0: ``gym.make_vec("TokenRLHF-v0", num_envs=N, vectorization_mode="vector_entry_point")``.
+
+N episodes share one forward pass per token and one KV cache per model. Two
+autoreset modes (Gymnasium's ``AutoresetMode``):
+
+- ``NEXT_STEP`` (default, what Gymnasium and SB3 users expect): a slot that ended
+  starts its next prompt on the following ``step``, whose action it ignores
+  (reward 0, not terminated, not truncated), while the other slots go on.
+- ``DISABLED`` (lockstep, what a PPO rollout is): ``reset()`` starts every slot;
+  ended slots ignore their actions and earn 0 until ``reset`` is called again,
+  for all slots or for those in ``options={"reset_mask": mask}``.
+
+The fast path: ``step(actions, logprobs=lp)`` with ``lp`` (N,) the acting
+policy's log-probs of the chosen tokens (at the env's temperature). The env then
+needs no policy forward of its own for the KL term.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from textenv.env import check_reset_options, make_core, observation_space
+
+
+class TokenGenerationVectorEnv(VectorEnv):
+    """N token-generation episodes stepped as one batch (see the module docstring and ``TokenGenerationEnv``)."""
+
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        render_mode: str | None = None,
+        **kwargs: Any,
+    ):
+        autoreset_mode = AutoresetMode(autoreset_mode)
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.DISABLED):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or DISABLED, got {autoreset_mode}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
+        self.render_mode = render_mode
+        self.num_envs = num_envs
+        self.core = make_core(num_envs, **kwargs)
+        self.single_observation_space = observation_space(self.core)
+        self.single_action_space = spaces.Discrete(self.core.vocab_size)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+        self._started = False
+
+    @property
+    def autoreset_mode(self) -> AutoresetMode:
+        return self.metadata["autoreset_mode"]
+
+    def _draw_prompts(self, count: int) -> np.ndarray:
+        return self.np_random.integers(len(self.core.prompts), size=count)
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        """Start every slot (or those in ``options["reset_mask"]``, lockstep mode only) on a new prompt.
+
+        ``options["prompt_index"]``: an int or one index per reset slot, instead of drawn prompts.
+        """
+        super().reset(seed=seed)
+        options = check_reset_options(options, len(self.core.prompts))
+        rows = np.arange(self.num_envs)
+        if options.get("reset_mask") is not None:
+            mask = np.asarray(options["reset_mask"], dtype=bool)
+            if mask.shape != (self.num_envs,):
+                raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
+            if self.autoreset_mode != AutoresetMode.DISABLED and not mask.all():
+                raise ValueError("reset_mask needs autoreset_mode=DISABLED; NEXT_STEP resets ended slots by itself")
+            if not self._started and not mask.all():
+                raise ValueError("the first reset must start every slot (reset_mask all True or absent)")
+            rows = np.flatnonzero(mask)
+        index = options.get("prompt_index")
+        index = self._draw_prompts(len(rows)) if index is None else np.broadcast_to(np.asarray(index), rows.shape)
+        if len(rows):
+            self.core.reset(rows, index)
+        self._started = True
+        self._autoreset[rows] = False
+        info = {"prompt": np.array([self.core.prompt_text(r) for r in range(self.num_envs)], dtype=object)}
+        info["prompt_index"] = self.core.prompt_index.copy()
+        if self.render_mode == "human":
+            self.render()
+        return self.core.observation(), info
+
+    def step(self, actions, logprobs=None):
+        """Step every slot; ``logprobs`` (N,) are the acting policy's log-probs of ``actions`` (optional)."""
+        if not self._started:
+            raise RuntimeError("step() called before reset(); call reset() first")
+        active = None
+        restarting = self._autoreset.copy()
+        if restarting.any():
+            rows = np.flatnonzero(restarting)
+            self.core.reset(rows, self._draw_prompts(len(rows)))
+            active = ~restarting
+        result = self.core.step(actions, logprobs=logprobs, active=active)
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self._autoreset = result.terminated | result.truncated
+        infos = dict(result.infos)
+        infos["_score"] = ~np.isnan(infos["score"])
+        infos["_response"] = result.terminated | result.truncated
+        if restarting.any():
+            infos["prompt"] = np.array(
+                [self.core.prompt_text(r) if restarting[r] else None for r in range(self.num_envs)], dtype=object
+            )
+            infos["_prompt"] = restarting
+        if self.render_mode == "human":
+            self.render()
+        return self.core.observation(), result.rewards, result.terminated, result.truncated, infos
+
+    def render(self) -> tuple[str, ...] | None:
+        texts = tuple(self.core.render_row(r) for r in range(self.num_envs))
+        if self.render_mode == "human":
+            print("\n".join(texts))
+            return None
+        return texts
