@@ -44,7 +44,14 @@ class CachedModel:
         self.last: Tensor | None = None
 
     def _output(self, out) -> Tensor:
-        return out.logits[:, 0].float() if self.scores else out.logits[:, -1].float()
+        if self.scores:
+            if out.logits.shape[-1] != 1:
+                raise ValueError(
+                    f"the reward model must output one scalar per sequence, but gives {out.logits.shape[-1]}; "
+                    "load it with AutoModelForSequenceClassification and num_labels=1"
+                )
+            return out.logits[:, 0].float()
+        return out.logits[:, -1].float()
 
     def _forward(self, **inputs):
         if self.scores:
@@ -215,7 +222,7 @@ class TokenBatchCore:
             )
         return actions.astype(np.int64)
 
-    def _check_logprobs(self, logprobs) -> Tensor:
+    def check_logprobs(self, logprobs) -> Tensor:
         logprobs = torch.as_tensor(logprobs, device=self.device, dtype=torch.float32)
         if logprobs.shape != (self.num_slots,):
             raise ValueError(
@@ -245,7 +252,7 @@ class TokenBatchCore:
         actions = self.check_actions(actions)
         live = ~self.done if active is None else ~self.done & active
         if logprobs is not None:
-            lp, source = self._check_logprobs(logprobs), "caller"
+            lp, source = self.check_logprobs(logprobs), "caller"
         elif self.policy is not None or self.policy_fn is not None:
             lp, source = None, "policy"
         else:

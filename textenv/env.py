@@ -22,6 +22,7 @@ from textenv.loading import (
     output_vocab_size,
     resolve_device,
 )
+from textenv.models import sequence_scores
 
 REWARD_MODES = ("sparse", "dense")
 PROMPT_TRUNCATION = ("error", "left")
@@ -99,7 +100,7 @@ def make_core(
     if tokenizer is None:
         if isinstance(reference_source, torch.nn.Module):
             raise ValueError("pass tokenizer= when reference_model is a loaded module")
-        tokenizer = reference_source
+        tokenizer = load_tokenizer(reference_source, what="reference model (and its tokenizer)")
     tokenizer = load_tokenizer(tokenizer)
     reference = load_causal_lm(reference_source, device)
     scorer = load_reward_model(REWARD_MODEL_DIR if reward_model is None else reward_model, device)
@@ -138,6 +139,9 @@ def make_core(
                 f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} exceeds the {name}'s "
                 f"{limit} positions; lower one of them"
             )
+
+    probe = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    sequence_scores(scorer, probe, torch.ones_like(probe))  # a reward model without one scalar output raises here
 
     texts = read_prompts(prompts, prompt_column)
     prompt_ids = [list(ids) for ids in tokenizer(texts)["input_ids"]]
@@ -183,14 +187,22 @@ def observation_space(core: TokenBatchCore) -> spaces.Dict:
     )
 
 
-def check_reset_options(options: dict | None, num_prompts: int) -> dict:
+def check_reset_options(options: dict | None, num_prompts: int, known: tuple[str, ...], count: int) -> dict:
+    """Validate ``reset`` options; ``prompt_index`` becomes an int64 array of ``count`` entries (or stays None)."""
     options = dict(options or {})
-    unknown = set(options) - {"prompt_index", "reset_mask"}
+    unknown = set(options) - set(known)
     if unknown:
-        raise ValueError(f"unknown reset options {sorted(unknown)}; known: 'prompt_index', 'reset_mask'")
+        raise ValueError(f"unknown reset options {sorted(unknown)}; known: {', '.join(map(repr, known))}")
     index = options.get("prompt_index")
-    if index is not None and not (0 <= np.min(index) and np.max(index) < num_prompts):
-        raise ValueError(f"prompt_index must lie in 0..{num_prompts - 1}, got {index}")
+    if index is not None:
+        array = np.asarray(index)
+        if not np.issubdtype(array.dtype, np.integer) or array.ndim > 1:
+            raise ValueError(f"prompt_index must be an int or a list of ints, got {index!r}")
+        if array.ndim == 1 and array.shape != (count,):
+            raise ValueError(f"prompt_index must be one int or {count} ints (one per reset slot), got {len(array)}")
+        if array.size and not (0 <= array.min() and array.max() < num_prompts):
+            raise ValueError(f"prompt_index must lie in 0..{num_prompts - 1}, got {index}")
+        options["prompt_index"] = np.broadcast_to(array, (count,)).astype(np.int64)
     return options
 
 
@@ -283,11 +295,22 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
         self.observation_space = observation_space(self.core)
         self.action_space = spaces.Discrete(self.core.vocab_size)
 
+    @property
+    def kl_coef(self) -> float:
+        """The KL coefficient of the reward; set it between episodes (an adaptive KL controller does)."""
+        return self.core.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"kl_coef must be >= 0 (it scales a penalty), got {value}")
+        self.core.kl_coef = float(value)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = check_reset_options(options, len(self.core.prompts))
+        options = check_reset_options(options, len(self.core.prompts), ("prompt_index",), 1)
         index = options.get("prompt_index")
-        index = int(self.np_random.integers(len(self.core.prompts))) if index is None else int(index)
+        index = int(self.np_random.integers(len(self.core.prompts))) if index is None else int(index[0])
         self.core.reset(np.array([0]), np.array([index]))
         if self.render_mode == "human":
             self.render()
@@ -319,6 +342,9 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
         return {key: value[0] for key, value in self.core.observation().items()}
 
     def render(self) -> str | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() needs a render_mode: make the env with render_mode='ansi' or 'human'")
+            return None
         text = self.core.render_row(0)
         if self.render_mode == "human":
             print(text)

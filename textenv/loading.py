@@ -54,10 +54,13 @@ def _from_pretrained(auto_class, source: str | os.PathLike, what: str, **kwargs)
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(source: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    source: str | os.PathLike | PreTrainedTokenizerBase, what: str = "tokenizer"
+) -> PreTrainedTokenizerBase:
+    """``what`` names the argument the path came from in errors (the tokenizer may come from a model's path)."""
     if isinstance(source, PreTrainedTokenizerBase):
         return source
-    return _from_pretrained(AutoTokenizer, source, "tokenizer")
+    return _from_pretrained(AutoTokenizer, source, what)
 
 
 def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

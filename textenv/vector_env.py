@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -59,16 +60,27 @@ class TokenGenerationVectorEnv(VectorEnv):
     def autoreset_mode(self) -> AutoresetMode:
         return self.metadata["autoreset_mode"]
 
+    @property
+    def kl_coef(self) -> float:
+        """The KL coefficient of the reward; set it between episodes (an adaptive KL controller does)."""
+        return self.core.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"kl_coef must be >= 0 (it scales a penalty), got {value}")
+        self.core.kl_coef = float(value)
+
     def _draw_prompts(self, count: int) -> np.ndarray:
         return self.np_random.integers(len(self.core.prompts), size=count)
 
-    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start every slot (or those in ``options["reset_mask"]``, lockstep mode only) on a new prompt.
 
         ``options["prompt_index"]``: an int or one index per reset slot, instead of drawn prompts.
         """
         super().reset(seed=seed)
-        options = check_reset_options(options, len(self.core.prompts))
+        options = dict(options or {})
         rows = np.arange(self.num_envs)
         if options.get("reset_mask") is not None:
             mask = np.asarray(options["reset_mask"], dtype=bool)
@@ -79,8 +91,9 @@ class TokenGenerationVectorEnv(VectorEnv):
             if not self._started and not mask.all():
                 raise ValueError("the first reset must start every slot (reset_mask all True or absent)")
             rows = np.flatnonzero(mask)
+        options = check_reset_options(options, len(self.core.prompts), ("prompt_index", "reset_mask"), len(rows))
         index = options.get("prompt_index")
-        index = self._draw_prompts(len(rows)) if index is None else np.broadcast_to(np.asarray(index), rows.shape)
+        index = self._draw_prompts(len(rows)) if index is None else options["prompt_index"]
         if len(rows):
             self.core.reset(rows, index)
         self._started = True
@@ -95,6 +108,9 @@ class TokenGenerationVectorEnv(VectorEnv):
         """Step every slot; ``logprobs`` (N,) are the acting policy's log-probs of ``actions`` (optional)."""
         if not self._started:
             raise RuntimeError("step() called before reset(); call reset() first")
+        actions = self.core.check_actions(actions)  # before any slot restarts: a bad call changes nothing
+        if logprobs is not None:
+            self.core.check_logprobs(logprobs)
         active = None
         restarting = self._autoreset.copy()
         if restarting.any():
@@ -117,6 +133,9 @@ class TokenGenerationVectorEnv(VectorEnv):
         return self.core.observation(), result.rewards, result.terminated, result.truncated, infos
 
     def render(self) -> tuple[str, ...] | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() needs a render_mode: make the env with render_mode='ansi' or 'human'")
+            return None
         texts = tuple(self.core.render_row(r) for r in range(self.num_envs))
         if self.render_mode == "human":
             print("\n".join(texts))
