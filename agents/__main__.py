@@ -1,0 +1,26 @@
+"""``python -m agents`` (or ``textenv-train``): train a policy with PPO on TokenRLHF-v0.
+
+With no flags it trains the embedded default task's SFT policy to write positive
+reviews; ``--policy``, ``--reward-model`` and ``--prompts`` take your own models
+(local directories or hub names) and prompts (a text file).
+"""
+
+from __future__ import annotations
+
+import tyro
+from transformers.utils import logging as hf_logging
+
+from agents.train import TrainConfig, summary, train
+
+
+def main() -> None:
+    config = tyro.cli(TrainConfig, config=(tyro.conf.OmitArgPrefixes,), description=__doc__)
+    hf_logging.disable_progress_bar()
+    final = train(config)
+    print(summary(config.run.run_dir))
+    print(f"\nfinal policy: {final}  (AutoModelForCausalLM.from_pretrained loads it)")
+    print(f"learning curve: {config.run.run_dir / 'learning_curve.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Advantages and the masked statistics every per-token mean goes through.
+
+All tensors are (B, T): B episodes, T response steps, padded on the right; ``mask``
+is True on the steps an episode really took. It is built once per rollout and
+used for every mean, so no step after an episode's end leaks into a statistic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over the True entries of ``mask`` (over ``dim``, or all)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor) -> Tensor:
+    """Unbiased variance over the True entries of ``mask``."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    return masked_mean((values - mean) ** 2, mask) * count / (count - 1).clamp(min=1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise to unit variance over the mask (and zero mean, if ``shift_mean``); 0 outside the mask."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def compute_gae(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016). Returns (advantages, returns), (B, T).
+
+    Args:
+        rewards: r_t. values: V(s_t). next_values: V(s_{t+1}), used only where the
+            episode goes on or was truncated.
+        terminated: True at the step that ended the episode by itself (EOS): no bootstrap,
+            V(s_{t+1}) = 0 there. A truncated episode's last step bootstraps from next_values.
+        mask: True on real steps; the last True step of a row ends its episode.
+
+    delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
+    A_t     = delta_t + gamma * lam * A_{t+1}, with A_{t+1} = 0 after the episode's last step
+    returns = A_t + V(s_t)
+    """
+    if not (rewards.shape == values.shape == next_values.shape == terminated.shape == mask.shape):
+        raise ValueError(
+            "rewards, values, next_values, terminated and mask must share one (B, T) shape; got "
+            f"{[tuple(t.shape) for t in (rewards, values, next_values, terminated, mask)]}"
+        )
+    mask = mask.bool()
+    continues = torch.zeros_like(mask)  # True where step t+1 belongs to the same episode
+    continues[:, :-1] = mask[:, 1:]
+    deltas = rewards + gamma * next_values * (~terminated.bool()).to(values.dtype) - values
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = deltas[:, t] + gamma * lam * continues[:, t].to(values.dtype) * running
+        advantages[:, t] = running
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
+    return advantages, torch.where(mask, advantages + values, torch.zeros_like(values))

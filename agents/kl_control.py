@@ -1,0 +1,30 @@
+"""The KL coefficient beta of the reward ``-beta * (log pi - log pi_ref)``: fixed or adaptive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FixedKLController:
+    value: float
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """A fixed coefficient ignores the measured KL."""
+
+
+@dataclass
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: steer the measured KL towards ``target``.
+
+    ``beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon``, where KL is
+    the mean per-episode KL of the last rollout and ``n_steps`` the episodes in it.
+    """
+
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, kl: float, n_steps: int) -> None:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon

@@ -1,0 +1,88 @@
+"""What a training run writes beside its checkpoints: metrics (JSONL, CSV, TensorBoard), samples, a plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+CURVES = (
+    ("env/score", "eval/score", "score (reward model)"),
+    ("env/kl", None, "KL to reference (nats per response)"),
+    ("loss/value", None, "value loss"),
+    ("policy/entropy", None, "entropy (nats per token)"),
+)
+
+
+class RunLogger:
+    """Appends one row of metrics per iteration; after a resume, drops rows the checkpoint does not cover."""
+
+    def __init__(self, run_dir: Path, start_iteration: int):
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        if self.jsonl.exists():
+            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.rows = [row for row in rows if row["iteration"] < start_iteration]
+        self._rewrite(self.jsonl, self.rows)
+        samples = self.run_dir / "samples.jsonl"
+        if samples.exists():
+            kept = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+            self._rewrite(samples, [s for s in kept if s["iteration"] < start_iteration])
+        self.tensorboard = SummaryWriter(self.run_dir / "tensorboard", purge_step=start_iteration)
+
+    @staticmethod
+    def _rewrite(path: Path, rows: list[dict]) -> None:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def log(self, iteration: int, metrics: dict[str, float], samples: list[dict]) -> None:
+        row = {"iteration": iteration, **metrics}
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            for sample in samples:
+                f.write(json.dumps({"iteration": iteration, **sample}) + "\n")
+        for key, value in metrics.items():
+            self.tensorboard.add_scalar(key, value, iteration)
+        self.tensorboard.flush()
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        keys = ["iteration"] + sorted({k for row in self.rows for k in row} - {"iteration"})
+        with (self.run_dir / "metrics.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def plot(self) -> Path:
+        """Score, KL, value loss and entropy over iterations, as ``learning_curve.png``."""
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+        for ax, (key, eval_key, title) in zip(axes.flat, CURVES):
+            for name, label in ((key, "train rollouts"), (eval_key, "eval prompts")):
+                points = [
+                    (r["iteration"], r[name]) for r in self.rows if name and not math.isnan(r.get(name, math.nan))
+                ]
+                if points:
+                    ax.plot(*zip(*points), marker="." if name == eval_key else None, label=label)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            if eval_key:
+                ax.legend()
+        for ax in axes[1]:
+            ax.set_xlabel("iteration")
+        fig.tight_layout()
+        path = self.run_dir / "learning_curve.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        self.tensorboard.close()

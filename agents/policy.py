@@ -1,0 +1,145 @@
+"""The agent: an actor-critic on a Hugging Face causal LM.
+
+The LM head is the actor (logits over the vocabulary); a value head, a linear map
+of the last hidden state initialised to output 0, is the critic. With
+``share_backbone=True`` (the default) one forward of the LM gives both. With
+``share_backbone=False`` the critic runs its own trunk: Stiennon et al. (2020)
+initialise it from the reward model, and "The 37 implementation details of PPO"
+(item 12) found separate networks stronger.
+
+``get_action_and_value`` follows CleanRL: the same call samples during the rollout
+(``action=None``) and re-scores stored actions during the update.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+from textenv.rewards import logprobs_from_logits
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_DIR = "critic"
+
+
+class ActorCriticOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    values: Tensor  # (B, T)
+    cache: tuple | None  # (policy cache, critic cache or None)
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.value_head = nn.Linear((critic or policy).config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no noisy advantages from a random head
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def share_backbone(self) -> bool:
+        return self.critic is None
+
+    @classmethod
+    def from_models(
+        cls,
+        policy: str | os.PathLike | PreTrainedModel,
+        share_backbone: bool = True,
+        critic_init: str | os.PathLike | PreTrainedModel | None = None,
+    ) -> ActorCritic:
+        """Wrap ``policy`` (a causal LM or its directory); a separate critic trunk starts from ``critic_init``.
+
+        ``critic_init`` is the reward model's directory or module when it shares the
+        policy's tokenizer (the Stiennon et al. choice), else None: the policy's trunk.
+        """
+        if not isinstance(policy, PreTrainedModel):
+            policy = AutoModelForCausalLM.from_pretrained(policy)
+        critic = None
+        if not share_backbone:
+            source = critic_init if critic_init is not None else policy
+            if isinstance(source, PreTrainedModel):
+                critic = AutoModel.from_config(source.config)
+                critic.load_state_dict(source.base_model.state_dict())
+            else:
+                critic = AutoModel.from_pretrained(source)
+        agent = cls(policy, critic)
+        agent.disable_dropout()
+        return agent
+
+    def disable_dropout(self) -> None:
+        """Dropout off everywhere, so the rollout's and the update's forwards agree (first ratio exactly 1)."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        cache: tuple | None = None,
+        use_cache: bool = False,
+    ) -> ActorCriticOutput:
+        """Logits and values at every position of ``input_ids`` (B, T), from one forward per trunk."""
+        inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+        out = self.policy(
+            input_ids=input_ids,
+            past_key_values=None if cache is None else cache[0],
+            output_hidden_states=self.share_backbone,
+            **inputs,
+        )
+        critic_cache = None
+        if self.share_backbone:
+            hidden = out.hidden_states[-1]
+        else:
+            critic_out = self.critic(input_ids=input_ids, past_key_values=None if cache is None else cache[1], **inputs)
+            hidden, critic_cache = critic_out.last_hidden_state, critic_out.past_key_values
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return ActorCriticOutput(out.logits, values, (out.past_key_values, critic_cache) if use_cache else None)
+
+    def get_action_and_value(
+        self,
+        logits: Tensor,
+        temperature: float,
+        action: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(action, log-prob, entropy) of ``softmax(logits / temperature)``; samples when ``action`` is None.
+
+        Plain softmax sampling, no top-k or top-p: the stored log-probs describe exactly
+        the distribution the tokens came from.
+        """
+        logprobs = logprobs_from_logits(logits, temperature)  # (..., V)
+        if action is None:
+            flat = logprobs.reshape(-1, logprobs.shape[-1]).exp()
+            action = torch.multinomial(flat, 1, generator=generator).reshape(logprobs.shape[:-1])
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        return action, logprobs.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The policy as an ordinary Hugging Face model, plus the value head (and critic trunk) beside it."""
+        directory = Path(directory)
+        self.policy.save_pretrained(directory)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+            directory / VALUE_HEAD_FILE,
+        )
+        if self.critic is not None:
+            self.critic.save_pretrained(directory / CRITIC_DIR)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ActorCritic:
+        directory = Path(directory)
+        policy = AutoModelForCausalLM.from_pretrained(directory)
+        critic = AutoModel.from_pretrained(directory / CRITIC_DIR) if (directory / CRITIC_DIR).is_dir() else None
+        agent = cls(policy, critic)
+        agent.value_head.load_state_dict(load_file(directory / VALUE_HEAD_FILE))
+        agent.disable_dropout()
+        return agent
