@@ -266,9 +266,9 @@ class TokenBatchCore:
 
         for row in np.flatnonzero(live):
             self.responses[row].append(int(actions[row]))
-            self.input_ids[row] = np.roll(self.input_ids[row], -1)
-            self.attention_mask[row] = np.roll(self.attention_mask[row], -1)
-            self.input_ids[row, -1], self.attention_mask[row, -1] = actions[row], 1
+        # the window slides left by one token on live rows; the action enters at the right
+        self.input_ids[live, :-1], self.input_ids[live, -1] = self.input_ids[live, 1:], actions[live]
+        self.attention_mask[live, :-1], self.attention_mask[live, -1] = self.attention_mask[live, 1:], 1
         lengths = np.array([len(r) for r in self.responses])
         terminated = live & (actions == self.eos_token_id)
         truncated = live & ~terminated & (lengths >= self.max_new_tokens)
