@@ -73,3 +73,29 @@ def compute_gae(
         advantages[:, t] = running
     advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
     return advantages, torch.where(mask, advantages + values, torch.zeros_like(values))
+
+
+def rloo_advantages(returns: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024). (B,) -> (B,).
+
+    Episodes come in consecutive groups of ``group_size`` on one prompt; each one's
+    baseline is the mean return of the other k - 1: A_i = R_i - mean_{j != i} R_j.
+    """
+    grouped = _groups(returns, group_size)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def grpo_advantages(returns: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """Group-normalised advantages (GRPO, Shao et al. 2024): A_i = (R_i - mean R) / (std R + eps) per group."""
+    grouped = _groups(returns, group_size)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def _groups(returns: Tensor, group_size: int) -> Tensor:
+    if group_size < 2 or returns.ndim != 1 or len(returns) % group_size:
+        raise ValueError(
+            f"group baselines need a 1-D batch of returns in groups of k >= 2; got shape {tuple(returns.shape)} "
+            f"and group_size {group_size}"
+        )
+    return returns.reshape(-1, group_size)

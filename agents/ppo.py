@@ -1,4 +1,14 @@
-"""One PPO update on a rollout: re-score, advantages, K epochs of clipped losses.
+"""One policy-gradient update on a rollout: re-score, advantages, K epochs of clipped losses.
+
+The same update serves three algorithms; they differ only in their advantages and
+in whether a critic is trained:
+
+- ``ppo``: GAE(gamma, lambda) from the critic's values; clipped value loss.
+- ``rloo``: the episode's return minus the mean return of the other episodes on the
+  same prompt (leave-one-out baseline), on every token; no critic.
+- ``grpo``: the episode's return normalised within its group of episodes on the same
+  prompt; no critic. Unlike the GRPO paper, the KL penalty stays in the reward
+  (where the env puts it) instead of a separate loss term.
 
 Where this departs from the textbook PPO (Schulman et al. 2017) and why:
 
@@ -20,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from agents.advantages import compute_gae, masked_mean, masked_var, masked_whiten
+from agents.advantages import compute_gae, grpo_advantages, masked_mean, masked_var, masked_whiten, rloo_advantages
 from agents.losses import entropy_from_logits, policy_loss, value_loss
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
@@ -32,6 +42,10 @@ from textenv.rewards import token_logprobs
 class PPOConfig:
     """The PPO update. Defaults are tuned for the embedded default task on a CPU."""
 
+    algo: str = "ppo"
+    """'ppo' (critic + GAE), 'rloo' or 'grpo' (critic-free group baselines)."""
+    group_size: int = 4
+    """rloo/grpo: episodes per prompt (each rollout holds batch_size / group_size prompts)."""
     epochs: int = 4
     """K: passes over each rollout."""
     minibatch_size: int = 16
@@ -120,15 +134,22 @@ def ppo_update(
     rewards = rollout.rewards.to(device)
     if config.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = compute_gae(
-        rewards,
-        old_values[:, :-1],
-        old_values[:, 1:],
-        rollout.terminated_steps.to(device),
-        mask,
-        config.gamma,
-        config.lam,
-    )
+    critic = config.algo == "ppo"
+    if critic:
+        advantages, returns = compute_gae(
+            rewards,
+            old_values[:, :-1],
+            old_values[:, 1:],
+            rollout.terminated_steps.to(device),
+            mask,
+            config.gamma,
+            config.lam,
+        )
+    else:
+        group_advantages = rloo_advantages if config.algo == "rloo" else grpo_advantages
+        episode_returns = (rewards * mask).sum(1)  # undiscounted: score - beta * KL of the episode
+        advantages = group_advantages(episode_returns, config.group_size)[:, None] * mask
+        returns = torch.zeros_like(rewards)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
 
@@ -144,9 +165,16 @@ def ppo_update(
                 pg_loss, pg_stats = policy_loss(
                     scored.logprobs, old_logprobs[rows_d], advantages[rows_d], micro_mask, config.clip_range
                 )
-                vf_loss, vf_stats = value_loss(
-                    scored.values[:, :-1], old_values[rows_d, :-1], returns[rows_d], micro_mask, config.clip_range_value
-                )
+                if critic:
+                    vf_loss, vf_stats = value_loss(
+                        scored.values[:, :-1],
+                        old_values[rows_d, :-1],
+                        returns[rows_d],
+                        micro_mask,
+                        config.clip_range_value,
+                    )
+                else:
+                    vf_loss, vf_stats = torch.zeros((), device=device), {}
                 entropy = masked_mean(scored.entropy, micro_mask)
                 loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
                 # token-weighted, so accumulated micro-batches give the minibatch's token mean
@@ -163,8 +191,9 @@ def ppo_update(
 
     metrics = {key: sum(values) / len(values) for key, values in stats.items()}
     metrics["ppo/first_ratio_mean"] = stats["ppo/ratio_mean"][0]
-    metrics["ppo/explained_variance"] = explained_variance(old_values[:, :-1], returns, mask)
     metrics["ppo/advantage_mean"] = float(masked_mean(advantages, mask))
-    metrics["ppo/return_mean"] = float(masked_mean(returns, mask))
-    metrics["ppo/value_mean"] = float(masked_mean(old_values[:, :-1], mask))
+    if critic:
+        metrics["ppo/explained_variance"] = explained_variance(old_values[:, :-1], returns, mask)
+        metrics["ppo/return_mean"] = float(masked_mean(returns, mask))
+        metrics["ppo/value_mean"] = float(masked_mean(old_values[:, :-1], mask))
     return metrics

@@ -67,10 +67,14 @@ def collect_rollout(
     seed: int,
     generator: torch.Generator,
     autocast: torch.autocast | None = None,
+    group_size: int | None = None,
 ) -> Rollout:
-    """Run one lockstep batch of ``env.num_envs`` episodes with ``agent`` sampling every token."""
+    """Run one lockstep batch of ``env.num_envs`` episodes with ``agent`` sampling every token.
+
+    ``group_size`` k: consecutive groups of k episodes share one prompt (RLOO, GRPO).
+    """
     device = agent.value_head.weight.device
-    observation, info = env.reset(seed=seed)
+    observation, info = env.reset(seed=seed, options=None if group_size is None else {"group_size": group_size})
     ids = torch.as_tensor(observation["input_ids"], device=device)
     mask = torch.as_tensor(observation["attention_mask"], device=device)
     first = int(mask.any(0).long().argmax())  # crop the columns no prompt uses

@@ -58,9 +58,9 @@ class EnvConfig:
     """Initial KL coefficient beta in r_t = -beta * (log pi - log pi_ref) + score."""
     adaptive_kl: bool = True
     """Adapt beta towards kl_target (Ziegler et al. 2019); else beta stays fixed."""
-    kl_target: float = 4.0
+    kl_target: float = 3.0
     """Target KL per response, in nats, of the adaptive controller."""
-    kl_horizon: int = 10000
+    kl_horizon: int = 1000
     """Horizon of the adaptive controller, in episodes."""
     reward_mode: str = "sparse"
     """'sparse' (score on the last token) or 'dense' (score differences of prefixes)."""
@@ -76,6 +76,8 @@ class RunConfig:
 
     iterations: int = 60
     """PPO iterations (one rollout and one update each)."""
+    token_budget: int | None = None
+    """Stop early once this many response tokens have been generated in training rollouts."""
     batch_size: int = 64
     """Episodes per rollout (the vector env's num_envs)."""
     share_backbone: bool = True
@@ -117,6 +119,12 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(
             f"minibatch_size ({ppo.minibatch_size}) must be a multiple of micro_batch_size ({ppo.micro_batch_size})"
         )
+    if ppo.algo not in ("ppo", "rloo", "grpo"):
+        raise ValueError(f"algo must be 'ppo', 'rloo' or 'grpo', got {ppo.algo!r}")
+    if ppo.algo != "ppo" and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
+        raise ValueError(
+            f"{ppo.algo} needs group_size >= 2 dividing batch_size ({run.batch_size}); got group_size {ppo.group_size}"
+        )
     if run.iterations < 1 or run.checkpoint_every < 1 or run.eval_every < 1:
         raise ValueError("iterations, checkpoint_every and eval_every must be >= 1")
     for name, path in (("prompts", config.env.prompts), ("eval_prompts", config.env.eval_prompts)):
@@ -125,7 +133,7 @@ def validate(config: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, iteration: int, agent, optimizer, scheduler, kl, generators) -> None:
+def save_checkpoint(run_dir: Path, iteration: int, agent, optimizer, scheduler, kl, generators, tokens: int) -> None:
     """Write checkpoint-<iteration>, then point ``latest`` at it atomically, then drop older ones."""
     target = run_dir / f"checkpoint-{iteration:06d}"
     partial = run_dir / f".partial-checkpoint-{iteration:06d}"
@@ -139,7 +147,7 @@ def save_checkpoint(run_dir: Path, iteration: int, agent, optimizer, scheduler, 
         },
         partial / "trainer.pt",
     )
-    (partial / "state.json").write_text(json.dumps({"iteration": iteration, "kl_coef": kl.value}))
+    (partial / "state.json").write_text(json.dumps({"iteration": iteration, "kl_coef": kl.value, "tokens": tokens}))
     shutil.rmtree(target, ignore_errors=True)
     os.rename(partial, target)
     pointer = run_dir / "latest.tmp"
@@ -236,7 +244,7 @@ def train(config: TrainConfig) -> Path:
         kl = FixedKLController(env_config.kl_coef)
     sampling = torch.Generator(device=device).manual_seed(run.seed)
     shuffling = torch.Generator().manual_seed(run.seed + 1)
-    start = 0
+    start, tokens_total = 0, 0
     if checkpoint is not None:
         state = json.loads((checkpoint / "state.json").read_text())
         trainer = torch.load(checkpoint / "trainer.pt", weights_only=False)
@@ -244,7 +252,7 @@ def train(config: TrainConfig) -> Path:
         scheduler.load_state_dict(trainer["scheduler"])
         for generator, saved in zip((sampling, shuffling), trainer["generators"]):
             generator.set_state(saved)
-        start, kl.value = state["iteration"] + 1, state["kl_coef"]
+        start, kl.value, tokens_total = state["iteration"] + 1, state["kl_coef"], state["tokens"]
 
     env = make_env(config, train_prompts, run.batch_size, tokenizer, reference, reward_model, device)
     eval_env = make_env(config, eval_prompts, run.eval_episodes, tokenizer, reference, reward_model, device)
@@ -258,13 +266,16 @@ def train(config: TrainConfig) -> Path:
 
     bar = tqdm(range(start, run.iterations), desc="PPO", disable=not run.progress, initial=start, total=run.iterations)
     for iteration in bar:
+        if run.token_budget is not None and tokens_total >= run.token_budget:
+            break  # a resumed run that had already spent its budget
         began = time.perf_counter()
         # evaluated before the update: iteration 0 measures the starting (SFT) policy
         metrics = evaluate(iteration) if iteration % run.eval_every == 0 else {}
         env.kl_coef = kl.value
         agent.eval()
         rollout_began = time.perf_counter()
-        rollout = collect_rollout(agent, env, env_config.temperature, run.seed + iteration, sampling, autocast)
+        group = config.ppo.group_size if config.ppo.algo != "ppo" else None
+        rollout = collect_rollout(agent, env, env_config.temperature, run.seed + iteration, sampling, autocast, group)
         rollout_seconds = time.perf_counter() - rollout_began
         agent.train()
         metrics.update(ppo_update(agent, optimizer, rollout, config.ppo, env_config.temperature, shuffling, autocast))
@@ -274,6 +285,8 @@ def train(config: TrainConfig) -> Path:
         metrics["perf/lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
         kl.update(metrics["env/kl"], len(rollout.actions))
+        tokens_total += int(rollout.mask.sum())
+        metrics["perf/tokens_total"] = tokens_total
         metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / rollout_seconds
         metrics["perf/iteration_s"] = time.perf_counter() - began
         samples = [
@@ -286,12 +299,18 @@ def train(config: TrainConfig) -> Path:
             pos=f"{metrics['env/positive_rate']:.0%}",
             kl=f"{metrics['env/kl']:.2f}",
         )
-        if (iteration + 1) % run.checkpoint_every == 0 or iteration == run.iterations - 1:
-            save_checkpoint(run_dir, iteration, agent, optimizer, scheduler, kl, (sampling, shuffling))
+        done = iteration == run.iterations - 1 or (run.token_budget is not None and tokens_total >= run.token_budget)
+        if (iteration + 1) % run.checkpoint_every == 0 or done:
+            save_checkpoint(run_dir, iteration, agent, optimizer, scheduler, kl, (sampling, shuffling), tokens_total)
         if iteration % run.eval_every == 0:
             logger.plot()
+        if done:
+            break
 
-    logger.log(run.iterations, evaluate(run.iterations), [])  # the trained policy, on the eval prompts
+    last_row = logger.rows[-1] if logger.rows else {"iteration": -1}
+    logger.log(
+        last_row["iteration"] + 1, evaluate(last_row["iteration"] + 1), []
+    )  # the trained policy, on the eval prompts
     logger.plot()
     final = run_dir / "final"
     agent.save_pretrained(final)

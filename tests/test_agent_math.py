@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from agents.advantages import compute_gae, masked_mean, masked_whiten
+from agents.advantages import compute_gae, grpo_advantages, masked_mean, masked_whiten, rloo_advantages
 from agents.kl_control import AdaptiveKLController, FixedKLController
 from agents.losses import entropy_from_logits, policy_loss, value_loss
 
@@ -116,3 +116,26 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
     fixed = FixedKLController(0.1)
     fixed.update(kl=100.0, n_steps=10)
     assert fixed.value == 0.1
+
+
+def test_rloo_advantages_for_a_group_of_four():
+    # returns 1, 2, 3, 6: leave-one-out baselines 11/3, 10/3, 9/3, 6/3
+    returns = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    expected = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(rloo_advantages(returns, 4), expected)
+
+
+def test_grpo_advantages_for_a_group_of_four():
+    # mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14 / 3)
+    returns = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    std = (14 / 3) ** 0.5
+    expected = torch.tensor([-2.0, -1.0, 0.0, 3.0]) / (std + 1e-4)
+    torch.testing.assert_close(grpo_advantages(returns, 4), expected)
+    # a group whose returns are all equal carries no signal
+    assert grpo_advantages(torch.full((4,), 2.5), 4).eq(0).all()
+
+
+@pytest.mark.parametrize("returns, k", [(torch.zeros(6), 4), (torch.zeros(4), 1), (torch.zeros(2, 4), 4)])
+def test_group_advantages_reject_bad_groups(returns, k):
+    with pytest.raises(ValueError, match="groups of k >= 2"):
+        rloo_advantages(returns, k)

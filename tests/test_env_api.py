@@ -828,3 +828,16 @@ def test_kl_coef_can_be_changed_between_episodes():
     np.testing.assert_allclose(second, 2 * first, rtol=1e-6)  # reference-only reward: kl_coef * ref_logprob
     with pytest.raises(ValueError, match="kl_coef must be >= 0"):
         vec.kl_coef = -1.0
+
+
+def test_vector_reset_group_size_gives_identical_prompts_within_groups():
+    vec = make_vec(6)
+    _, info = vec.reset(seed=3, options={"group_size": 3})
+    index = info["prompt_index"]
+    assert (index[:3] == index[0]).all() and (index[3:] == index[3]).all()
+    obs = vec.core.observation()
+    assert (obs["input_ids"][:3] == obs["input_ids"][0]).all()
+    with pytest.raises(ValueError, match="group_size must be a positive int dividing the 6"):
+        vec.reset(options={"group_size": 4})
+    with pytest.raises(ValueError, match="either prompt_index or group_size"):
+        vec.reset(options={"group_size": 3, "prompt_index": 0})

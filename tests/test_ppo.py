@@ -130,7 +130,8 @@ class TargetTokenReward(nn.Module):
         return SimpleNamespace(logits=hits)
 
 
-def test_ppo_learns_to_emit_a_target_token():
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
+def test_learns_to_emit_a_target_token(algo):
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
     target = tokenizer.convert_tokens_to_ids("▁great")
     prompt = "The film was"
@@ -144,15 +145,27 @@ def test_ppo_learns_to_emit_a_target_token():
     torch.manual_seed(0)
     agent = ActorCritic.from_models(POLICY_DIR)
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
-    config = PPOConfig(epochs=4, minibatch_size=8, micro_batch_size=8)
+    config = PPOConfig(algo=algo, group_size=4, epochs=4, minibatch_size=8, micro_batch_size=8)
+    group = None if algo == "ppo" else 4
     shuffling, sampling = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     scores = []
     for iteration in range(12):
-        rollout = collect_rollout(agent.eval(), env, 1.0, iteration, sampling)
+        rollout = collect_rollout(agent.eval(), env, 1.0, iteration, sampling, group_size=group)
         scores.append(float(rollout.scores.mean()))
         ppo_update(agent.train(), optimizer, rollout, config, 1.0, shuffling)
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert last > first + 0.5, scores
+
+
+def test_group_rollout_shares_prompts_within_groups():
+    env = make_env(8, max_new_tokens=4)
+    agent = ActorCritic.from_models(POLICY_DIR).eval()
+    rollout = collect_rollout(agent, env, 1.0, 0, torch.Generator().manual_seed(0), group_size=4)
+    groups = [rollout.prompts[i : i + 4] for i in range(0, 8, 4)]
+    assert all(len(set(group)) == 1 for group in groups)
+    prompt_ids = rollout.prompt_ids.reshape(2, 4, -1)
+    assert (prompt_ids == prompt_ids[:, :1]).all()
+    assert len({rollout.responses[i] for i in range(4)}) > 1  # same prompt, sampled separately
 
 
 def test_save_and_load_round_trip(tmp_path, env):

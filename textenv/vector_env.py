@@ -77,7 +77,10 @@ class TokenGenerationVectorEnv(VectorEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start every slot (or those in ``options["reset_mask"]``, lockstep mode only) on a new prompt.
 
-        ``options["prompt_index"]``: an int or one index per reset slot, instead of drawn prompts.
+        Options:
+            prompt_index: an int or one index per reset slot, instead of drawn prompts.
+            group_size: k; the reset slots form consecutive groups of k that share one drawn
+                prompt (k episodes per prompt, as RLOO and GRPO need). k must divide their number.
         """
         super().reset(seed=seed)
         options = dict(options or {})
@@ -91,9 +94,20 @@ class TokenGenerationVectorEnv(VectorEnv):
             if not self._started and not mask.all():
                 raise ValueError("the first reset must start every slot (reset_mask all True or absent)")
             rows = np.flatnonzero(mask)
-        options = check_reset_options(options, len(self.core.prompts), ("prompt_index", "reset_mask"), len(rows))
+        known = ("prompt_index", "reset_mask", "group_size")
+        options = check_reset_options(options, len(self.core.prompts), known, len(rows))
         index = options.get("prompt_index")
-        index = self._draw_prompts(len(rows)) if index is None else options["prompt_index"]
+        group = options.get("group_size")
+        if group is not None:
+            if index is not None:
+                raise ValueError("pass either prompt_index or group_size, not both")
+            if not isinstance(group, int | np.integer) or group < 1 or len(rows) % group:
+                raise ValueError(
+                    f"group_size must be a positive int dividing the {len(rows)} reset slots, got {group!r}"
+                )
+            index = np.repeat(self._draw_prompts(len(rows) // group), group)
+        elif index is None:
+            index = self._draw_prompts(len(rows))
         if len(rows):
             self.core.reset(rows, index)
         self._started = True
