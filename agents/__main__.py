@@ -7,6 +7,8 @@ reviews; ``--policy``, ``--reward-model`` and ``--prompts`` take your own models
 
 from __future__ import annotations
 
+import os
+
 import tyro
 from transformers.utils import logging as hf_logging
 
@@ -17,6 +19,8 @@ def main() -> None:
     config = tyro.cli(TrainConfig, config=(tyro.conf.OmitArgPrefixes,), description=__doc__)
     hf_logging.disable_progress_bar()
     final = train(config)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     print(summary(config.run.run_dir))
     print(f"\nfinal policy: {final}  (AutoModelForCausalLM.from_pretrained loads it)")
     print(f"learning curve: {config.run.run_dir / 'learning_curve.png'}")

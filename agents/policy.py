@@ -50,7 +50,7 @@ class ActorCritic(nn.Module):
     @classmethod
     def from_models(
         cls,
-        policy: str | os.PathLike | PreTrainedModel,
+        policy: str | os.PathLike | nn.Module,
         share_backbone: bool = True,
         critic_init: str | os.PathLike | PreTrainedModel | None = None,
     ) -> ActorCritic:
@@ -59,7 +59,7 @@ class ActorCritic(nn.Module):
         ``critic_init`` is the reward model's directory or module when it shares the
         policy's tokenizer (the Stiennon et al. choice), else None: the policy's trunk.
         """
-        if not isinstance(policy, PreTrainedModel):
+        if not isinstance(policy, nn.Module):
             policy = AutoModelForCausalLM.from_pretrained(policy)
         critic = None
         if not share_backbone:
@@ -124,7 +124,7 @@ class ActorCritic(nn.Module):
         return action, logprobs.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """The policy as an ordinary Hugging Face model, plus the value head (and critic trunk) beside it."""
+        """The policy as a Hugging Face model (or PEFT adapters), with the value head (and critic) beside it."""
         directory = Path(directory)
         self.policy.save_pretrained(directory)
         save_file(
@@ -137,7 +137,12 @@ class ActorCritic(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ActorCritic:
         directory = Path(directory)
-        policy = AutoModelForCausalLM.from_pretrained(directory)
+        if (directory / "adapter_config.json").is_file():  # LoRA: adapters over the base they name
+            from peft import AutoPeftModelForCausalLM
+
+            policy = AutoPeftModelForCausalLM.from_pretrained(directory, is_trainable=True)
+        else:
+            policy = AutoModelForCausalLM.from_pretrained(directory)
         critic = AutoModel.from_pretrained(directory / CRITIC_DIR) if (directory / CRITIC_DIR).is_dir() else None
         agent = cls(policy, critic)
         agent.value_head.load_state_dict(load_file(directory / VALUE_HEAD_FILE))

@@ -85,7 +85,7 @@ class Scored:
 
 def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, autocast=None) -> Scored:
     """One forward over prompt + response: log-probs of the taken actions, values, entropies."""
-    device = agent.value_head.weight.device
+    device = next(agent.parameters()).device
     ids, mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
     with autocast or torch.autocast(device.type, enabled=False):
         out = agent(ids, mask, position_ids_from_mask(mask))
@@ -115,7 +115,7 @@ def ppo_update(
 ) -> dict[str, float]:
     """K epochs of clipped PPO over ``rollout``; returns the update's metrics."""
     batch = len(rollout.actions)
-    device = agent.value_head.weight.device
+    device = next(agent.parameters()).device
     permutations = [torch.randperm(batch, generator=generator) for _ in range(config.epochs)]
     micro_batches = [
         [micro for minibatch in perm.split(config.minibatch_size) for micro in minibatch.split(config.micro_batch_size)]
@@ -173,8 +173,8 @@ def ppo_update(
                         micro_mask,
                         config.clip_range_value,
                     )
-                else:
-                    vf_loss, vf_stats = torch.zeros((), device=device), {}
+                else:  # no critic; the zero term gives the unused value head zero gradients (DDP needs one)
+                    vf_loss, vf_stats = 0.0 * scored.values.sum(), {}
                 entropy = masked_mean(scored.entropy, micro_mask)
                 loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
                 # token-weighted, so accumulated micro-batches give the minibatch's token mean

@@ -12,6 +12,7 @@ rename), so a run killed at any moment resumes from a complete checkpoint with
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,11 +24,25 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from agents.distributed import (
+    Distributed,
+    Sharded,
+    barrier,
+    gather_objects,
+    init_distributed,
+    mean_metrics,
+    parameter_spread,
+    shutdown,
+    sum_across_ranks,
+)
 from agents.kl_control import AdaptiveKLController, FixedKLController
 from agents.logger import RunLogger
+from agents.lora import AdaptersDisabled, add_lora
 from agents.policy import ActorCritic
 from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout
@@ -79,7 +94,7 @@ class RunConfig:
     token_budget: int | None = None
     """Stop early once this many response tokens have been generated in training rollouts."""
     batch_size: int = 64
-    """Episodes per rollout (the vector env's num_envs)."""
+    """Episodes per rollout in each process (the vector env's num_envs)."""
     share_backbone: bool = True
     """Critic = value head on the policy's trunk; False: a separate critic trunk (from the reward model)."""
     seed: int = 0
@@ -93,13 +108,21 @@ class RunConfig:
     eval_every: int = 10
     """Iterations between evaluations on the eval prompts (and after the last)."""
     eval_episodes: int = 128
-    """Episodes per evaluation."""
+    """Episodes per evaluation in each process."""
     device: str | None = None
     """'cpu', 'cuda', ... (default: CUDA when available)."""
     bf16: bool = True
     """On CUDA, run forwards under bf16 autocast."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (large models)."""
+    lora_rank: int = 0
+    """LoRA rank: train PEFT adapters of this rank instead of all weights (0: full fine-tuning)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    lora_target_modules: str | None = None
+    """Comma-separated module names to adapt (default: PEFT's choice for the architecture)."""
+    fsdp: bool = False
+    """Under torchrun, shard the trainable model with FSDP instead of replicating it with DDP."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -125,6 +148,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(
             f"{ppo.algo} needs group_size >= 2 dividing batch_size ({run.batch_size}); got group_size {ppo.group_size}"
         )
+    if run.fsdp and run.lora_rank:
+        raise ValueError("--fsdp with --lora-rank is not supported: LoRA already keeps the trained state small")
     if run.iterations < 1 or run.checkpoint_every < 1 or run.eval_every < 1:
         raise ValueError("iterations, checkpoint_every and eval_every must be >= 1")
     for name, path in (("prompts", config.env.prompts), ("eval_prompts", config.env.eval_prompts)):
@@ -133,21 +158,23 @@ def validate(config: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, iteration: int, agent, optimizer, scheduler, kl, generators, tokens: int) -> None:
-    """Write checkpoint-<iteration>, then point ``latest`` at it atomically, then drop older ones."""
+def save_checkpoint(
+    run_dir: Path, iteration: int, agent, optimizer_state: dict, scheduler, kl, generators, tokens: int
+) -> None:
+    """Write checkpoint-<iteration>, then point ``latest`` at it atomically, then drop older ones.
+
+    ``generators``: the generator states of every rank, in rank order.
+    """
     target = run_dir / f"checkpoint-{iteration:06d}"
     partial = run_dir / f".partial-checkpoint-{iteration:06d}"
     shutil.rmtree(partial, ignore_errors=True)
     agent.save_pretrained(partial / "agent")
     torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "generators": [g.get_state() for g in generators],
-        },
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "generators": generators},
         partial / "trainer.pt",
     )
-    (partial / "state.json").write_text(json.dumps({"iteration": iteration, "kl_coef": kl.value, "tokens": tokens}))
+    state = {"iteration": iteration, "kl_coef": kl.value, "tokens": tokens, "world_size": len(generators)}
+    (partial / "state.json").write_text(json.dumps(state))
     shutil.rmtree(target, ignore_errors=True)
     os.rename(partial, target)
     pointer = run_dir / "latest.tmp"
@@ -199,10 +226,53 @@ def make_env(config: TrainConfig, prompts: list[str], num_envs: int, tokenizer, 
 
 
 # ---------------------------------------------------------------- the loop
+def build_agent(config: TrainConfig, checkpoint: Path | None, reward_model, device) -> tuple[ActorCritic, object]:
+    """The trainable agent and the frozen reference model (with LoRA, the agent's own base, adapters off)."""
+    env_config, run = config.env, config.run
+    policy_source = env_config.policy or POLICY_DIR
+    if checkpoint is not None:
+        agent = ActorCritic.from_pretrained(checkpoint / "agent")
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(policy_source)
+        if run.lora_rank:
+            targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
+            policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
+        same_trunk = reward_model.config.model_type == policy.config.model_type
+        agent = ActorCritic.from_models(
+            policy, share_backbone=run.share_backbone, critic_init=reward_model if same_trunk else None
+        )
+    agent.to(device).train()
+    if run.gradient_checkpointing:
+        agent.policy.gradient_checkpointing_enable()
+    reference = AdaptersDisabled(agent.policy) if run.lora_rank else load_causal_lm(policy_source, device)
+    return agent, reference
+
+
+def wrap_for_training(agent: ActorCritic, info: Distributed, fsdp: bool, device) -> torch.nn.Module:
+    """What the update calls: the agent itself, or its DDP replica / FSDP shards under torchrun.
+
+    FSDP (PyTorch's ``fully_shard``) shards each transformer block and the rest of
+    the agent; the rollout runs through the sharded agent, gathering one block's
+    weights at a time.
+    """
+    if not info.enabled:
+        return agent
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in agent.modules():
+            if isinstance(block, torch.nn.ModuleList):  # the transformer blocks
+                for layer in block:
+                    fully_shard(layer)
+        return fully_shard(agent)
+    return DistributedDataParallel(agent, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) PPO as configured; returns the directory of the final policy."""
     validate(config)
     env_config, run = config.env, config.run
+    info, device = init_distributed(resolve_device(run.device))
     run_dir = Path(run.run_dir)
     checkpoint = latest_checkpoint(run_dir) if run.resume else None
     if run.resume and checkpoint is None:
@@ -211,60 +281,72 @@ def train(config: TrainConfig) -> Path:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
 
-    device = resolve_device(run.device)
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the same initial weights on every rank
     policy_source = env_config.policy or POLICY_DIR
     reward_source = env_config.reward_model or REWARD_MODEL_DIR
     tokenizer = load_tokenizer(policy_source)
-    reference = load_causal_lm(policy_source, device)
     reward_model = load_reward_model(reward_source, device)
+    agent, reference = build_agent(config, checkpoint, reward_model, device)
+    sharded = Sharded(copy.deepcopy(agent).cpu()) if run.fsdp and info.enabled else None
+    model = wrap_for_training(agent, info, run.fsdp, device)
     train_prompts = read_prompts(env_config.prompts) if env_config.prompts else load_prompts("train")
     eval_prompts = read_prompts(env_config.eval_prompts) if env_config.eval_prompts else load_prompts("eval")
-
-    same_trunk = reward_model.config.model_type == reference.config.model_type
-    if checkpoint is not None:
-        agent = ActorCritic.from_pretrained(checkpoint / "agent")
-    else:
-        agent = ActorCritic.from_models(
-            policy_source, share_backbone=run.share_backbone, critic_init=reward_model if same_trunk else None
-        )
-    agent.to(device).train()
-    if run.gradient_checkpointing:
-        agent.policy.gradient_checkpointing_enable()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and run.bf16 else None
 
-    optimizer = torch.optim.Adam(agent.parameters(), lr=config.ppo.learning_rate, eps=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.ppo.learning_rate, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1.0 - it / run.iterations))
     if env_config.adaptive_kl:
         kl = AdaptiveKLController(env_config.kl_coef, env_config.kl_target, env_config.kl_horizon)
     else:
         kl = FixedKLController(env_config.kl_coef)
-    sampling = torch.Generator(device=device).manual_seed(run.seed)
-    shuffling = torch.Generator().manual_seed(run.seed + 1)
+    seed = info.seed(run.seed)
+    sampling = torch.Generator(device=device).manual_seed(seed)
+    shuffling = torch.Generator().manual_seed(seed + 1)
     start, tokens_total = 0, 0
     if checkpoint is not None:
         state = json.loads((checkpoint / "state.json").read_text())
+        if state.get("world_size", 1) != info.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {state.get('world_size', 1)} processes; resume it with as many "
+                f"(got {info.world_size})"
+            )
         trainer = torch.load(checkpoint / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(trainer["optimizer"])
+        if sharded is not None:
+            sharded.load_optimizer_state(model, optimizer, trainer["optimizer"])
+        else:
+            optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
-        for generator, saved in zip((sampling, shuffling), trainer["generators"]):
+        for generator, saved in zip((sampling, shuffling), trainer["generators"][info.rank]):
             generator.set_state(saved)
         start, kl.value, tokens_total = state["iteration"] + 1, state["kl_coef"], state["tokens"]
 
     env = make_env(config, train_prompts, run.batch_size, tokenizer, reference, reward_model, device)
     eval_env = make_env(config, eval_prompts, run.eval_episodes, tokenizer, reference, reward_model, device)
-    logger = RunLogger(run_dir, start)
+    logger = RunLogger(run_dir, start) if info.is_main else None
+    raw_metrics = run_dir / f"metrics-rank{info.rank}.jsonl" if info.enabled else None
+    if raw_metrics is not None and raw_metrics.exists():  # a resumed run: keep what the checkpoint covers
+        kept = [line for line in raw_metrics.read_text().splitlines() if json.loads(line)["iteration"] < start]
+        raw_metrics.write_text("".join(line + "\n" for line in kept))
 
     def evaluate(iteration: int) -> dict[str, float]:
         agent.eval()
-        generator = torch.Generator(device=device).manual_seed(run.seed + 10**6 + iteration)
-        evaluation = collect_rollout(agent, eval_env, env_config.temperature, run.seed, generator, autocast)
+        generator = torch.Generator(device=device).manual_seed(seed + 10**6 + iteration)
+        evaluation = collect_rollout(agent, eval_env, env_config.temperature, seed, generator, autocast)
         return rollout_metrics(evaluation, "eval")
 
-    bar = tqdm(range(start, run.iterations), desc="PPO", disable=not run.progress, initial=start, total=run.iterations)
+    bar = tqdm(
+        range(start, run.iterations),
+        desc="PPO",
+        disable=not (run.progress and info.is_main),
+        initial=start,
+        total=run.iterations,
+    )
+    last_iteration = start - 1
     for iteration in bar:
         if run.token_budget is not None and tokens_total >= run.token_budget:
             break  # a resumed run that had already spent its budget
@@ -275,47 +357,64 @@ def train(config: TrainConfig) -> Path:
         agent.eval()
         rollout_began = time.perf_counter()
         group = config.ppo.group_size if config.ppo.algo != "ppo" else None
-        rollout = collect_rollout(agent, env, env_config.temperature, run.seed + iteration, sampling, autocast, group)
+        rollout = collect_rollout(agent, env, env_config.temperature, seed + iteration, sampling, autocast, group)
         rollout_seconds = time.perf_counter() - rollout_began
-        agent.train()
-        metrics.update(ppo_update(agent, optimizer, rollout, config.ppo, env_config.temperature, shuffling, autocast))
+        model.train()
+        metrics.update(ppo_update(model, optimizer, rollout, config.ppo, env_config.temperature, shuffling, autocast))
         metrics.update(rollout_metrics(rollout, "env"))
+        metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / rollout_seconds
+        metrics["perf/iteration_s"] = time.perf_counter() - began
+        if raw_metrics is not None:
+            with raw_metrics.open("a") as f:
+                f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        metrics = mean_metrics(metrics, info, device)
         metrics["env/non_score_reward"] = -kl.value * metrics["env/kl"]
         metrics["kl/coef"] = kl.value
         metrics["perf/lr"] = scheduler.get_last_lr()[0]
+        if sharded is None:  # FSDP ranks hold different shards by design
+            metrics["dist/parameter_spread"] = parameter_spread(agent, info, device)
         scheduler.step()
-        kl.update(metrics["env/kl"], len(rollout.actions))
-        tokens_total += int(rollout.mask.sum())
+        kl.update(metrics["env/kl"], len(rollout.actions) * info.world_size)
+        tokens_total += sum_across_ranks(int(rollout.mask.sum()), info, device)
         metrics["perf/tokens_total"] = tokens_total
-        metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / rollout_seconds
-        metrics["perf/iteration_s"] = time.perf_counter() - began
-        samples = [
-            {"prompt": p, "response": r, "score": float(s)}
-            for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:4]
-        ]
-        logger.log(iteration, metrics, samples)
-        bar.set_postfix(
-            score=f"{metrics['env/score']:+.2f}",
-            pos=f"{metrics['env/positive_rate']:.0%}",
-            kl=f"{metrics['env/kl']:.2f}",
-        )
         done = iteration == run.iterations - 1 or (run.token_budget is not None and tokens_total >= run.token_budget)
-        if (iteration + 1) % run.checkpoint_every == 0 or done:
-            save_checkpoint(run_dir, iteration, agent, optimizer, scheduler, kl, (sampling, shuffling), tokens_total)
-        if iteration % run.eval_every == 0:
-            logger.plot()
+        generators = gather_objects([sampling.get_state(), shuffling.get_state()], info)
+        checkpointing = (iteration + 1) % run.checkpoint_every == 0 or done
+        if checkpointing and sharded is not None:  # collectives: every rank takes part
+            to_save, optimizer_state = sharded.gathered_agent(model, info), sharded.optimizer_state(model, optimizer)
+        elif checkpointing:
+            to_save, optimizer_state = agent, optimizer.state_dict()
+        if info.is_main:
+            samples = [
+                {"prompt": p, "response": r, "score": float(s)}
+                for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:4]
+            ]
+            logger.log(iteration, metrics, samples)
+            bar.set_postfix(
+                score=f"{metrics['env/score']:+.2f}",
+                pos=f"{metrics['env/positive_rate']:.0%}",
+                kl=f"{metrics['env/kl']:.2f}",
+            )
+            if checkpointing:
+                save_checkpoint(run_dir, iteration, to_save, optimizer_state, scheduler, kl, generators, tokens_total)
+            if iteration % run.eval_every == 0:
+                logger.plot()
+        barrier(info)
+        last_iteration = iteration
         if done:
             break
 
-    last_row = logger.rows[-1] if logger.rows else {"iteration": -1}
-    logger.log(
-        last_row["iteration"] + 1, evaluate(last_row["iteration"] + 1), []
-    )  # the trained policy, on the eval prompts
-    logger.plot()
+    final_metrics = mean_metrics(evaluate(last_iteration + 1), info, device)  # the trained policy, eval prompts
     final = run_dir / "final"
-    agent.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    logger.close()
+    to_save = sharded.gathered_agent(model, info) if sharded is not None else agent
+    if info.is_main:
+        logger.log(last_iteration + 1, final_metrics, [])
+        logger.plot()
+        to_save.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        logger.close()
+    barrier(info)
+    shutdown(info)
     return final
 
 
