@@ -21,6 +21,17 @@ CURVES = (
 )
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; a last line cut off by a killed process is dropped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # only a write interrupted mid-line can leave one
+    return rows
+
+
 class RunLogger:
     """Appends one row of metrics per iteration; after a resume, drops rows the checkpoint does not cover."""
 
@@ -29,12 +40,12 @@ class RunLogger:
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.rows: list[dict] = []
         if self.jsonl.exists():
-            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            rows = read_jsonl(self.jsonl)
             self.rows = [row for row in rows if row["iteration"] < start_iteration]
         self._rewrite(self.jsonl, self.rows)
         samples = self.run_dir / "samples.jsonl"
         if samples.exists():
-            kept = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+            kept = read_jsonl(samples)
             self._rewrite(samples, [s for s in kept if s["iteration"] < start_iteration])
         self.tensorboard = SummaryWriter(self.run_dir / "tensorboard", purge_step=start_iteration)
 

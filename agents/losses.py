@@ -41,7 +41,9 @@ def value_loss(
     clipped_loss = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
     with torch.no_grad():
-        stats = {"ppo/value_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask)}
+        # clipped counts only beyond the range: inside it, float rounding can make the two losses differ by an ulp
+        clipped = (clipped_loss > unclipped_loss) & ((values - old_values).abs() > clip_range)
+        stats = {"ppo/value_clipfrac": masked_mean(clipped.float(), mask)}
     return loss, stats
 
 

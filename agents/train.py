@@ -41,7 +41,7 @@ from agents.distributed import (
     sum_across_ranks,
 )
 from agents.kl_control import AdaptiveKLController, FixedKLController
-from agents.logger import RunLogger
+from agents.logger import RunLogger, read_jsonl
 from agents.lora import AdaptersDisabled, add_lora
 from agents.policy import ActorCritic
 from agents.ppo import PPOConfig, ppo_update
@@ -125,6 +125,8 @@ class RunConfig:
     """Under torchrun, shard the trainable model with FSDP instead of replicating it with DDP."""
     progress: bool = True
     """Show a progress bar."""
+    threads: int | None = None
+    """torch's CPU threads per process (default: torch's choice; 1 is often faster for tiny models on busy CPUs)."""
 
 
 @dataclass
@@ -272,6 +274,8 @@ def train(config: TrainConfig) -> Path:
     """Run (or resume) PPO as configured; returns the directory of the final policy."""
     validate(config)
     env_config, run = config.env, config.run
+    if run.threads is not None:
+        torch.set_num_threads(run.threads)
     info, device = init_distributed(resolve_device(run.device))
     run_dir = Path(run.run_dir)
     checkpoint = latest_checkpoint(run_dir) if run.resume else None
@@ -330,8 +334,8 @@ def train(config: TrainConfig) -> Path:
     logger = RunLogger(run_dir, start) if info.is_main else None
     raw_metrics = run_dir / f"metrics-rank{info.rank}.jsonl" if info.enabled else None
     if raw_metrics is not None and raw_metrics.exists():  # a resumed run: keep what the checkpoint covers
-        kept = [line for line in raw_metrics.read_text().splitlines() if json.loads(line)["iteration"] < start]
-        raw_metrics.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_jsonl(raw_metrics) if row["iteration"] < start]
+        raw_metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def evaluate(iteration: int) -> dict[str, float]:
         agent.eval()
@@ -420,7 +424,7 @@ def train(config: TrainConfig) -> Path:
 
 def summary(run_dir: Path) -> str:
     """First and last evaluation of a run, as text."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
     evals = [r for r in rows if "eval/score" in r]
     if not evals:
         return "no evaluation yet"

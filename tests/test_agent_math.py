@@ -139,3 +139,10 @@ def test_grpo_advantages_for_a_group_of_four():
 def test_group_advantages_reject_bad_groups(returns, k):
     with pytest.raises(ValueError, match="groups of k >= 2"):
         rloo_advantages(returns, k)
+
+
+def test_value_clipfrac_counts_no_float_ties_inside_the_range():
+    # inside the clip range V_old + clamp(V - V_old) can differ from V by an ulp; that is not clipping
+    values, old = torch.tensor([[0.20507400]]), torch.tensor([[0.07690925]])
+    _, stats = value_loss(values, old, torch.tensor([[0.45358694]]), torch.ones(1, 1, dtype=torch.bool), 0.2)
+    assert stats["ppo/value_clipfrac"].item() == 0.0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -24,6 +25,11 @@ def torchrun(run_dir, *extra) -> list[str]:
             "-m", "agents", "--run-dir", str(run_dir), *SMALL, *extra]  # fmt: skip
 
 
+def run_ok(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def rows(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -36,7 +42,7 @@ def checkpointed(run_dir) -> int:
 @pytest.mark.slow
 def test_ddp_ranks_stay_identical_and_metrics_are_cross_rank_means(tmp_path):
     run = tmp_path / "ddp"
-    subprocess.run(torchrun(run, "--iterations", "4"), check=True, capture_output=True, timeout=600)
+    run_ok(torchrun(run, "--iterations", "4"))
     logged = [r for r in rows(run / "metrics.jsonl") if "env/score" in r]
     rank0, rank1 = rows(run / "metrics-rank0.jsonl"), rows(run / "metrics-rank1.jsonl")
     assert [r["iteration"] for r in logged] == [0, 1, 2, 3]
@@ -52,18 +58,25 @@ def test_ddp_ranks_stay_identical_and_metrics_are_cross_rank_means(tmp_path):
 @pytest.mark.slow
 def test_ddp_run_killed_with_sigkill_resumes(tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(
-        torchrun(run, "--iterations", "10"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
+    log_path = tmp_path / "killed.log"
+    log = log_path.open("w")  # a file, not a pipe: a full pipe would stall the run
+    process = subprocess.Popen(torchrun(run, "--iterations", "10"), stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 300
     while checkpointed(run) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert process.poll() is None, process.stderr.read().decode()[-2000:]
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+    assert process.poll() is None, "ended before it could be killed: " + log_path.read_text()[-2000:]
+    # torchrun starts each worker in a session of its own: kill the whole tree, workers first
+    tree = psutil.Process(process.pid).children(recursive=True)
+    for child in tree:
+        child.send_signal(signal.SIGKILL)
+    os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    psutil.wait_procs(tree, timeout=30)
+    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in tree)
     saved = checkpointed(run)
+    assert saved >= 2, log_path.read_text()[-2000:]
     assert max(r["iteration"] for r in rows(run / "metrics.jsonl")) <= saved + 1
-    subprocess.run(torchrun(run, "--iterations", "10", "--resume"), check=True, capture_output=True, timeout=600)
+    run_ok(torchrun(run, "--iterations", "10", "--resume"))
     assert [r["iteration"] for r in rows(run / "metrics.jsonl") if "env/score" in r] == list(range(10))
     for rank in (0, 1):
         assert [r["iteration"] for r in rows(run / f"metrics-rank{rank}.jsonl")] == list(range(10))
@@ -72,7 +85,7 @@ def test_ddp_run_killed_with_sigkill_resumes(tmp_path):
 @pytest.mark.slow
 def test_fsdp_run_saves_a_full_model(tmp_path):
     run = tmp_path / "fsdp"
-    subprocess.run(torchrun(run, "--iterations", "2", "--fsdp"), check=True, capture_output=True, timeout=600)
+    run_ok(torchrun(run, "--iterations", "2", "--fsdp"))
     assert [r["iteration"] for r in rows(run / "metrics.jsonl") if "env/score" in r] == [0, 1]
     trained = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()  # gathered from the shards
     initial = AutoModelForCausalLM.from_pretrained(POLICY_DIR).state_dict()

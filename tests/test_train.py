@@ -35,11 +35,13 @@ def metric_rows(run_dir) -> list[dict]:
 @pytest.mark.slow
 def test_sigkill_then_resume_loses_at_most_one_iteration_and_matches_an_uninterrupted_run(tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = tmp_path / "killed.log"
+    log = log_path.open("w")  # a file, not a pipe: a full pipe would stall the run
+    process = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 300
     while checkpointed_iteration(run) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+    assert process.poll() is None, "the run ended before it could be killed: " + log_path.read_text()[-2000:]
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     saved = checkpointed_iteration(run)
@@ -47,7 +49,8 @@ def test_sigkill_then_resume_loses_at_most_one_iteration_and_matches_an_uninterr
     assert 3 <= saved < 11
     assert logged <= saved + 1  # at most the iteration in flight is lost
 
-    subprocess.run(command(run, "--resume"), check=True, capture_output=True)
+    resumed = subprocess.run(command(run, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
     rows = metric_rows(run)
     assert [r["iteration"] for r in rows if "env/score" in r] == list(range(12))  # each once, in order
     assert [r["iteration"] for r in rows if "eval/score" in r] == [0, 4, 8, 12]
@@ -101,3 +104,12 @@ def test_bad_configuration_is_rejected_before_any_work(tmp_path, change, error, 
     with pytest.raises(error, match=message):
         train(config)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_line_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
+    from agents.logger import RunLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 0, "env/score": 1.0}\n{"iteration": 1, "env/sc')
+    logger = RunLogger(tmp_path, start_iteration=1)
+    assert logger.rows == [{"iteration": 0, "env/score": 1.0}]
+    logger.close()

@@ -276,8 +276,10 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
       each prompt's last ``max_prompt_tokens`` tokens).
     - ``kl_coef`` (0.05), ``reward_mode`` (``"sparse"``), ``score_clip`` (None),
       ``missing_eos_penalty`` (None), ``temperature`` (1.0).
-    - ``policy``: a causal LM (stepped with its own KV cache) or a callable mapping the
-      observation batch to log-probs of shape (1, vocab_size), used for the KL term.
+    - ``policy``: a causal LM (stepped with its own KV cache, log-probs of ``logits /
+      temperature``) or a callable mapping the observation batch (a dict of (N, L) arrays;
+      N = 1 here, num_envs in the vector env) to log-probs of shape (N, vocab_size),
+      already at the sampling temperature; used for the KL term.
     - ``render_mode``: ``"ansi"`` (``render()`` returns the decoded context) or ``"human"`` (prints it).
 
     ## Version History
