@@ -1,0 +1,133 @@
+"""06 - The critic is a value head: one linear layer on a transformer's last hidden state.
+
+The critic predicts V(s_t), the return the actor will get from state s_t on. In
+agents.policy.ActorCritic it is ``value_head = nn.Linear(hidden_size, 1)`` on the
+last hidden state of the actor's own transformer (``share_backbone=True``, the
+default), so one forward gives both pi(.|s_t) and V(s_t) at every position. The
+head starts at zero: V = 0 everywhere before training.
+
+The script computes V by hand (w . h + b) next to score_rollout's values, and
+compares the warm agent's values with the return G_t they try to predict. Then it
+fits a copy of the head alone on other episodes, once on the actor's features and
+once on a separate critic trunk initialised from the reward model
+(``share_backbone=False``): how well a linear head can predict the return depends
+on the features under it.
+
+Run:  python examples/06_value_head.py [--out DIR] [--seed N] [--episodes N] [--fit-episodes N]
+Writes: DIR/06_value_head.json, DIR/06_value_head.png (V(s_t) and G_t per token, six episodes).
+"""
+
+import matplotlib.pyplot as plt
+import torch
+from common import (
+    make_env,
+    parse_args,
+    print_table,
+    rollout,
+    save_figure,
+    save_json,
+    sft_agent,
+    token_strings,
+    tokenizer,
+    warm_agent,
+)
+
+from agents.advantages import compute_gae
+from agents.losses import value_loss
+from agents.policy import ActorCritic
+from agents.ppo import explained_variance, score_rollout
+from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
+from textenv.models import position_ids_from_mask
+
+args = parse_args(
+    __doc__, episodes=(12, "episodes shown"), episode=(0, "which one to tabulate"), fit_episodes=(64, "to fit on")
+)
+agent, tok = warm_agent(args.out), tokenizer()
+separate = ActorCritic.from_models(POLICY_DIR, share_backbone=False, critic_init=REWARD_MODEL_DIR).eval()
+print(f"the critic: agent.value_head = {agent.value_head}, on the actor's last hidden state")
+batch = rollout(agent, make_env(args.episodes), args.seed)
+
+
+@torch.no_grad()
+def features(trunk, episodes):
+    """The trunk's last hidden state at the state before each action: (B, T, 128)."""
+    mask = episodes.attention_mask
+    out = trunk(input_ids=episodes.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                output_hidden_states=True)  # fmt: skip
+    return out.hidden_states[-1][:, episodes.prompt_ids.shape[1] - 1 : -1]
+
+
+def returns_of(episodes):
+    """G_t with gamma = 1: GAE with V = 0 and lambda = 1 (see 03). (B, T)"""
+    zeros = torch.zeros_like(episodes.rewards)
+    return compute_gae(episodes.rewards, zeros, zeros, episodes.terminated_steps, episodes.mask, 1.0, 1.0)[1]
+
+
+with torch.no_grad():
+    values = score_rollout(agent, batch, 1.0).values[:, :-1]  # (B, T): V(s_0) .. V(s_{T-1}), the library
+    values_sft = score_rollout(sft_agent(), batch, 1.0).values[:, :-1]  # the untrained head: all zeros
+    values_hand = features(agent.policy, batch) @ agent.value_head.weight[0] + agent.value_head.bias  # w . h + b
+returns, valid = returns_of(batch), batch.mask
+print(f"max |hand - library| = {float((values_hand - values).abs().max()):.1e}")
+print(f"untrained head: max |V| = {float(values_sft.abs().max()):.1e} (zero-initialised)")
+ev = {"warm agent's head": explained_variance(values, returns, valid)}
+
+# Fit a fresh head alone (trunk frozen) on other episodes: 0.5 * (V - G)^2, agents.losses.value_loss unclipped.
+fit_batch = rollout(agent, make_env(args.fit_episodes), args.seed + 1)
+fitted = {}
+for label, trunk in (("head fitted on the actor's trunk", agent.policy), ("head fitted on an RM-initialised trunk",
+                                                                             separate.critic)):  # fmt: skip
+    train_features = features(trunk, fit_batch)  # (B', T, hidden): 128 for the actor, 64 for the RM
+    head = torch.nn.Linear(train_features.shape[-1], 1)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+    for _ in range(300):
+        predicted = head(train_features).squeeze(-1)  # (B', T)
+        loss, _ = value_loss(predicted, predicted.detach(), returns_of(fit_batch), fit_batch.mask, float("inf"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        fitted[label] = head(features(trunk, batch)).squeeze(-1)  # on the episodes shown, unseen by the fit
+    ev[label] = explained_variance(fitted[label], returns, valid)
+for label, value in ev.items():
+    print(f"explained variance of G_t, {label}: {value:+.3f}  (1: perfect, 0: no better than a constant)")
+
+row = args.episode
+steps = int(valid[row].sum())
+tokens = token_strings(tok, batch.actions[row, :steps])
+table = [
+    {
+        "t": t,
+        "next token a_t": tokens[t],
+        "V_untrained": float(values_sft[row, t]),
+        "V(s_t)": float(values[row, t]),
+        "V_by_hand": float(values_hand[row, t]),
+        "V_fit_rm_trunk": float(fitted["head fitted on an RM-initialised trunk"][row, t]),
+        "reward": float(batch.rewards[row, t]),
+        "G_t": float(returns[row, t]),
+    }
+    for t in range(steps)
+]
+print(f"\nprompt: {batch.prompts[row]!r}\nresponse: {batch.responses[row]!r}")
+print_table(table, "the critic's prediction V(s_t) and the return G_t it predicts (gamma = 1)")
+save_json(args.out, "06_value_head.json", {"prompt": batch.prompts[row], "explained_variance": ev, "tokens": table})
+
+fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharey=True)
+for b, ax in zip(range(min(6, len(valid))), axes.flat):
+    n = int(valid[b].sum())
+    ax.plot(range(n), returns[b, :n], "s--", color="black", label="G_t, the actual return")
+    ax.plot(range(n), values[b, :n], "o-", label="V(s_t), warm agent's head (PPO-trained)")
+    for label, v in fitted.items():
+        ax.plot(range(n), v[b, :n], ".-", alpha=0.8, label=f"V(s_t), {label}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(n), token_strings(tok, batch.actions[b, :n]), rotation=70, fontsize=7)
+    ax.set_title(f"{batch.prompts[b]!r}, score {float(batch.scores[b]):+.2f}", fontsize=9)
+for ax in axes[:, 0]:
+    ax.set_ylabel("value / return")
+fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=9)
+fig.suptitle(
+    "The critic: a linear head on a trunk's hidden state predicts the return G_t from each state\n"
+    "explained variance over the batch: " + ", ".join(f"{k} {v:+.2f}" for k, v in ev.items())
+)
+fig.tight_layout(rect=(0, 0.04, 1, 1))
+save_figure(fig, args.out, "06_value_head.png")

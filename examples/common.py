@@ -1,0 +1,157 @@
+"""What the examples share: arguments, the env, a briefly trained agent, tables, JSON and figures.
+
+Everything runs on the embedded default task (offline, CPU). Most examples want an
+actor that has drifted a little from the reference (else the KL penalty is 0) and
+a critic that has learned something (else every value is 0): ``warm_agent`` runs
+the real training loop, ``agents.train.train``, for a few iterations (a few
+seconds) and caches the result in OUT/warm_agent_<iterations>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import gymnasium as gym
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from gymnasium.vector import AutoresetMode  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import textenv  # noqa: E402,F401  (registers TokenRLHF-v0)
+from agents.policy import ActorCritic  # noqa: E402
+from agents.rollout import Rollout, collect_rollout  # noqa: E402
+from agents.train import TrainConfig, train  # noqa: E402
+from textenv.default_task import POLICY_DIR  # noqa: E402
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+torch.set_num_threads(1)  # the models are tiny: one thread is as fast, and robust to a busy machine
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "output"
+WARM_ITERATIONS = 6
+
+
+def parse_args(doc: str, **extra) -> argparse.Namespace:
+    """``--out DIR`` and ``--seed``, plus ``name=(default, help)`` options of the example."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where figures and JSON go")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled episodes")
+    for name, (default, text) in extra.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=text)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    return args
+
+
+def tokenizer():
+    return AutoTokenizer.from_pretrained(POLICY_DIR)
+
+
+def token_strings(tok, ids) -> list[str]:
+    """Readable tokens: '▁great' (a word start) -> 'great'; specials stay '<eos>'."""
+    return [t.replace("▁", "") or t for t in tok.convert_ids_to_tokens([int(i) for i in ids])]
+
+
+def make_env(num_envs: int, max_new_tokens: int = 32, **kwargs):
+    """The lockstep batch of episodes a PPO rollout uses: ``reset`` starts all, they run until all end."""
+    return gym.make_vec(
+        "TokenRLHF-v0",
+        num_envs=num_envs,
+        vectorization_mode="vector_entry_point",
+        autoreset_mode=AutoresetMode.DISABLED,
+        max_new_tokens=max_new_tokens,
+        device="cpu",
+        **kwargs,
+    )
+
+
+def rollout(agent: ActorCritic, env, seed: int) -> Rollout:
+    """One lockstep batch of episodes, every token sampled by ``agent`` (``agents.rollout.collect_rollout``)."""
+    return collect_rollout(agent, env, temperature=1.0, seed=seed, generator=torch.Generator().manual_seed(seed))
+
+
+def sft_agent() -> ActorCritic:
+    """The agent before any RL: the SFT model as actor, a zero-initialised value head as critic."""
+    return ActorCritic.from_models(POLICY_DIR).eval()
+
+
+def warm_agent(out: Path, iterations: int = WARM_ITERATIONS) -> ActorCritic:
+    """The agent after ``iterations`` of the real PPO loop (32 episodes each, seed 0), trained once, then cached."""
+    run_dir = Path(out) / f"warm_agent_{iterations}"
+    if not (run_dir / "final" / "value_head.safetensors").exists():
+        print(f"training the warm agent: {iterations} PPO iterations of agents.train.train -> {run_dir}")
+        partial = Path(out) / f".warm_agent_{iterations}.{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        config = TrainConfig()
+        config.run.iterations, config.run.batch_size, config.run.seed, config.run.device = iterations, 32, 0, "cpu"
+        config.run.eval_every, config.run.eval_episodes, config.run.checkpoint_every = 10**6, 8, 10**6
+        config.run.run_dir, config.run.progress = partial, False
+        config.ppo.minibatch_size = config.ppo.micro_batch_size = 16
+        train(config)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.replace(partial, run_dir)
+    return ActorCritic.from_pretrained(run_dir / "final").eval()
+
+
+def print_table(rows: list[dict], title: str = "") -> None:
+    """Rows of equal keys as aligned columns; floats with sign and 3 decimals."""
+    if title:
+        print(f"\n{title}")
+    if not rows:
+        return
+
+    def cell(value) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "-"
+        if isinstance(value, float):
+            return f"{value:+.3f}"
+        return str(value)
+
+    columns = list(rows[0])
+    cells = [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def save_json(out: Path, name: str, data: dict) -> Path:
+    path = Path(out) / name
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"table: {path}")
+    return path
+
+
+def save_figure(fig, out: Path, name: str) -> Path:
+    path = Path(out) / name
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"figure: {path}")
+    return path
+
+
+def token_heatmap(ax, values, mask, labels: list[list[str]], title: str, cmap: str = "RdBu", center: bool = True):
+    """A (B, T) per-token quantity as a heatmap, each cell labelled with its token; masked cells blank."""
+    import numpy as np
+
+    data = np.ma.masked_array(np.asarray(values, dtype=float), mask=~np.asarray(mask, dtype=bool))
+    limit = float(np.abs(data).max()) if data.count() else 1.0
+    image = ax.imshow(data, cmap=cmap, aspect="auto", vmin=-limit if center else None, vmax=limit if center else None)
+    for b, row in enumerate(labels):
+        for t, label in enumerate(row):
+            dark = center and abs(float(data[b, t])) > 0.6 * limit
+            ax.text(t, b, label, ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+    ax.set_title(title)
+    ax.set_xlabel("response step t")
+    ax.set_ylabel("episode")
+    ax.set_yticks(range(len(labels)))
+    return image

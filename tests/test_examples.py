@@ -1,0 +1,281 @@
+"""The examples in examples/ run, and the numbers they print are consistent.
+
+Each example runs in a subprocess with its smallest settings, all into one output
+directory (so the warm agent they share is trained once). The checks read the JSON
+each example writes and recompute its table independently: rewards from the KL
+term and the score, returns and GAE with a hand-written recursion, TD errors,
+clipped objectives and losses; and they check that the figures are real PNGs.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("examples")
+
+
+def run(out: Path, script: str, *extra: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def load(out: Path, name: str) -> dict:
+    return json.loads((out / name).read_text())
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n"), path
+    assert len(data) > 5_000, f"{path} is only {len(data)} bytes"
+
+
+def close(a: float, b: float, tol: float = TOL) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def discounted(rewards: list[float], gamma: float) -> list[float]:
+    """G_t = r_t + gamma * G_{t+1}, G = 0 after the last step."""
+    g, out = 0.0, []
+    for r in reversed(rewards):
+        g = r + gamma * g
+        out.append(g)
+    return out[::-1]
+
+
+def gae(rewards, values, next_values, terminated, gamma, lam) -> tuple[list[float], list[float]]:
+    """(TD errors, advantages) of one episode, by the textbook recursion."""
+    deltas = [r + gamma * nv * (0.0 if term else 1.0) - v for r, v, nv, term in zip(rewards, values, next_values,
+                                                                                    terminated)]  # fmt: skip
+    a, advantages = 0.0, []
+    for d in reversed(deltas):
+        a = d + gamma * lam * a
+        advantages.append(a)
+    return deltas, advantages[::-1]
+
+
+def test_01_agent_env_loop(out):
+    run(out, "01_agent_env_loop.py")
+    data = load(out, "01_agent_env_loop.json")
+    turns = data["turns"]
+    assert turns and all(not (t["terminated"] or t["truncated"]) for t in turns[:-1])
+    assert turns[-1]["terminated"] != turns[-1]["truncated"]
+    for i, turn in enumerate(turns):
+        assert turn["newest_obs_token"] == turn["action"]  # the action enters the observation at index -1
+        assert turn["context_tokens"] == turns[0]["context_tokens"] + i
+        assert close(turn["return_so_far"], sum(t["reward"] for t in turns[: i + 1]))
+    # the actor is the reference model, so the KL term is 0: only the score, on the last step
+    assert all(abs(t["reward"]) < 1e-5 for t in turns[:-1])
+    assert close(turns[-1]["reward"], data["score"])
+    assert_png(out / "01_agent_env_loop.png")
+
+
+def test_02_state_action_reward(out):
+    run(out, "02_state_action_reward.py")
+    data = load(out, "02_state_action_reward.json")
+    beta, steps = data["kl_coef"], data["steps"]
+    for i, step in enumerate(steps):
+        assert close(step["-beta*kl"], -beta * step["kl"])
+        last = i == len(steps) - 1
+        assert (step["score"] != 0.0) == last
+        assert close(step["reward"], -beta * step["kl"] + (step["score"] if last else 0.0))
+        assert step["next_newest_token"] == step["action"]
+        if not last:  # s_{t+1} = s_t followed by a_t
+            assert steps[i + 1]["state_ids"] == step["state_ids"] + [step["action"]]
+    assert_png(out / "02_observation_window.png")
+
+
+def test_03_returns_and_discount(out):
+    run(out, "03_returns_and_discount.py")
+    data = load(out, "03_returns_and_discount.json")
+    rewards = data["rewards"]
+    for gamma, hand, library in zip(data["gammas"], data["returns_hand"], data["returns_library"]):
+        expected = discounted(rewards, gamma)
+        assert all(close(a, b) for a, b in zip(hand, expected))
+        assert all(close(a, b) for a, b in zip(library, expected))
+    assert close(data["returns_hand"][data["gammas"].index(1.0)][0], sum(rewards))
+    assert_png(out / "03_returns_and_discount.png")
+
+
+def test_04_four_roles(out):
+    run(out, "04_four_roles.py")
+    data = load(out, "04_four_roles.json")
+    roles = {r["role"]: r for r in data["roles"]}
+    for trained in ("actor (policy LM)", "critic (value head)"):
+        r = roles[trained]
+        assert r["requires_grad"] == r["grad_not_None"] == r["grad_nonzero"] == r["changed_by_update"] == r["tensors"]
+    for frozen in ("reference model", "reward model"):
+        r = roles[frozen]
+        assert r["tensors"] > 0
+        assert r["requires_grad"] == r["grad_not_None"] == r["grad_nonzero"] == r["changed_by_update"] == 0
+    per_loss = data["grad_norm_per_loss"]
+    assert per_loss["actor loss only"]["value_head"] == 0.0  # the actor loss never reaches the value head
+    assert per_loss["critic loss only"]["value_head"] > 0.0
+    for group in ("trunk block 0", "trunk block 1"):  # the shared trunk hears from both losses
+        assert per_loss["actor loss only"][group] > 0 and per_loss["critic loss only"][group] > 0
+    assert_png(out / "04_four_roles.png")
+
+
+def test_05_kl_penalty(out):
+    run(out, "05_kl_penalty.py", "--episodes", "6")
+    data = load(out, "05_kl_penalty.json")
+    beta, rows = data["kl_coef"], data["tokens"]
+    for i, row in enumerate(rows):
+        assert close(row["kl"], row["log_pi"] - row["log_pi_ref"])
+        assert close(row["log_pi_ref"], row["log_pi_ref_recomputed"])  # the env's cached forward = a plain one
+        assert close(row["-beta*kl"], -beta * row["kl"])
+        score = data["score"] if i == len(rows) - 1 else 0.0
+        assert close(row["reward"], -beta * row["kl"] + score)
+    assert close(data["batch_sequence_kl"][0], sum(r["kl"] for r in rows))
+    assert_png(out / "05_kl_per_token.png")
+    assert_png(out / "05_kl_heatmap.png")
+
+
+def test_06_value_head(out):
+    run(out, "06_value_head.py", "--episodes", "6", "--fit-episodes", "32")
+    data = load(out, "06_value_head.json")
+    rows = data["tokens"]
+    for row in rows:
+        assert row["V_untrained"] == 0.0  # the value head is zero-initialised
+        assert close(row["V(s_t)"], row["V_by_hand"])  # value_head(last hidden state)
+    assert all(close(r["G_t"], g) for r, g in zip(rows, discounted([r["reward"] for r in rows], 1.0)))
+    assert all(math.isfinite(v) for v in data["explained_variance"].values())
+    assert_png(out / "06_value_head.png")
+
+
+def test_07_reward_on_last_token(out):
+    run(out, "07_reward_on_last_token.py", "--episodes", "6")
+    data = load(out, "07_reward_on_last_token.json")
+    beta, rows = data["kl_coef"], data["tokens"]
+    assert close(data["score"], data["score_recomputed"])
+    for i, row in enumerate(rows):
+        last = i == len(rows) - 1
+        assert close(row["-beta*kl"], -beta * row["kl"])
+        assert close(row["score_term"], data["score"] if last else 0.0)
+        assert close(row["reward"], -beta * row["kl"] + row["score_term"])
+    assert close(rows[-1]["rm_score_of_prefix"], data["score"])  # the last prefix is the whole response
+    assert_png(out / "07_prefix_scores.png")
+    assert_png(out / "07_reward_heatmap.png")
+
+
+def test_08_actor_loss(out):
+    run(out, "08_actor_loss.py", "--episodes", "8")
+    data = load(out, "08_actor_loss.json")
+    assert data["grad_max"] > 0
+    assert data["grad_max_difference"] <= 1e-6 * data["grad_max"]  # same gradient as -mean(A log pi) at ratio 1
+    assert abs(data["loss_ppo"] + sum(data["all_advantages"]) / len(data["all_advantages"])) < 1e-5  # -mean(A)
+    for row in data["tokens"]:
+        assert close(row["change"], row["log_pi_after"] - row["log_pi_before"])
+    gain = sum(a * c for a, c in zip(data["all_advantages"], data["all_changes"])) / len(data["all_changes"])
+    assert close(gain, data["mean_advantage_times_change"]) and gain > 0  # the step lowered the loss
+    assert_png(out / "08_actor_loss.png")
+
+
+def test_09_advantages_gae(out):
+    run(out, "09_advantages_gae.py", "--episodes", "6")
+    data = load(out, "09_advantages_gae.json")
+    gamma, lam, rows = data["gamma"], data["lam"], data["tokens"]
+    values = [r["value"] for r in rows]
+    next_values = values[1:] + [data["value_after_last"]]
+    terminated = [False] * (len(rows) - 1) + [data["terminated"]]
+    rewards = [r["reward"] for r in rows]
+    deltas, advantages = gae(rewards, values, next_values, terminated, gamma, lam)
+    _, monte_carlo = gae(rewards, values, next_values, terminated, gamma, 1.0)
+    for row, delta, advantage, mc, g in zip(rows, deltas, advantages, monte_carlo, discounted(rewards, gamma)):
+        assert close(row["log_pi_ref"], row["log_pi"] - row["kl"])
+        assert close(row["td_error"], delta)
+        assert close(row["advantage"], advantage)
+        assert close(row["return"], advantage + row["value"])
+        assert close(row["G-V (lam=1)"], mc)
+        if data["terminated"]:
+            assert close(mc, g - row["value"])  # lambda = 1: actual minus predicted return
+    batch = data["batch"]  # every episode of the batch, and the whitening
+    whitened = []
+    for b, mask in enumerate(batch["mask"]):
+        n = sum(mask)
+        v = batch["values"][b]
+        term = batch["terminated_steps"][b][:n]
+        _, expected = gae(batch["rewards"][b][:n], v[:n], v[1 : n + 1], term, gamma, lam)
+        assert all(close(a, e) for a, e in zip(batch["advantages"][b][:n], expected))
+        assert all(a == 0.0 for a in batch["advantages"][b][n:])
+        whitened += batch["whitened"][b][:n]
+    mean = sum(whitened) / len(whitened)
+    std = math.sqrt(sum((w - mean) ** 2 for w in whitened) / (len(whitened) - 1))
+    assert abs(mean) < 1e-5 and abs(std - 1) < 1e-3
+    assert_png(out / "09_advantage_heatmap.png")
+    assert_png(out / "09_gae_episode.png")
+
+
+def test_10_ppo_ratio_clipping(out):
+    run(out, "10_ppo_ratio_clipping.py", "--episodes", "16")
+    data = load(out, "10_ppo_ratio_clipping.json")
+    eps, every = data["clip_range"], data["all"]
+    objectives, clipped = [], []
+    for r, a, objective, flag in zip(every["ratio"], every["advantage"], every["objective"], every["clipped"]):
+        unclipped, clipped_term = r * a, min(max(r, 1 - eps), 1 + eps) * a
+        assert close(objective, min(unclipped, clipped_term))
+        assert flag == (clipped_term < unclipped)
+        if flag:  # clipped only outside [1 - eps, 1 + eps], on the side the advantage pushes towards
+            assert (r > 1 + eps and a > 0) or (r < 1 - eps and a < 0)
+        objectives.append(objective)
+        clipped.append(flag)
+    assert close(data["policy_loss"], -sum(objectives) / len(objectives))
+    assert close(data["clipfrac"], sum(clipped) / len(clipped))
+    for row in data["tokens"]:
+        assert close(row["r*A"], row["ratio"] * row["advantage"])
+        assert close(row["objective"], min(row["r*A"], row["clip(r)*A"]))
+    assert_png(out / "10_ppo_ratio_clipping.png")
+
+
+def test_11_critic_loss(out):
+    run(out, "11_critic_loss.py", "--episodes", "16")
+    data = load(out, "11_critic_loss.json")
+    eps, every = data["clip_range_value"], data["all"]
+    terms = []
+    for old, new, target, flag in zip(every["V_old"], every["V_new"], every["return"], every["clipped"]):
+        v_clip = old + min(max(new - old, -eps), eps)
+        unclipped, clipped = (new - target) ** 2, (v_clip - target) ** 2
+        terms.append(0.5 * max(unclipped, clipped))
+        # float32 may round V_old + (V - V_old) to a neighbour of V: such a tie is not counted as clipped
+        assert flag == ((clipped > unclipped) and abs(new - old) > eps) or abs(clipped - unclipped) < 1e-5
+        if flag:  # a real clip happens only outside V_old +- eps
+            assert abs(new - old) > eps
+    assert close(data["value_loss"], sum(terms) / len(terms))
+    assert close(data["value_clipfrac"], sum(every["clipped"]) / len(every["clipped"]))
+    for row in data["tokens"]:
+        assert close(row["V_clipped"], row["V_old"] + min(max(row["V_new"] - row["V_old"], -eps), eps))
+        assert close(row["(V-R)^2"], (row["V_new"] - row["return"]) ** 2)
+        assert close(row["(Vclip-R)^2"], (row["V_clipped"] - row["return"]) ** 2)
+        assert close(row["loss_term"], 0.5 * max(row["(V-R)^2"], row["(Vclip-R)^2"]))
+    assert_png(out / "11_critic_loss.png")
+
+
+@pytest.mark.slow
+def test_12_train_end_to_end(out):
+    run(out, "12_train_end_to_end.py", "--iterations", "2", "--batch-size", "8", "--eval-episodes", "8",
+        "--samples", "2")  # fmt: skip
+    data = load(out, "12_train_end_to_end.json")
+    samples = data["samples"]
+    assert len(samples) == 8 and all(s["before"] and s["after"] for s in samples)
+    assert close(data["positive_before"], sum(s["before_score"] > 0 for s in samples) / 8)
+    assert close(data["positive_after"], sum(s["after_score"] > 0 for s in samples) / 8)
+    assert close(data["score_after"], sum(s["after_score"] for s in samples) / 8)
+    assert [m["iteration"] for m in data["metrics"] if "env/score" in m] == [0, 1]
+    assert (out / "12_run" / "final" / "model.safetensors").exists()
+    assert_png(out / "12_learning_curve.png")
+    assert_png(out / "12_scores_before_after.png")
