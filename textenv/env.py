@@ -206,6 +206,20 @@ def check_reset_options(options: dict | None, num_prompts: int, known: tuple[str
     return options
 
 
+def kl_coef_property() -> property:
+    """``env.kl_coef``: the KL coefficient of the reward, settable between episodes (an adaptive controller does)."""
+
+    def get(env) -> float:
+        return env.core.kl_coef
+
+    def set_(env, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"kl_coef must be >= 0 (it scales a penalty), got {value}")
+        env.core.kl_coef = float(value)
+
+    return property(get, set_, doc=kl_coef_property.__doc__)
+
+
 class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
     """
     ## Description
@@ -297,16 +311,7 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
         self.observation_space = observation_space(self.core)
         self.action_space = spaces.Discrete(self.core.vocab_size)
 
-    @property
-    def kl_coef(self) -> float:
-        """The KL coefficient of the reward; set it between episodes (an adaptive KL controller does)."""
-        return self.core.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        if value < 0:
-            raise ValueError(f"kl_coef must be >= 0 (it scales a penalty), got {value}")
-        self.core.kl_coef = float(value)
+    kl_coef = kl_coef_property()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

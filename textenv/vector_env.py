@@ -25,7 +25,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from textenv.env import check_reset_options, make_core, observation_space
+from textenv.env import check_reset_options, kl_coef_property, make_core, observation_space
 
 
 class TokenGenerationVectorEnv(VectorEnv):
@@ -60,16 +60,7 @@ class TokenGenerationVectorEnv(VectorEnv):
     def autoreset_mode(self) -> AutoresetMode:
         return self.metadata["autoreset_mode"]
 
-    @property
-    def kl_coef(self) -> float:
-        """The KL coefficient of the reward; set it between episodes (an adaptive KL controller does)."""
-        return self.core.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        if value < 0:
-            raise ValueError(f"kl_coef must be >= 0 (it scales a penalty), got {value}")
-        self.core.kl_coef = float(value)
+    kl_coef = kl_coef_property()
 
     def _draw_prompts(self, count: int) -> np.ndarray:
         return self.np_random.integers(len(self.core.prompts), size=count)
