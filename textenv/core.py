@@ -25,8 +25,6 @@ from transformers import PreTrainedTokenizerBase
 from textenv.models import pad_batch, pooling_at_last_position, position_ids_from_mask, sequence_scores
 from textenv.rewards import clip_score, non_score_reward, score_terms, token_logprobs
 
-KL_SOURCES = ("caller", "policy", "reference_only")
-
 
 class CachedModel:
     """A frozen model stepped over N slots with one KV cache.
@@ -168,9 +166,10 @@ class TokenBatchCore:
         self.reward_model = reward_model
         self.reference = CachedModel(reference_model, num_slots, self.pad_token_id)
         self.device = self.reference.device
-        self.policy_model = policy if isinstance(policy, torch.nn.Module) else None
-        self.policy_fn = policy if policy is not None and self.policy_model is None else None
-        self.policy = CachedModel(policy, num_slots, self.pad_token_id) if self.policy_model is not None else None
+        # a module is stepped as a causal LM with its own KV cache; any other callable is called on observations
+        is_module = isinstance(policy, torch.nn.Module)
+        self.policy = CachedModel(policy, num_slots, self.pad_token_id) if is_module else None
+        self.policy_fn = None if is_module else policy
         self.dense = (
             CachedModel(reward_model, num_slots, self.pad_token_id, scores=True) if reward_mode == "dense" else None
         )
