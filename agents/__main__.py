@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 
-import tyro
 from transformers.utils import logging as hf_logging
 
-from agents.train import TrainConfig, summary, train
+from agents.logger import summary
+from agents.train import cli, train
 
 
 def main() -> None:
-    config = tyro.cli(TrainConfig, config=(tyro.conf.OmitArgPrefixes,), description=__doc__)
+    config = cli(description=__doc__)
     hf_logging.disable_progress_bar()
     final = train(config)
     if os.environ.get("RANK", "0") != "0":

@@ -35,6 +35,12 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
     return torch.where(mask, whitened, torch.zeros_like(whitened))
 
 
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the mask: 1 is a perfect critic, 0 no better than a constant."""
+    var = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var) if var > 0 else float("nan")
+
+
 def compute_gae(
     rewards: Tensor,
     values: Tensor,

@@ -28,3 +28,20 @@ class AdaptiveKLController:
     def update(self, kl: float, n_steps: int) -> None:
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+@dataclass
+class KLConfig:
+    """How the KL coefficient beta moves during training (its starting value is the env's ``kl_coef``)."""
+
+    adaptive_kl: bool = True
+    """Adapt beta towards kl_target (Ziegler et al. 2019); else beta stays fixed."""
+    kl_target: float = 3.0
+    """Target KL per response, in nats, of the adaptive controller."""
+    kl_horizon: int = 1000
+    """Horizon of the adaptive controller, in episodes."""
+
+    def controller(self, initial: float) -> FixedKLController | AdaptiveKLController:
+        if self.adaptive_kl:
+            return AdaptiveKLController(initial, self.kl_target, self.kl_horizon)
+        return FixedKLController(initial)

@@ -7,11 +7,8 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from matplotlib.figure import Figure  # drawn straight to a file: no pyplot, no backend to choose
+from torch.utils.tensorboard import SummaryWriter
 
 CURVES = (
     ("env/score", "eval/score", "score (reward model)"),
@@ -75,7 +72,8 @@ class RunLogger:
 
     def plot(self) -> Path:
         """Score, KL, value loss and entropy over iterations, as ``learning_curve.png``."""
-        fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+        fig = Figure(figsize=(10, 7))
+        axes = fig.subplots(2, 2, sharex=True)
         for ax, (key, eval_key, title) in zip(axes.flat, CURVES):
             for name, label in ((key, "train rollouts"), (eval_key, "eval prompts")):
                 points = [
@@ -92,8 +90,22 @@ class RunLogger:
         fig.tight_layout()
         path = self.run_dir / "learning_curve.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         return path
 
     def close(self) -> None:
         self.tensorboard.close()
+
+
+def summary(run_dir: Path) -> str:
+    """First and last evaluation of a run, as text."""
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    evals = [r for r in rows if "eval/score" in r]
+    if not evals:
+        return "no evaluation yet"
+    first, last = evals[0], evals[-1]
+    lines = [f"{'':22}{'iteration ' + str(first['iteration']):>16}{'iteration ' + str(last['iteration']):>16}"]
+    for key in ("eval/positive_rate", "eval/score", "eval/kl", "eval/response_length", "eval/eos_rate"):
+        lines.append(f"{key:22}{first[key]:>16.3f}{last[key]:>16.3f}")
+    seconds = sum(r.get("perf/iteration_s", 0.0) for r in rows)
+    lines.append(f"{'time (s)':22}{'':>16}{seconds:>16.1f}")
+    return "\n".join(lines)

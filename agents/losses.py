@@ -45,9 +45,3 @@ def value_loss(
         clipped = (clipped_loss > unclipped_loss) & ((values - old_values).abs() > clip_range)
         stats = {"ppo/value_clipfrac": masked_mean(clipped.float(), mask)}
     return loss, stats
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last axis, in nats. (..., V) -> (...)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return -(logprobs.exp() * logprobs).sum(-1)

@@ -7,8 +7,9 @@ of the last hidden state initialised to output 0, is the critic. With
 initialise it from the reward model, and "The 37 implementation details of PPO"
 (item 12) found separate networks stronger.
 
-``get_action_and_value`` follows CleanRL: the same call samples during the rollout
-(``action=None``) and re-scores stored actions during the update.
+The rollout samples from the logits with ``textenv.lm.sample_tokens`` (stepping the
+agent with ``textenv.lm.CachedStepper``); the update re-scores whole episodes with
+one teacher-forced forward (``agents.ppo.score_rollout``).
 """
 
 from __future__ import annotations
@@ -17,21 +18,47 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
-
-from textenv.rewards import logprobs_from_logits
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
 
 
+def value_head(hidden_size: int) -> nn.Linear:
+    """The critic's head: a linear map of the last hidden state to V(s), zero at the start.
+
+    Zero-initialised, so the first advantages are the returns themselves rather than
+    the noise of a random head.
+    """
+    head = nn.Linear(hidden_size, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def save_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, Path(directory) / VALUE_HEAD_FILE
+    )
+
+
+def load_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
+    head.load_state_dict(load_file(Path(directory) / VALUE_HEAD_FILE))
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere, so the rollout's and the update's forwards agree (first ratio exactly 1)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 class ActorCriticOutput(NamedTuple):
     logits: Tensor  # (B, T, V)
     values: Tensor  # (B, T)
-    cache: tuple | None  # (policy cache, critic cache or None)
+    past_key_values: tuple | None  # (policy cache, critic cache or None)
 
 
 class ActorCritic(nn.Module):
@@ -39,9 +66,7 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
-        self.value_head = nn.Linear((critic or policy).config.hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no noisy advantages from a random head
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = value_head((critic or policy).config.hidden_size)
 
     @property
     def share_backbone(self) -> bool:
@@ -70,24 +95,23 @@ class ActorCritic(nn.Module):
             else:
                 critic = AutoModel.from_pretrained(source)
         agent = cls(policy, critic)
-        agent.disable_dropout()
+        disable_dropout(agent)
         return agent
-
-    def disable_dropout(self) -> None:
-        """Dropout off everywhere, so the rollout's and the update's forwards agree (first ratio exactly 1)."""
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
 
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
         position_ids: Tensor,
-        cache: tuple | None = None,
+        past_key_values: tuple | None = None,
         use_cache: bool = False,
     ) -> ActorCriticOutput:
-        """Logits and values at every position of ``input_ids`` (B, T), from one forward per trunk."""
+        """Logits and values at every position of ``input_ids`` (B, T), from one forward per trunk.
+
+        Called like a Hugging Face causal LM, so ``textenv.lm.CachedStepper`` steps it;
+        its cache is the pair (policy cache, critic cache or None).
+        """
+        cache = past_key_values
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
         out = self.policy(
             input_ids=input_ids,
@@ -104,33 +128,11 @@ class ActorCritic(nn.Module):
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return ActorCriticOutput(out.logits, values, (out.past_key_values, critic_cache) if use_cache else None)
 
-    def get_action_and_value(
-        self,
-        logits: Tensor,
-        temperature: float,
-        action: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(action, log-prob, entropy) of ``softmax(logits / temperature)``; samples when ``action`` is None.
-
-        Plain softmax sampling, no top-k or top-p: the stored log-probs describe exactly
-        the distribution the tokens came from.
-        """
-        logprobs = logprobs_from_logits(logits, temperature)  # (..., V)
-        if action is None:
-            flat = logprobs.reshape(-1, logprobs.shape[-1]).exp()
-            action = torch.multinomial(flat, 1, generator=generator).reshape(logprobs.shape[:-1])
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
-        return action, logprobs.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
-
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The policy as a Hugging Face model (or PEFT adapters), with the value head (and critic) beside it."""
         directory = Path(directory)
         self.policy.save_pretrained(directory)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-            directory / VALUE_HEAD_FILE,
-        )
+        save_value_head(self.value_head, directory)
         if self.critic is not None:
             self.critic.save_pretrained(directory / CRITIC_DIR)
 
@@ -145,6 +147,6 @@ class ActorCritic(nn.Module):
             policy = AutoModelForCausalLM.from_pretrained(directory)
         critic = AutoModel.from_pretrained(directory / CRITIC_DIR) if (directory / CRITIC_DIR).is_dir() else None
         agent = cls(policy, critic)
-        agent.value_head.load_state_dict(load_file(directory / VALUE_HEAD_FILE))
-        agent.disable_dropout()
+        load_value_head(agent.value_head, directory)
+        disable_dropout(agent)
         return agent

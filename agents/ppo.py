@@ -10,6 +10,9 @@ in whether a critic is trained:
   prompt; no critic. Unlike the GRPO paper, the KL penalty stays in the reward
   (where the env puts it) instead of a separate loss term.
 
+The algorithm picks its advantage function once (``ADVANTAGES``); the rest of
+the update is the same code for all three.
+
 Where this departs from the textbook PPO (Schulman et al. 2017) and why:
 
 - old log-probs and values come from a teacher-forced, no-grad pass over the
@@ -25,24 +28,34 @@ Where this departs from the textbook PPO (Schulman et al. 2017) and why:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from agents.advantages import compute_gae, grpo_advantages, masked_mean, masked_var, masked_whiten, rloo_advantages
-from agents.losses import entropy_from_logits, policy_loss, value_loss
+from agents.advantages import (
+    compute_gae,
+    explained_variance,
+    grpo_advantages,
+    masked_mean,
+    masked_whiten,
+    rloo_advantages,
+)
+from agents.losses import policy_loss, value_loss
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
-from textenv.models import position_ids_from_mask
-from textenv.rewards import token_logprobs
+from textenv.lm import entropy_from_logits, position_ids_from_mask, token_logprobs
+
+Algo = Literal["ppo", "rloo", "grpo"]
 
 
 @dataclass
 class PPOConfig:
     """The PPO update. Defaults are tuned for the embedded default task on a CPU."""
 
-    algo: str = "ppo"
+    algo: Algo = "ppo"
     """'ppo' (critic + GAE), 'rloo' or 'grpo' (critic-free group baselines)."""
     group_size: int = 4
     """rloo/grpo: episodes per prompt (each rollout holds batch_size / group_size prompts)."""
@@ -73,6 +86,10 @@ class PPOConfig:
     whiten_rewards: bool = False
     """Scale rewards to unit std over valid tokens (no mean shift) before GAE."""
 
+    @property
+    def uses_critic(self) -> bool:
+        return self.algo == "ppo"
+
 
 @dataclass
 class Scored:
@@ -94,14 +111,95 @@ def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, auto
     return Scored(
         logprobs=token_logprobs(logits, rollout.actions.to(device), temperature),
         values=out.values[:, width - 1 : width + steps],
-        entropy=entropy_from_logits(logits.float() / temperature),
+        entropy=entropy_from_logits(logits, temperature),
     )
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over the mask: 1 is a perfect critic, 0 no better than a constant."""
-    var = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var) if var > 0 else float("nan")
+# ---------------------------------------------------------------- advantages, one function per algorithm
+AdvantageFn = Callable[[Tensor, Tensor, Tensor, Tensor, PPOConfig], tuple[Tensor, Tensor]]
+
+
+def gae(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, config: PPOConfig) -> tuple[Tensor, Tensor]:
+    """PPO: GAE(gamma, lambda) from the critic's values V(s_0) .. V(s_T). Returns (advantages, returns)."""
+    return compute_gae(rewards, values[:, :-1], values[:, 1:], terminated, mask, config.gamma, config.lam)
+
+
+def group_baseline(baseline: Callable[[Tensor, int], Tensor]) -> AdvantageFn:
+    """RLOO/GRPO: each episode's undiscounted return against its group's, on every token; no returns."""
+
+    def advantages(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, config: PPOConfig):
+        episode_returns = (rewards * mask).sum(1)  # score - beta * KL of the episode
+        return baseline(episode_returns, config.group_size)[:, None] * mask, torch.zeros_like(rewards)
+
+    return advantages
+
+
+ADVANTAGES: dict[str, AdvantageFn] = {
+    "ppo": gae,
+    "rloo": group_baseline(rloo_advantages),
+    "grpo": group_baseline(grpo_advantages),
+}
+
+
+# ---------------------------------------------------------------- the update
+def rescore(agent: ActorCritic, rollout: Rollout, micro_batches: list[Tensor], temperature: float, autocast):
+    """Old log-probs (B, T) and values (B, T + 1), no-grad, in the micro-batches of the first epoch."""
+    device = next(agent.parameters()).device
+    batch, steps = rollout.actions.shape
+    logprobs, values = torch.zeros(batch, steps, device=device), torch.zeros(batch, steps + 1, device=device)
+    with torch.no_grad():
+        for rows in micro_batches:
+            scored = score_rollout(agent, rollout.select(rows), temperature, autocast)
+            logprobs[rows.to(device)], values[rows.to(device)] = scored.logprobs, scored.values
+    return logprobs, values
+
+
+@dataclass
+class Targets:
+    """What the losses compare against, for every episode of the rollout: (B, T) each, values (B, T + 1)."""
+
+    old_logprobs: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    mask: Tensor
+
+
+def minibatch_step(
+    agent, optimizer, rollout: Rollout, minibatch: Tensor, targets: Targets, config: PPOConfig, temperature, autocast
+) -> dict[str, list[float]]:
+    """One optimizer step on ``minibatch``, accumulating gradients over its micro-batches; returns their stats."""
+    stats: dict[str, list[float]] = defaultdict(list)
+    device = targets.mask.device
+    optimizer.zero_grad(set_to_none=True)
+    minibatch_tokens = targets.mask[minibatch.to(device)].sum().clamp(min=1)
+    for rows in minibatch.split(config.micro_batch_size):
+        rows_d = rows.to(device)
+        mask = targets.mask[rows_d]
+        scored = score_rollout(agent, rollout.select(rows), temperature, autocast)
+        pg_loss, pg_stats = policy_loss(
+            scored.logprobs, targets.old_logprobs[rows_d], targets.advantages[rows_d], mask, config.clip_range
+        )
+        if config.uses_critic:
+            old_values = targets.old_values[rows_d, :-1]
+            vf_loss, vf_stats = value_loss(
+                scored.values[:, :-1], old_values, targets.returns[rows_d], mask, config.clip_range_value
+            )
+        else:  # no critic; the zero term gives the unused value head zero gradients (DDP needs one)
+            vf_loss, vf_stats = 0.0 * scored.values.sum(), {}
+        entropy = masked_mean(scored.entropy, mask)
+        loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+        # token-weighted, so accumulated micro-batches give the minibatch's token mean
+        (loss * mask.sum() / minibatch_tokens).backward()
+        for key, value in {**pg_stats, **vf_stats}.items():
+            stats[key].append(float(value))
+        stats["loss/policy"].append(pg_loss.item())
+        stats["loss/value"].append(vf_loss.item())
+        stats["loss/total"].append(loss.item())
+        stats["policy/entropy"].append(entropy.item())
+    stats["ppo/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)))
+    optimizer.step()
+    return stats
 
 
 def ppo_update(
@@ -114,85 +212,35 @@ def ppo_update(
     autocast=None,
 ) -> dict[str, float]:
     """K epochs of clipped PPO over ``rollout``; returns the update's metrics."""
-    batch = len(rollout.actions)
     device = next(agent.parameters()).device
-    permutations = [torch.randperm(batch, generator=generator) for _ in range(config.epochs)]
-    micro_batches = [
-        [micro for minibatch in perm.split(config.minibatch_size) for micro in minibatch.split(config.micro_batch_size)]
-        for perm in permutations
+    permutations = [torch.randperm(len(rollout.actions), generator=generator) for _ in range(config.epochs)]
+    first_epoch = [
+        micro for mb in permutations[0].split(config.minibatch_size) for micro in mb.split(config.micro_batch_size)
     ]
+    old_logprobs, old_values = rescore(agent, rollout, first_epoch, temperature, autocast)
 
-    # Old log-probs and values, in the first epoch's micro-batches (see the module docstring).
-    steps = rollout.actions.shape[1]
-    old_logprobs, old_values = torch.zeros(batch, steps, device=device), torch.zeros(batch, steps + 1, device=device)
-    with torch.no_grad():
-        for rows in micro_batches[0]:
-            scored = score_rollout(agent, rollout.select(rows), temperature, autocast)
-            old_logprobs[rows.to(device)], old_values[rows.to(device)] = scored.logprobs, scored.values
-
-    mask = rollout.mask.to(device)
-    rewards = rollout.rewards.to(device)
+    mask, rewards = rollout.mask.to(device), rollout.rewards.to(device)
     if config.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    critic = config.algo == "ppo"
-    if critic:
-        advantages, returns = compute_gae(
-            rewards,
-            old_values[:, :-1],
-            old_values[:, 1:],
-            rollout.terminated_steps.to(device),
-            mask,
-            config.gamma,
-            config.lam,
-        )
-    else:
-        group_advantages = rloo_advantages if config.algo == "rloo" else grpo_advantages
-        episode_returns = (rewards * mask).sum(1)  # undiscounted: score - beta * KL of the episode
-        advantages = group_advantages(episode_returns, config.group_size)[:, None] * mask
-        returns = torch.zeros_like(rewards)
+    advantages, returns = ADVANTAGES[config.algo](
+        rewards, old_values, rollout.terminated_steps.to(device), mask, config
+    )
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
+    targets = Targets(old_logprobs, old_values, advantages, returns, mask)
 
     stats: dict[str, list[float]] = defaultdict(list)
     for perm in permutations:
         for minibatch in perm.split(config.minibatch_size):
-            optimizer.zero_grad(set_to_none=True)
-            minibatch_tokens = mask[minibatch.to(device)].sum().clamp(min=1)
-            for rows in minibatch.split(config.micro_batch_size):
-                rows_d = rows.to(device)
-                micro_mask = mask[rows_d]
-                scored = score_rollout(agent, rollout.select(rows), temperature, autocast)
-                pg_loss, pg_stats = policy_loss(
-                    scored.logprobs, old_logprobs[rows_d], advantages[rows_d], micro_mask, config.clip_range
-                )
-                if critic:
-                    vf_loss, vf_stats = value_loss(
-                        scored.values[:, :-1],
-                        old_values[rows_d, :-1],
-                        returns[rows_d],
-                        micro_mask,
-                        config.clip_range_value,
-                    )
-                else:  # no critic; the zero term gives the unused value head zero gradients (DDP needs one)
-                    vf_loss, vf_stats = 0.0 * scored.values.sum(), {}
-                entropy = masked_mean(scored.entropy, micro_mask)
-                loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
-                # token-weighted, so accumulated micro-batches give the minibatch's token mean
-                (loss * micro_mask.sum() / minibatch_tokens).backward()
-                for key, value in {**pg_stats, **vf_stats}.items():
-                    stats[key].append(float(value))
-                stats["loss/policy"].append(pg_loss.item())
-                stats["loss/value"].append(vf_loss.item())
-                stats["loss/total"].append(loss.item())
-                stats["policy/entropy"].append(entropy.item())
-            grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
-            stats["ppo/grad_norm"].append(float(grad_norm))
-            optimizer.step()
+            for key, values in minibatch_step(
+                agent, optimizer, rollout, minibatch, targets, config, temperature, autocast
+            ).items():
+                stats[key].extend(values)
 
     metrics = {key: sum(values) / len(values) for key, values in stats.items()}
     metrics["ppo/first_ratio_mean"] = stats["ppo/ratio_mean"][0]
     metrics["ppo/advantage_mean"] = float(masked_mean(advantages, mask))
-    if critic:
+    if config.uses_critic:
         metrics["ppo/explained_variance"] = explained_variance(old_values[:, :-1], returns, mask)
         metrics["ppo/return_mean"] = float(masked_mean(returns, mask))
         metrics["ppo/value_mean"] = float(masked_mean(old_values[:, :-1], mask))

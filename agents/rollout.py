@@ -13,14 +13,19 @@ per step, masked where the episode had already ended.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
+import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
+import textenv  # noqa: F401  (registers TokenRLHF-v0)
 from agents.policy import ActorCritic
-from textenv.models import position_ids_from_mask
+from textenv import TokenEnvConfig
+from textenv.lm import CachedStepper, crop_left_padding, sample_tokens
 
 
 class Rollout(NamedTuple):
@@ -59,6 +64,18 @@ class Rollout(NamedTuple):
         return steps & self.terminated[:, None]
 
 
+def make_rollout_env(num_envs: int, config: TokenEnvConfig | None = None, **kwargs):
+    """The lockstep batch of episodes a rollout steps: ``reset`` starts all B, they run until all end."""
+    return gym.make_vec(
+        "TokenRLHF-v0",
+        num_envs=num_envs,
+        vectorization_mode="vector_entry_point",
+        autoreset_mode=AutoresetMode.DISABLED,
+        config=config,
+        **kwargs,
+    )
+
+
 @torch.no_grad()
 def collect_rollout(
     agent: ActorCritic,
@@ -75,56 +92,44 @@ def collect_rollout(
     """
     device = agent.value_head.weight.device
     observation, info = env.reset(seed=seed, options=None if group_size is None else {"group_size": group_size})
-    ids = torch.as_tensor(observation["input_ids"], device=device)
-    mask = torch.as_tensor(observation["attention_mask"], device=device)
-    first = int(mask.any(0).long().argmax())  # crop the columns no prompt uses
-    prompt_ids, prompt_mask = ids[:, first:], mask[:, first:]
+    prompt_ids, prompt_mask = crop_left_padding(
+        torch.as_tensor(observation["input_ids"]), torch.as_tensor(observation["attention_mask"])
+    )
     batch = len(prompt_ids)
-
-    with autocast or torch.autocast(device.type, enabled=False):
-        out = agent(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), use_cache=True)
-    logits, cache = out.logits[:, -1], out.cache
-    position = position_ids_from_mask(prompt_mask)[:, -1]
-    attention = prompt_mask
+    stepper = CachedStepper(agent, env.unwrapped.tokenizer.pad_token_id)
+    with autocast or nullcontext():
+        logits = stepper.prefill(prompt_ids, prompt_mask)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
-    actions, logprobs, rewards, masks, kls = [], [], [], [], []
-    scores = torch.zeros(batch)
-    responses = [""] * batch
-    terminated = np.zeros(batch, dtype=bool)
-    truncated = np.zeros(batch, dtype=bool)
+    steps: list[tuple[Tensor, ...]] = []  # per step: action, logprob, reward, alive, kl
+    scores, responses = torch.zeros(batch), [""] * batch
+    terminated, truncated = np.zeros(batch, dtype=bool), np.zeros(batch, dtype=bool)
     while alive.any():
-        action, logprob, _ = agent.get_action_and_value(logits, temperature, generator=generator)
+        action, logprob = sample_tokens(logits, temperature, generator)
         _, reward, term, trunc, step_info = env.step(action.cpu().numpy(), logprobs=logprob.cpu().numpy())
-        actions.append(action)
-        logprobs.append(torch.where(alive, logprob, 0.0))
-        rewards.append(torch.as_tensor(reward, dtype=torch.float32))
-        masks.append(alive.clone())
-        kls.append(torch.as_tensor(np.nan_to_num(step_info["kl"]), dtype=torch.float32))
+        kl = torch.as_tensor(np.nan_to_num(step_info["kl"]), dtype=torch.float32)
+        steps.append(
+            (action, torch.where(alive, logprob, 0.0), torch.as_tensor(reward, dtype=torch.float32), alive, kl)
+        )
         for row in np.flatnonzero(term | trunc):
-            scores[row] = float(step_info["score"][row])
-            responses[row] = step_info["response"][row]
+            scores[row], responses[row] = float(step_info["score"][row]), step_info["response"][row]
         terminated |= term
         truncated |= trunc
-        was_alive = alive
         alive = alive & ~torch.as_tensor(term | trunc, device=device)
-        if not alive.any():
-            break
-        attention = torch.cat([attention, was_alive.long()[:, None]], dim=1)
-        with autocast or torch.autocast(device.type, enabled=False):
-            out = agent(action[:, None], attention, position[:, None] + 1, cache=cache, use_cache=True)
-        logits, cache, position = out.logits[:, -1], out.cache, position + 1
-
+        if alive.any():
+            with autocast or nullcontext():
+                logits = stepper.advance(action, steps[-1][3])
+    actions, logprobs, rewards, masks, kls = (torch.stack(column, 1).cpu() for column in zip(*steps))
     return Rollout(
-        prompt_ids=prompt_ids.cpu(),
-        prompt_mask=prompt_mask.cpu(),
-        actions=torch.stack(actions, 1).cpu(),
-        logprobs=torch.stack(logprobs, 1).cpu(),
-        rewards=torch.stack(rewards, 1),
-        mask=torch.stack(masks, 1).cpu(),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        actions=actions,
+        logprobs=logprobs,
+        rewards=rewards,
+        mask=masks,
         terminated=torch.as_tensor(terminated),
         truncated=torch.as_tensor(truncated),
         scores=scores,
-        kl=torch.stack(kls, 1),
+        kl=kls,
         prompts=list(info["prompt"]),
         responses=responses,
     )

@@ -1,94 +1,50 @@
-"""Token-level PPO on TokenRLHF-v0: the training loop, checkpoints and resume.
+"""Token-level PPO on TokenRLHF-v0: the training loop.
 
     python -m agents --iterations 60 --run-dir runs/ppo
 
-Each iteration: collect a lockstep batch of episodes (``collect_rollout``), run
-the PPO update (``ppo_update``), adapt the KL coefficient, log, checkpoint. A
-checkpoint is written every ``checkpoint_every`` iterations into a fresh
-directory, and only then does the ``latest`` pointer move to it (an atomic
-rename), so a run killed at any moment resumes from a complete checkpoint with
-``--resume``.
+Each iteration: set the env's KL coefficient, collect a lockstep batch of episodes
+(``collect_rollout``), run the PPO update (``ppo_update``), adapt the KL
+coefficient, log, checkpoint. Everything else lives beside it: checkpoints and
+resume in ``checkpoint.py``, the metrics in ``evaluate.py``, processes in
+``distributed.py``, files in ``logger.py``; ``Trainer`` below builds it all.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Annotated
 
-import gymnasium as gym
-import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode
-from torch.nn.parallel import DistributedDataParallel
+import tyro
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-import textenv  # noqa: F401  (registers TokenRLHF-v0)
-from agents.distributed import (
-    Distributed,
-    Sharded,
-    barrier,
-    gather_objects,
-    init_distributed,
-    mean_metrics,
-    parameter_spread,
-    shutdown,
-    sum_across_ranks,
-)
-from agents.kl_control import AdaptiveKLController, FixedKLController
+from agents.checkpoint import Checkpoints, TrainerState
+from agents.distributed import Distributed
+from agents.evaluate import evaluate, rollout_metrics
+from agents.kl_control import KLConfig
 from agents.logger import RunLogger, read_jsonl
 from agents.lora import AdaptersDisabled, add_lora
 from agents.policy import ActorCritic
 from agents.ppo import PPOConfig, ppo_update
-from agents.rollout import Rollout, collect_rollout
+from agents.rollout import Rollout, collect_rollout, make_rollout_env
+from textenv import TokenEnvConfig
+from textenv.config import AsPath
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
-from textenv.env import read_prompts
-from textenv.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_device
-
-
-@dataclass
-class EnvConfig:
-    """The task: models, prompts and the reward."""
-
-    policy: str | None = None
-    """Policy to train and reference model: a local directory or hub name (default: the embedded SFT model)."""
-    reward_model: str | None = None
-    """Reward model: a local directory or hub name (default: the embedded review-sentiment model)."""
-    prompts: str | None = None
-    """Training prompts, a text file with one per line (default: the embedded train prompts)."""
-    eval_prompts: str | None = None
-    """Held-out prompts for evaluation, a text file (default: the embedded eval prompts)."""
-    max_prompt_tokens: int = 16
-    """Longest prompt in tokens (longer ones raise)."""
-    max_new_tokens: int = 32
-    """Longest response; an episode that reaches it is truncated."""
-    temperature: float = 1.0
-    """Sampling temperature; every log-prob uses logits / temperature."""
-    kl_coef: float = 0.05
-    """Initial KL coefficient beta in r_t = -beta * (log pi - log pi_ref) + score."""
-    adaptive_kl: bool = True
-    """Adapt beta towards kl_target (Ziegler et al. 2019); else beta stays fixed."""
-    kl_target: float = 3.0
-    """Target KL per response, in nats, of the adaptive controller."""
-    kl_horizon: int = 1000
-    """Horizon of the adaptive controller, in episodes."""
-    reward_mode: str = "sparse"
-    """'sparse' (score on the last token) or 'dense' (score differences of prefixes)."""
-    score_clip: float | None = 5.0
-    """Clip reward-model scores to +-score_clip (None: no clip)."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of responses cut off without EOS (None: no penalty)."""
+from textenv.loading import resolve_device
 
 
 @dataclass
 class RunConfig:
-    """The run: size, seed, outputs, device."""
+    """The run: what to train, size, seed, outputs, device."""
 
+    policy: Annotated[str | None, AsPath] = None
+    """Policy to train and reference model: a local directory or hub name (default: the embedded SFT model)."""
+    eval_prompts: Annotated[str | None, AsPath] = None
+    """Held-out prompts for evaluation, a text file (default: the embedded eval prompts)."""
     iterations: int = 60
     """PPO iterations (one rollout and one update each)."""
     token_budget: int | None = None
@@ -131,307 +87,245 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    env: EnvConfig = field(default_factory=EnvConfig)
+    env: TokenEnvConfig = field(default_factory=lambda: TokenEnvConfig(score_clip=5.0))
+    """The task (TokenRLHF-v0's settings); training clips scores at +-5 as DeepSpeed-Chat does."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-
-def validate(config: TrainConfig) -> None:
-    ppo, run = config.ppo, config.run
-    if run.batch_size % ppo.minibatch_size:
-        raise ValueError(f"batch_size ({run.batch_size}) must be a multiple of minibatch_size ({ppo.minibatch_size})")
-    if ppo.minibatch_size % ppo.micro_batch_size:
-        raise ValueError(
-            f"minibatch_size ({ppo.minibatch_size}) must be a multiple of micro_batch_size ({ppo.micro_batch_size})"
-        )
-    if ppo.algo not in ("ppo", "rloo", "grpo"):
-        raise ValueError(f"algo must be 'ppo', 'rloo' or 'grpo', got {ppo.algo!r}")
-    if ppo.algo != "ppo" and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
-        raise ValueError(
-            f"{ppo.algo} needs group_size >= 2 dividing batch_size ({run.batch_size}); got group_size {ppo.group_size}"
-        )
-    if run.fsdp and run.lora_rank:
-        raise ValueError("--fsdp with --lora-rank is not supported: LoRA already keeps the trained state small")
-    if run.iterations < 1 or run.checkpoint_every < 1 or run.eval_every < 1:
-        raise ValueError("iterations, checkpoint_every and eval_every must be >= 1")
-    for name, path in (("prompts", config.env.prompts), ("eval_prompts", config.env.eval_prompts)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"--{name.replace('_', '-')} file {path!r} does not exist")
-
-
-# ---------------------------------------------------------------- checkpoints
-def save_checkpoint(
-    run_dir: Path, iteration: int, agent, optimizer_state: dict, scheduler, kl, generators, tokens: int
-) -> None:
-    """Write checkpoint-<iteration>, then point ``latest`` at it atomically, then drop older ones.
-
-    ``generators``: the generator states of every rank, in rank order.
-    """
-    target = run_dir / f"checkpoint-{iteration:06d}"
-    partial = run_dir / f".partial-checkpoint-{iteration:06d}"
-    shutil.rmtree(partial, ignore_errors=True)
-    agent.save_pretrained(partial / "agent")
-    torch.save(
-        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "generators": generators},
-        partial / "trainer.pt",
-    )
-    state = {"iteration": iteration, "kl_coef": kl.value, "tokens": tokens, "world_size": len(generators)}
-    (partial / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(target, ignore_errors=True)
-    os.rename(partial, target)
-    pointer = run_dir / "latest.tmp"
-    pointer.write_text(target.name)
-    os.replace(pointer, run_dir / "latest")
-    for old in run_dir.glob("checkpoint-*"):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "latest"
-    return run_dir / pointer.read_text().strip() if pointer.exists() else None
-
-
-# ---------------------------------------------------------------- metrics
-def rollout_metrics(rollout: Rollout, prefix: str) -> dict[str, float]:
-    lengths = rollout.mask.sum(1).float()
-    return {
-        f"{prefix}/score": float(rollout.scores.mean()),
-        f"{prefix}/score_std": float(rollout.scores.std()),
-        f"{prefix}/positive_rate": float((rollout.scores > 0).float().mean()),
-        f"{prefix}/kl": float(rollout.kl.sum(1).mean()),
-        f"{prefix}/response_length": float(lengths.mean()),
-        f"{prefix}/eos_rate": float(rollout.terminated.float().mean()),
-    }
-
-
-def make_env(config: TrainConfig, prompts: list[str], num_envs: int, tokenizer, reference, reward_model, device):
-    env_config = config.env
-    return gym.make_vec(
-        "TokenRLHF-v0",
-        num_envs=num_envs,
-        vectorization_mode="vector_entry_point",
-        autoreset_mode=AutoresetMode.DISABLED,
-        reference_model=reference,
-        reward_model=reward_model,
-        tokenizer=tokenizer,
-        prompts=prompts,
-        max_prompt_tokens=env_config.max_prompt_tokens,
-        max_new_tokens=env_config.max_new_tokens,
-        kl_coef=env_config.kl_coef,
-        reward_mode=env_config.reward_mode,
-        score_clip=env_config.score_clip,
-        missing_eos_penalty=env_config.missing_eos_penalty,
-        temperature=env_config.temperature,
-        device=device,
-    )
-
-
-# ---------------------------------------------------------------- the loop
-def build_agent(config: TrainConfig, checkpoint: Path | None, reward_model, device) -> tuple[ActorCritic, object]:
-    """The trainable agent and the frozen reference model (with LoRA, the agent's own base, adapters off)."""
-    env_config, run = config.env, config.run
-    policy_source = env_config.policy or POLICY_DIR
-    if checkpoint is not None:
-        agent = ActorCritic.from_pretrained(checkpoint / "agent")
-    else:
-        policy = AutoModelForCausalLM.from_pretrained(policy_source)
-        if run.lora_rank:
-            targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
-            policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
-        same_trunk = reward_model.config.model_type == policy.config.model_type
-        agent = ActorCritic.from_models(
-            policy, share_backbone=run.share_backbone, critic_init=reward_model if same_trunk else None
-        )
-    agent.to(device).train()
-    if run.gradient_checkpointing:
-        agent.policy.gradient_checkpointing_enable()
-    reference = AdaptersDisabled(agent.policy) if run.lora_rank else load_causal_lm(policy_source, device)
-    return agent, reference
-
-
-def wrap_for_training(agent: ActorCritic, info: Distributed, fsdp: bool, device) -> torch.nn.Module:
-    """What the update calls: the agent itself, or its DDP replica / FSDP shards under torchrun.
-
-    FSDP (PyTorch's ``fully_shard``) shards each transformer block and the rest of
-    the agent; the rollout runs through the sharded agent, gathering one block's
-    weights at a time.
-    """
-    if not info.enabled:
-        return agent
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in agent.modules():
-            if isinstance(block, torch.nn.ModuleList):  # the transformer blocks
-                for layer in block:
-                    fully_shard(layer)
-        return fully_shard(agent)
-    return DistributedDataParallel(agent, device_ids=[device.index] if device.type == "cuda" else None)
+    def validate(self) -> None:
+        """Raise on a configuration that cannot run, before any work."""
+        ppo, run = self.ppo, self.run
+        self.env.validate()  # fields may have been set after construction
+        if run.batch_size % ppo.minibatch_size:
+            raise ValueError(
+                f"batch_size ({run.batch_size}) must be a multiple of minibatch_size ({ppo.minibatch_size})"
+            )
+        if ppo.minibatch_size % ppo.micro_batch_size:
+            raise ValueError(
+                f"minibatch_size ({ppo.minibatch_size}) must be a multiple of micro_batch_size ({ppo.micro_batch_size})"
+            )
+        if ppo.algo not in ("ppo", "rloo", "grpo"):
+            raise ValueError(f"algo must be 'ppo', 'rloo' or 'grpo', got {ppo.algo!r}")
+        if ppo.algo != "ppo" and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
+            raise ValueError(
+                f"{ppo.algo} needs group_size >= 2 dividing batch_size ({run.batch_size}); got {ppo.group_size}"
+            )
+        if run.fsdp and run.lora_rank:
+            raise ValueError("--fsdp with --lora-rank is not supported: LoRA already keeps the trained state small")
+        if run.iterations < 1 or run.checkpoint_every < 1 or run.eval_every < 1:
+            raise ValueError("iterations, checkpoint_every and eval_every must be >= 1")
+        for name, path in (("prompts", self.env.prompts), ("eval_prompts", run.eval_prompts)):
+            if isinstance(path, str) and not Path(path).is_file():
+                raise FileNotFoundError(f"--{name.replace('_', '-')} file {path!r} does not exist")
 
 
 def train(config: TrainConfig) -> Path:
     """Run (or resume) PPO as configured; returns the directory of the final policy."""
-    validate(config)
-    env_config, run = config.env, config.run
-    if run.threads is not None:
-        torch.set_num_threads(run.threads)
-    info, device = init_distributed(resolve_device(run.device))
-    run_dir = Path(run.run_dir)
-    checkpoint = latest_checkpoint(run_dir) if run.resume else None
-    if run.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (no 'latest' file); start without --resume")
-    if not run.resume and latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir"
-        )
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
-
-    torch.manual_seed(run.seed)  # the same initial weights on every rank
-    policy_source = env_config.policy or POLICY_DIR
-    reward_source = env_config.reward_model or REWARD_MODEL_DIR
-    tokenizer = load_tokenizer(policy_source)
-    reward_model = load_reward_model(reward_source, device)
-    agent, reference = build_agent(config, checkpoint, reward_model, device)
-    sharded = Sharded(copy.deepcopy(agent).cpu()) if run.fsdp and info.enabled else None
-    model = wrap_for_training(agent, info, run.fsdp, device)
-    train_prompts = read_prompts(env_config.prompts) if env_config.prompts else load_prompts("train")
-    eval_prompts = read_prompts(env_config.eval_prompts) if env_config.eval_prompts else load_prompts("eval")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and run.bf16 else None
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.ppo.learning_rate, eps=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1.0 - it / run.iterations))
-    if env_config.adaptive_kl:
-        kl = AdaptiveKLController(env_config.kl_coef, env_config.kl_target, env_config.kl_horizon)
-    else:
-        kl = FixedKLController(env_config.kl_coef)
-    seed = info.seed(run.seed)
-    sampling = torch.Generator(device=device).manual_seed(seed)
-    shuffling = torch.Generator().manual_seed(seed + 1)
-    start, tokens_total = 0, 0
-    if checkpoint is not None:
-        state = json.loads((checkpoint / "state.json").read_text())
-        if state.get("world_size", 1) != info.world_size:
-            raise ValueError(
-                f"the checkpoint was written by {state.get('world_size', 1)} processes; resume it with as many "
-                f"(got {info.world_size})"
-            )
-        trainer = torch.load(checkpoint / "trainer.pt", weights_only=False)
-        if sharded is not None:
-            sharded.load_optimizer_state(model, optimizer, trainer["optimizer"])
-        else:
-            optimizer.load_state_dict(trainer["optimizer"])
-        scheduler.load_state_dict(trainer["scheduler"])
-        for generator, saved in zip((sampling, shuffling), trainer["generators"][info.rank]):
-            generator.set_state(saved)
-        start, kl.value, tokens_total = state["iteration"] + 1, state["kl_coef"], state["tokens"]
-
-    env = make_env(config, train_prompts, run.batch_size, tokenizer, reference, reward_model, device)
-    eval_env = make_env(config, eval_prompts, run.eval_episodes, tokenizer, reference, reward_model, device)
-    logger = RunLogger(run_dir, start) if info.is_main else None
-    raw_metrics = run_dir / f"metrics-rank{info.rank}.jsonl" if info.enabled else None
-    if raw_metrics is not None and raw_metrics.exists():  # a resumed run: keep what the checkpoint covers
-        kept = [row for row in read_jsonl(raw_metrics) if row["iteration"] < start]
-        raw_metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
-
-    def evaluate(iteration: int) -> dict[str, float]:
-        agent.eval()
-        generator = torch.Generator(device=device).manual_seed(seed + 10**6 + iteration)
-        evaluation = collect_rollout(agent, eval_env, env_config.temperature, seed, generator, autocast)
-        return rollout_metrics(evaluation, "eval")
-
+    t = Trainer(config)
+    ppo, run, temperature = config.ppo, config.run, config.env.temperature
+    group_size = ppo.group_size if not ppo.uses_critic else None
     bar = tqdm(
-        range(start, run.iterations),
-        desc="PPO",
-        disable=not (run.progress and info.is_main),
-        initial=start,
+        range(t.start, run.iterations),
+        desc=ppo.algo.upper(),
+        disable=not (run.progress and t.dist.is_main),
+        initial=t.start,
         total=run.iterations,
     )
-    last_iteration = start - 1
+    last = t.start - 1
     for iteration in bar:
-        if run.token_budget is not None and tokens_total >= run.token_budget:
+        if t.budget_spent():
             break  # a resumed run that had already spent its budget
         began = time.perf_counter()
-        # evaluated before the update: iteration 0 measures the starting (SFT) policy
-        metrics = evaluate(iteration) if iteration % run.eval_every == 0 else {}
-        env.kl_coef = kl.value
-        agent.eval()
-        rollout_began = time.perf_counter()
-        group = config.ppo.group_size if config.ppo.algo != "ppo" else None
-        rollout = collect_rollout(agent, env, env_config.temperature, seed + iteration, sampling, autocast, group)
-        rollout_seconds = time.perf_counter() - rollout_began
-        model.train()
-        metrics.update(ppo_update(model, optimizer, rollout, config.ppo, env_config.temperature, shuffling, autocast))
-        metrics.update(rollout_metrics(rollout, "env"))
-        metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / rollout_seconds
-        metrics["perf/iteration_s"] = time.perf_counter() - began
-        if raw_metrics is not None:
-            with raw_metrics.open("a") as f:
-                f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
-        metrics = mean_metrics(metrics, info, device)
-        metrics["env/non_score_reward"] = -kl.value * metrics["env/kl"]
-        metrics["kl/coef"] = kl.value
-        metrics["perf/lr"] = scheduler.get_last_lr()[0]
-        if sharded is None:  # FSDP ranks hold different shards by design
-            metrics["dist/parameter_spread"] = parameter_spread(agent, info, device)
-        scheduler.step()
-        kl.update(metrics["env/kl"], len(rollout.actions) * info.world_size)
-        tokens_total += sum_across_ranks(int(rollout.mask.sum()), info, device)
-        metrics["perf/tokens_total"] = tokens_total
-        done = iteration == run.iterations - 1 or (run.token_budget is not None and tokens_total >= run.token_budget)
-        generators = gather_objects([sampling.get_state(), shuffling.get_state()], info)
-        checkpointing = (iteration + 1) % run.checkpoint_every == 0 or done
-        if checkpointing and sharded is not None:  # collectives: every rank takes part
-            to_save, optimizer_state = sharded.gathered_agent(model, info), sharded.optimizer_state(model, optimizer)
-        elif checkpointing:
-            to_save, optimizer_state = agent, optimizer.state_dict()
-        if info.is_main:
-            samples = [
-                {"prompt": p, "response": r, "score": float(s)}
-                for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:4]
-            ]
-            logger.log(iteration, metrics, samples)
-            bar.set_postfix(
-                score=f"{metrics['env/score']:+.2f}",
-                pos=f"{metrics['env/positive_rate']:.0%}",
-                kl=f"{metrics['env/kl']:.2f}",
-            )
-            if checkpointing:
-                save_checkpoint(run_dir, iteration, to_save, optimizer_state, scheduler, kl, generators, tokens_total)
-            if iteration % run.eval_every == 0:
-                logger.plot()
-        barrier(info)
-        last_iteration = iteration
+        metrics = t.evaluate(iteration) if iteration % run.eval_every == 0 else {}  # iteration 0: the SFT policy
+        t.env.kl_coef = t.kl.value
+        t.agent.eval()
+        rollout = collect_rollout(t.agent, t.env, temperature, t.seed + iteration, t.sampling, t.autocast, group_size)
+        rollout_seconds = time.perf_counter() - began
+        t.model.train()
+        metrics |= ppo_update(t.model, t.optimizer, rollout, ppo, temperature, t.shuffling, t.autocast)
+        metrics |= rollout_metrics(rollout, "env")
+        metrics |= {"perf/tokens_per_s": float(rollout.mask.sum()) / rollout_seconds}
+        metrics |= {"perf/iteration_s": time.perf_counter() - began}
+        metrics = t.gather_metrics(iteration, metrics)
+        t.scheduler.step()
+        t.kl.update(metrics["env/kl"], len(rollout.actions) * t.dist.world_size)
+        t.tokens += t.dist.sum(int(rollout.mask.sum()))
+        metrics["perf/tokens_total"] = t.tokens
+        done = iteration == run.iterations - 1 or t.budget_spent()
+        t.log(iteration, metrics, rollout, bar)
+        if (iteration + 1) % run.checkpoint_every == 0 or done:
+            t.save_checkpoint(iteration)
+        t.dist.barrier()
+        last = iteration
         if done:
             break
-
-    final_metrics = mean_metrics(evaluate(last_iteration + 1), info, device)  # the trained policy, eval prompts
-    final = run_dir / "final"
-    to_save = sharded.gathered_agent(model, info) if sharded is not None else agent
-    if info.is_main:
-        logger.log(last_iteration + 1, final_metrics, [])
-        logger.plot()
-        to_save.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        logger.close()
-    barrier(info)
-    shutdown(info)
-    return final
+    return t.finish(last + 1)
 
 
-def summary(run_dir: Path) -> str:
-    """First and last evaluation of a run, as text."""
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    evals = [r for r in rows if "eval/score" in r]
-    if not evals:
-        return "no evaluation yet"
-    first, last = evals[0], evals[-1]
-    lines = [f"{'':22}{'iteration ' + str(first['iteration']):>16}{'iteration ' + str(last['iteration']):>16}"]
-    for key in ("eval/positive_rate", "eval/score", "eval/kl", "eval/response_length", "eval/eos_rate"):
-        lines.append(f"{key:22}{first[key]:>16.3f}{last[key]:>16.3f}")
-    seconds = float(np.sum([r.get("perf/iteration_s", 0.0) for r in rows]))
-    lines.append(f"{'time (s)':22}{'':>16}{seconds:>16.1f}")
-    return "\n".join(lines)
+class Trainer:
+    """Everything the loop of ``train`` uses, built (or resumed) from a ``TrainConfig``."""
+
+    def __init__(self, config: TrainConfig):
+        config.validate()
+        self.config, run = config, config.run
+        if run.threads is not None:
+            torch.set_num_threads(run.threads)
+        self.dist = dist = Distributed(resolve_device(run.device), fsdp=run.fsdp)
+        self.device, self.run_dir = dist.device, Path(run.run_dir)
+        self.checkpoints = Checkpoints(self.run_dir)
+        if not run.resume and self.checkpoints.latest() is not None:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir"
+            )
+        resumed = self.checkpoints.resume() if run.resume else None
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+
+        torch.manual_seed(run.seed)  # the same initial weights on every rank
+        self.agent = build_agent(config, None if resumed is None else resumed.directory / "agent", self.device)
+        self.model = dist.wrap(self.agent)
+        self.env, self.eval_env = build_envs(config, self.agent, self.device)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and run.bf16 else None
+        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=config.ppo.learning_rate, eps=1e-5)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: max(0.0, 1 - it / run.iterations))
+        self.kl = config.kl.controller(config.env.kl_coef)
+        self.seed = dist.seed(run.seed)
+        self.sampling = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.shuffling = torch.Generator().manual_seed(self.seed + 1)
+        self.start, self.tokens = 0, 0
+        if resumed is not None:
+            self.restore(resumed)
+        self.logger = RunLogger(self.run_dir, self.start) if dist.is_main else None
+        self.raw_metrics = self.run_dir / f"metrics-rank{dist.rank}.jsonl" if dist.enabled else None
+        if self.raw_metrics is not None and self.raw_metrics.exists():  # a resumed run: keep what the checkpoint covers
+            kept = [row for row in read_jsonl(self.raw_metrics) if row["iteration"] < self.start]
+            self.raw_metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    def restore(self, resumed) -> None:
+        state = resumed.state
+        if state.world_size != self.dist.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {state.world_size} processes; resume it with as many "
+                f"(got {self.dist.world_size})"
+            )
+        self.dist.load_optimizer_state(self.model, self.optimizer, resumed.optimizer)
+        self.scheduler.load_state_dict(resumed.scheduler)
+        for generator, saved in zip((self.sampling, self.shuffling), resumed.generators[self.dist.rank]):
+            generator.set_state(saved)
+        self.start, self.kl.value, self.tokens = state.iteration + 1, state.kl_coef, state.tokens
+
+    def budget_spent(self) -> bool:
+        budget = self.config.run.token_budget
+        return budget is not None and self.tokens >= budget
+
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + 10**6 + iteration)
+        return evaluate(self.agent, self.eval_env, self.config.env.temperature, self.seed, generator, self.autocast)
+
+    def gather_metrics(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        """This rank's metrics (kept raw under torchrun), averaged over ranks, plus the loop's own state."""
+        if self.raw_metrics is not None:
+            with self.raw_metrics.open("a") as f:
+                f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        metrics = self.dist.mean_metrics(metrics)
+        metrics["env/non_score_reward"] = -self.kl.value * metrics["env/kl"]
+        metrics["kl/coef"] = self.kl.value
+        metrics["perf/lr"] = self.scheduler.get_last_lr()[0]
+        if not self.dist.fsdp:  # FSDP ranks hold different shards by design
+            metrics["dist/parameter_spread"] = self.dist.parameter_spread(self.agent)
+        return metrics
+
+    def log(self, iteration: int, metrics: dict[str, float], rollout: Rollout, bar) -> None:
+        if not self.dist.is_main:
+            return
+        samples = [
+            {"prompt": p, "response": r, "score": float(s)}
+            for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:4]
+        ]
+        self.logger.log(iteration, metrics, samples)
+        bar.set_postfix(
+            score=f"{metrics['env/score']:+.2f}",
+            pos=f"{metrics['env/positive_rate']:.0%}",
+            kl=f"{metrics['env/kl']:.2f}",
+        )
+        if iteration % self.config.run.eval_every == 0:
+            self.logger.plot()
+
+    def save_checkpoint(self, iteration: int) -> None:
+        """A collective under torchrun (generator states and FSDP shards are gathered); rank 0 writes."""
+        generators = self.dist.gather([self.sampling.get_state(), self.shuffling.get_state()])
+        agent = self.dist.full_agent(self.model, self.agent)
+        optimizer = self.dist.optimizer_state(self.model, self.optimizer)
+        if self.dist.is_main:
+            state = TrainerState(iteration, self.kl.value, self.tokens, self.dist.world_size)
+            self.checkpoints.save(iteration, agent, optimizer, self.scheduler.state_dict(), generators, state)
+
+    def finish(self, iteration: int) -> Path:
+        """Evaluate the trained policy on the eval prompts, save it with its tokenizer to run_dir/final."""
+        metrics = self.dist.mean_metrics(self.evaluate(iteration))
+        final = self.run_dir / "final"
+        agent = self.dist.full_agent(self.model, self.agent)
+        if self.dist.is_main:
+            self.logger.log(iteration, metrics, [])
+            self.logger.plot()
+            agent.save_pretrained(final)
+            self.env.unwrapped.tokenizer.save_pretrained(final)
+            self.logger.close()
+        self.dist.barrier()
+        self.dist.shutdown()
+        return final
+
+
+def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -> ActorCritic:
+    """The trainable actor-critic: from a checkpoint, or the policy (with LoRA adapters if asked) and a new critic.
+
+    A separate critic trunk starts from the reward model when it has the policy's
+    architecture (Stiennon et al. 2020), else from the policy.
+    """
+    run = config.run
+    if saved is not None:
+        agent = ActorCritic.from_pretrained(saved)
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(run.policy or POLICY_DIR)
+        if run.lora_rank:
+            targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
+            policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
+        reward_source = config.env.reward_model or REWARD_MODEL_DIR
+        same_trunk = AutoConfig.from_pretrained(reward_source).model_type == policy.config.model_type
+        critic_init = reward_source if same_trunk and not run.share_backbone else None
+        agent = ActorCritic.from_models(policy, share_backbone=run.share_backbone, critic_init=critic_init)
+    agent.to(device).train()
+    if run.gradient_checkpointing:
+        agent.policy.gradient_checkpointing_enable()
+    return agent
+
+
+def build_envs(config: TrainConfig, agent: ActorCritic, device: torch.device):
+    """The training and evaluation envs; they share one set of frozen models.
+
+    The reference model is the starting policy (with LoRA: the policy's own base,
+    adapters off, with no second copy of the weights).
+    """
+    policy_source = str(config.run.policy or POLICY_DIR)
+    reference = AdaptersDisabled(agent.policy) if config.run.lora_rank else policy_source
+    env_config = replace(config.env, reference_model=reference, tokenizer=policy_source, device=device)
+    env = make_rollout_env(config.run.batch_size, env_config)
+    frozen = env.unwrapped
+    eval_config = replace(
+        env_config,
+        prompts=config.run.eval_prompts or load_prompts("eval"),
+        reference_model=frozen.reference_model,
+        reward_model=frozen.reward_model,
+        tokenizer=frozen.tokenizer,
+    )
+    return env, make_rollout_env(config.run.eval_episodes, eval_config)
+
+
+def cli(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """The training command line: every field of ``TrainConfig``, without group prefixes."""
+    return tyro.cli(TrainConfig, args=argv, config=(tyro.conf.OmitArgPrefixes,), description=description)

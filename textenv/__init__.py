@@ -2,11 +2,13 @@
 
 ``gym.make("TokenRLHF-v0")`` is one token-generation episode at a time;
 ``gym.make_vec("TokenRLHF-v0", num_envs=N, vectorization_mode="vector_entry_point")``
-steps N of them as one batch. With no arguments both use the embedded default task.
+steps N of them as one batch. With no arguments both use the embedded default task;
+every setting is a field of ``TokenEnvConfig`` (pass ``config=`` or its fields).
 """
 
 import gymnasium as gym
 
+from textenv.config import TokenEnvConfig
 from textenv.env import TokenGenerationEnv
 from textenv.vector_env import TokenGenerationVectorEnv
 
@@ -16,4 +18,4 @@ gym.register(
     vector_entry_point="textenv.vector_env:TokenGenerationVectorEnv",
 )
 
-__all__ = ["TokenGenerationEnv", "TokenGenerationVectorEnv"]
+__all__ = ["TokenEnvConfig", "TokenGenerationEnv", "TokenGenerationVectorEnv"]

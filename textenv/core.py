@@ -5,121 +5,88 @@ slot, ``TokenGenerationVectorEnv`` N), so the dynamics are written once.
 
 Per slot the core keeps the prompt, the response so far and the observation
 window. Per frozen model it keeps one KV cache shared by all slots
-(``CachedModel``): a step runs one forward over the N new tokens, never the whole
-context. A slot that starts a new prompt while others go on has its row of every
-cache recomputed and left-padded to the cache's current length; leading cache
-positions that no slot attends to any more are dropped, so the cache stays no
-longer than the longest live context.
+(``textenv.lm.CachedStepper``): a step runs one forward over the N new tokens,
+never the whole context. A slot that starts a new prompt while others go on has
+its row of every cache recomputed and left-padded to the cache's current length.
+
+The score part of the reward comes from a scorer: ``SparseScorer`` (the reward
+model reads each finished episode once) or ``DenseScorer`` (it steps with the
+episodes and pays the change of score of every prefix).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
-from textenv.models import pad_batch, pooling_at_last_position, position_ids_from_mask, sequence_scores
-from textenv.rewards import clip_score, non_score_reward, score_terms, token_logprobs
+from textenv.config import TokenEnvConfig
+from textenv.lm import CachedStepper, pad_batch, sequence_scores, token_logprobs
+from textenv.loading import Task
+from textenv.rewards import clip_score, non_score_reward, score_terms
+
+INFO_FLOATS = ("ref_logprob", "logprob", "kl", "non_score_reward", "score")
 
 
-class CachedModel:
-    """A frozen model stepped over N slots with one KV cache.
+def start_rows(stepper: CachedStepper, num_slots: int, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
+    """Start ``rows`` of ``stepper`` on the left-padded prompts ``ids`` (K, W); all rows at the first start."""
+    if stepper.cache is None or len(rows) == num_slots:
+        if len(rows) != num_slots:
+            raise RuntimeError("the first start of a stepper must cover every slot")
+        order = torch.argsort(rows.cpu())
+        stepper.prefill(ids[order], mask[order])
+    else:
+        stepper.start_rows(rows, ids, mask)
 
-    ``last`` holds each slot's output at its latest position: next-token logits
-    (N, V) for a causal LM, the score (N,) for a sequence-classification model.
-    """
 
-    def __init__(self, model: torch.nn.Module, num_slots: int, pad_token_id: int, scores: bool = False):
-        self.model, self.num_slots, self.pad_token_id, self.scores = model, num_slots, pad_token_id, scores
-        self.device = next(model.parameters()).device
-        self.cache = None
-        self.mask: Tensor | None = None  # (N, C) which cache positions are real tokens
-        self.position = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # next position id
-        self.last: Tensor | None = None
+class SparseScorer:
+    """The reward model reads prompt + response once, on the step the episode ends."""
 
-    def _output(self, out) -> Tensor:
-        if self.scores:
-            if out.logits.shape[-1] != 1:
-                raise ValueError(
-                    f"the reward model must output one scalar per sequence, but gives {out.logits.shape[-1]}; "
-                    "load it with AutoModelForSequenceClassification and num_labels=1"
-                )
-            return out.logits[:, 0].float()
-        return out.logits[:, -1].float()
+    def __init__(self, reward_model: torch.nn.Module, pad_token_id: int, config: TokenEnvConfig):
+        self.reward_model, self.pad_token_id, self.config = reward_model, pad_token_id, config
 
-    def _forward(self, **inputs):
-        if self.scores:
-            with pooling_at_last_position(self.model):
-                return self.model(**inputs, use_cache=True)
-        return self.model(**inputs, use_cache=True)
+    def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
+        """Nothing to do: no prefix is scored."""
 
-    @torch.no_grad()
-    def start(self, rows: Tensor, prompts: list[list[int]]) -> None:
-        """Run ``prompts`` and make them the contexts of slots ``rows`` (the others keep theirs)."""
-        ids, mask = (t.to(self.device) for t in pad_batch(prompts, self.pad_token_id, side="left"))
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-        if self.cache is None or len(rows) == self.num_slots:
-            if len(rows) != self.num_slots:
-                raise RuntimeError("the first start of a CachedModel must cover every slot")
-            order = torch.argsort(rows)
-            self.cache = out.past_key_values
-            if not torch.equal(order, torch.arange(len(rows), device=rows.device)):
-                self.cache.reorder_cache(order.to(self.device))
-            self.mask, self.last = mask[order], self._output(out)[order]
-            self.position = mask[order].sum(-1)
-            return
-        self._pad_cache_left(ids.shape[1] - self.mask.shape[1])
-        width, length = self.mask.shape[1], ids.shape[1]
-        for layer, new in zip(self.cache.layers, out.past_key_values.layers):
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name)
-                tensor[rows] = 0
-                tensor[rows, :, width - length :] = getattr(new, name)
-        self.mask[rows] = 0
-        self.mask[rows, width - length :] = mask
-        self.position[rows] = mask.sum(-1)
-        self.last[rows] = self._output(out)
-        self._trim()
+    def step(
+        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
+    ) -> tuple[Tensor, Tensor]:
+        """(score term of this step's reward, raw score where an episode ended and NaN elsewhere), each (N,)."""
+        score = torch.full(tokens.shape, float("nan"), device=tokens.device)
+        rows = ended.nonzero()[:, 0]
+        if len(rows):
+            ids, mask = (
+                t.to(tokens.device) for t in pad_batch([sequence(r) for r in rows.tolist()], self.pad_token_id)
+            )
+            score[rows] = sequence_scores(self.reward_model, ids, mask)
+        clipped = clip_score(torch.nan_to_num(score), self.config.score_clip)
+        return score_terms(clipped, ended, truncated, self.config.missing_eos_penalty), score
 
-    @torch.no_grad()
-    def advance(self, tokens: Tensor, live: Tensor) -> None:
-        """Append ``tokens`` (N,) to every slot; slots not ``live`` (N,) get a masked pad instead."""
-        tokens = torch.where(live, tokens, self.pad_token_id)
-        self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)
-        out = self._forward(
-            input_ids=tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=self.position[:, None],
-            past_key_values=self.cache,
-        )
-        self.cache = out.past_key_values
-        keep = live if self.scores else live[:, None]
-        self.last = torch.where(keep, self._output(out), self.last)  # a slot that waited keeps its last output
-        self.position = self.position + live.long()
-        self._trim()
 
-    def _pad_cache_left(self, extra: int) -> None:
-        if extra <= 0:
-            return
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name)
-                padding = tensor.new_zeros(*tensor.shape[:2], extra, tensor.shape[3])
-                setattr(layer, name, torch.cat([padding, tensor], dim=2))
-        self.mask = torch.cat([self.mask.new_zeros(self.num_slots, extra), self.mask], dim=1)
+class DenseScorer:
+    """The reward model steps with the episodes (its own KV cache) and pays each prefix's change of score."""
 
-    def _trim(self) -> None:
-        """Drop leading cache positions that no slot attends to."""
-        if self.mask[:, 0].any():
-            return
-        first = int(self.mask.any(0).long().argmax())
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        self.mask = self.mask[:, first:]
+    def __init__(self, reward_model: torch.nn.Module, pad_token_id: int, config: TokenEnvConfig, num_slots: int):
+        self.stepper = CachedStepper(reward_model, pad_token_id, scores=True)
+        self.config, self.num_slots = config, num_slots
+        self.previous = torch.zeros(num_slots, device=self.stepper.device)  # clipped score of each slot's prefix
+
+    def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
+        start_rows(self.stepper, self.num_slots, rows, ids, mask)
+        self.previous[rows] = clip_score(self.stepper.last[rows], self.config.score_clip)
+
+    def step(
+        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
+    ) -> tuple[Tensor, Tensor]:
+        current = self.stepper.advance(tokens, live)
+        clipped = clip_score(current, self.config.score_clip)
+        terms = score_terms(clipped, ended, truncated, self.config.missing_eos_penalty, previous=self.previous)
+        self.previous = torch.where(live, clipped, self.previous)
+        return terms, torch.where(ended, current, torch.full_like(current, float("nan")))
 
 
 @dataclass
@@ -131,74 +98,66 @@ class StepResult:
     truncated: np.ndarray
     infos: dict[str, np.ndarray]
 
+    def slot_info(self, slot: int) -> dict[str, Any]:
+        """Slot ``slot``'s info as a single env reports it: floats (None where unknown), the KL source,
+        and on its last step the decoded response."""
+        info: dict[str, Any] = {"kl_source": self.infos["kl_source"][slot]}
+        for key in INFO_FLOATS:
+            value = float(self.infos[key][slot])
+            info[key] = None if np.isnan(value) else value
+        if self.terminated[slot] or self.truncated[slot]:
+            info["response"] = self.infos["response"][slot]
+        return info
+
 
 class TokenBatchCore:
     """N slots of prompt + response, a frozen reference and reward model, and the reward of each step."""
 
-    def __init__(
-        self,
-        num_slots: int,
-        tokenizer: PreTrainedTokenizerBase,
-        reference_model: torch.nn.Module,
-        reward_model: torch.nn.Module,
-        prompts: Sequence[str],
-        prompt_ids: list[list[int]],
-        max_prompt_tokens: int,
-        max_new_tokens: int,
-        kl_coef: float,
-        reward_mode: str,
-        score_clip: float | None,
-        missing_eos_penalty: float | None,
-        temperature: float,
-        policy: torch.nn.Module | Callable | None,
-        vocab_size: int,
-    ):
-        self.num_slots, self.tokenizer = num_slots, tokenizer
-        self.prompts, self.prompt_ids = list(prompts), prompt_ids
-        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
-        self.kl_coef, self.reward_mode, self.temperature = kl_coef, reward_mode, temperature
-        self.score_clip, self.missing_eos_penalty = score_clip, missing_eos_penalty
-        self.vocab_size, self.eos_token_id, self.pad_token_id = (
-            vocab_size,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-        )
-        self.reward_model = reward_model
-        self.reference = CachedModel(reference_model, num_slots, self.pad_token_id)
+    def __init__(self, config: TokenEnvConfig, task: Task, num_slots: int):
+        self.config, self.num_slots = config, num_slots
+        self.tokenizer, self.prompts, self.prompt_ids = task.tokenizer, task.prompts, task.prompt_ids
+        self.reward_model, self.vocab_size = task.reward_model, task.vocab_size
+        self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.kl_coef = config.kl_coef
+        self.reference = CachedStepper(task.reference_model, self.pad_token_id)
         self.device = self.reference.device
         # a module is stepped as a causal LM with its own KV cache; any other callable is called on observations
-        is_module = isinstance(policy, torch.nn.Module)
-        self.policy = CachedModel(policy, num_slots, self.pad_token_id) if is_module else None
-        self.policy_fn = None if is_module else policy
-        self.dense = (
-            CachedModel(reward_model, num_slots, self.pad_token_id, scores=True) if reward_mode == "dense" else None
-        )
-        self.context_length = max_prompt_tokens + max_new_tokens
+        is_module = isinstance(config.policy, torch.nn.Module)
+        self.policy = CachedStepper(config.policy, self.pad_token_id) if is_module else None
+        self.policy_fn = None if is_module else config.policy
+        if config.reward_mode == "dense":
+            self.scorer = DenseScorer(self.reward_model, self.pad_token_id, config, num_slots)
+        else:
+            self.scorer = SparseScorer(self.reward_model, self.pad_token_id, config)
+        self.context_length = config.context_length
         self.input_ids = np.full((num_slots, self.context_length), self.pad_token_id, dtype=np.int64)
         self.attention_mask = np.zeros((num_slots, self.context_length), dtype=np.int64)
         self.prompt_index = np.zeros(num_slots, dtype=np.int64)
         self.responses: list[list[int]] = [[] for _ in range(num_slots)]
         self.done = np.ones(num_slots, dtype=bool)  # every slot needs a reset first
-        self.prompt_score = torch.zeros(num_slots, device=self.device)
+
+    @property
+    def steppers(self) -> list[CachedStepper]:
+        """The causal LMs stepped with the context: the reference and, if given as a module, the policy."""
+        return [self.reference] if self.policy is None else [self.reference, self.policy]
 
     # ---------------------------------------------------------------- reset
     def reset(self, rows: np.ndarray, prompt_index: np.ndarray) -> None:
         """Start slots ``rows`` on prompts ``prompt_index`` (both (K,), K <= N)."""
         prompts = [self.prompt_ids[i] for i in prompt_index]
         rows_t = torch.as_tensor(rows, device=self.device)
-        for model in (self.reference, self.policy, self.dense):
-            if model is not None:
-                model.start(rows_t, prompts)
-        if self.dense is not None:
-            self.prompt_score[rows_t] = clip_score(self.dense.last[rows_t], self.score_clip)
-        for row, index, ids in zip(rows, prompt_index, prompts):
+        ids, mask = pad_batch(prompts, self.pad_token_id, side="left")
+        for stepper in self.steppers:
+            start_rows(stepper, self.num_slots, rows_t, ids, mask)
+        self.scorer.start(rows_t, ids, mask)
+        for row, index, prompt in zip(rows, prompt_index, prompts):
             self.prompt_index[row] = index
             self.responses[row] = []
             self.done[row] = False
             self.input_ids[row] = self.pad_token_id
             self.attention_mask[row] = 0
-            self.input_ids[row, -len(ids) :] = ids
-            self.attention_mask[row, -len(ids) :] = 1
+            self.input_ids[row, -len(prompt) :] = prompt
+            self.attention_mask[row, -len(prompt) :] = 1
 
     def observation(self) -> dict[str, np.ndarray]:
         """The context of every slot, right-aligned (left-padded) in a window of ``context_length``."""
@@ -230,17 +189,32 @@ class TokenBatchCore:
             )
         return logprobs
 
-    @torch.no_grad()
-    def _policy_logprobs(self, actions_t: Tensor) -> Tensor:
+    def _policy_logprobs(self, logprobs, actions: Tensor) -> tuple[Tensor | None, str]:
+        """The acting policy's log-probs of ``actions`` and where they came from (see DESIGN.md's KL sources)."""
+        if logprobs is not None:
+            return self.check_logprobs(logprobs), "caller"
         if self.policy is not None:
-            return token_logprobs(self.policy.last, actions_t, self.temperature)
+            return token_logprobs(self.policy.last, actions, self.config.temperature), "policy"
+        if self.policy_fn is None:
+            return None, "reference_only"
         table = torch.as_tensor(self.policy_fn(self.observation()), device=self.device, dtype=torch.float32)
         if table.shape != (self.num_slots, self.vocab_size):
             raise ValueError(
                 f"the policy callable must return log-probabilities of shape ({self.num_slots}, {self.vocab_size}) "
                 f"(slots, vocabulary); it returned {tuple(table.shape)}"
             )
-        return table.gather(-1, actions_t[:, None])[:, 0]
+        return table.gather(-1, actions[:, None])[:, 0], "policy"
+
+    def _append(self, actions: np.ndarray, live: np.ndarray) -> None:
+        """Append each live slot's action to its response; the window slides left by one token on live rows."""
+        for row in np.flatnonzero(live):
+            self.responses[row].append(int(actions[row]))
+        self.input_ids[live, :-1], self.input_ids[live, -1] = self.input_ids[live, 1:], actions[live]
+        self.attention_mask[live, :-1], self.attention_mask[live, -1] = self.attention_mask[live, 1:], 1
+
+    def sequence(self, row: int) -> list[int]:
+        """Prompt + response so far of slot ``row``, as token ids."""
+        return self.prompt_ids[self.prompt_index[row]] + self.responses[row]
 
     @torch.no_grad()
     def step(self, actions, logprobs=None, active: np.ndarray | None = None) -> StepResult:
@@ -250,60 +224,30 @@ class TokenBatchCore:
         """
         actions = self.check_actions(actions)
         live = ~self.done if active is None else ~self.done & active
-        if logprobs is not None:
-            lp, source = self.check_logprobs(logprobs), "caller"
-        elif self.policy is not None or self.policy_fn is not None:
-            lp, source = None, "policy"
-        else:
-            lp, source = None, "reference_only"
-        actions_t = torch.as_tensor(actions, device=self.device)
-        live_t = torch.as_tensor(live, device=self.device)
-        if source == "policy":
-            lp = self._policy_logprobs(actions_t)
-        ref_lp = token_logprobs(self.reference.last, actions_t, self.temperature)
+        actions_t, live_t = torch.as_tensor(actions, device=self.device), torch.as_tensor(live, device=self.device)
+        lp, source = self._policy_logprobs(logprobs, actions_t)
+        ref_lp = token_logprobs(self.reference.last, actions_t, self.config.temperature)
         non_score, kl = non_score_reward(ref_lp, lp, self.kl_coef)
 
-        for row in np.flatnonzero(live):
-            self.responses[row].append(int(actions[row]))
-        # the window slides left by one token on live rows; the action enters at the right
-        self.input_ids[live, :-1], self.input_ids[live, -1] = self.input_ids[live, 1:], actions[live]
-        self.attention_mask[live, :-1], self.attention_mask[live, -1] = self.attention_mask[live, 1:], 1
+        self._append(actions, live)
         lengths = np.array([len(r) for r in self.responses])
         terminated = live & (actions == self.eos_token_id)
-        truncated = live & ~terminated & (lengths >= self.max_new_tokens)
+        truncated = live & ~terminated & (lengths >= self.config.max_new_tokens)
         ended = terminated | truncated
         ended_t, truncated_t = (
             torch.as_tensor(ended, device=self.device),
             torch.as_tensor(truncated, device=self.device),
         )
-
-        score = torch.full((self.num_slots,), float("nan"), device=self.device)
-        if self.dense is not None:
-            self.dense.advance(actions_t, live_t)
-            current = clip_score(self.dense.last, self.score_clip)
-            terms = score_terms(current, ended_t, truncated_t, self.missing_eos_penalty, previous=self.prompt_score)
-            score = torch.where(ended_t, self.dense.last, score)
-            self.prompt_score = torch.where(live_t, current, self.prompt_score)
-        else:
-            if ended.any():
-                rows = np.flatnonzero(ended)
-                sequences = [self.prompt_ids[self.prompt_index[r]] + self.responses[r] for r in rows]
-                ids, mask = (t.to(self.device) for t in pad_batch(sequences, self.pad_token_id))
-                score[torch.as_tensor(rows, device=self.device)] = sequence_scores(self.reward_model, ids, mask)
-            terms = score_terms(
-                clip_score(torch.nan_to_num(score), self.score_clip), ended_t, truncated_t, self.missing_eos_penalty
-            )
+        terms, score = self.scorer.step(actions_t, live_t, ended_t, truncated_t, self.sequence)
 
         continuing = live_t & ~ended_t
         if continuing.any():
-            for model in (self.reference, self.policy):
-                if model is not None:
-                    model.advance(actions_t, continuing)
+            for stepper in self.steppers:
+                stepper.advance(actions_t, continuing)
         self.done |= ended
 
-        zero = torch.zeros_like(non_score)
+        zero, nan = torch.zeros_like(non_score), torch.full_like(non_score, float("nan"))
         rewards = torch.where(live_t, non_score + terms, zero)
-        nan = torch.full_like(non_score, float("nan"))
         infos = {
             "ref_logprob": torch.where(live_t, ref_lp, nan),
             "logprob": nan if lp is None else torch.where(live_t, lp, nan),
@@ -328,4 +272,4 @@ class TokenBatchCore:
 
     def render_row(self, row: int) -> str:
         """The decoded context of slot ``row``: prompt, then response so far (special tokens shown)."""
-        return self.tokenizer.decode(self.prompt_ids[self.prompt_index[row]] + self.responses[row])
+        return self.tokenizer.decode(self.sequence(row))

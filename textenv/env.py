@@ -2,178 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 from gymnasium import spaces
 
+from textenv.config import TokenEnvConfig, check_kl_coef
 from textenv.core import TokenBatchCore
-from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
-from textenv.loading import (
-    ModelLike,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    output_vocab_size,
-    resolve_device,
-)
-from textenv.models import sequence_scores
-
-REWARD_MODES = ("sparse", "dense")
-PROMPT_TRUNCATION = ("error", "left")
+from textenv.loading import load_task
 
 
-def read_prompts(prompts: Sequence[str] | str | os.PathLike | None, prompt_column: str = "prompt") -> list[str]:
-    """Prompts from a list of strings, a text file (one prompt per line) or a ``datasets`` dataset."""
-    if prompts is None:
-        return load_prompts("train")
-    if isinstance(prompts, str | os.PathLike):
-        path = Path(prompts)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"prompts file {os.fspath(prompts)!r} does not exist; pass a list of strings or a path to a text "
-                "file with one prompt per line"
-            )
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    if hasattr(prompts, "column_names"):  # a datasets.Dataset
-        if prompt_column not in prompts.column_names:
-            raise ValueError(
-                f"the dataset has no column {prompt_column!r} (it has {prompts.column_names}); pass prompt_column="
-            )
-        prompts = prompts[prompt_column]
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    return prompts
-
-
-def make_core(
-    num_slots: int,
-    *,
-    reference_model: ModelLike | None = None,
-    reward_model: ModelLike | None = None,
-    tokenizer=None,
-    prompts: Sequence[str] | str | os.PathLike | None = None,
-    prompt_column: str = "prompt",
-    max_prompt_tokens: int = 16,
-    max_new_tokens: int = 32,
-    prompt_truncation: str = "error",
-    kl_coef: float = 0.05,
-    reward_mode: str = "sparse",
-    score_clip: float | None = None,
-    missing_eos_penalty: float | None = None,
-    temperature: float = 1.0,
-    policy: torch.nn.Module | Callable | None = None,
-    device: str | torch.device | None = None,
-) -> TokenBatchCore:
-    """Check every argument, load the models and tokenize the prompts: the constructor both envs share."""
-    if num_slots < 1:
-        raise ValueError(f"num_envs must be at least 1, got {num_slots}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0 (it scales a penalty), got {kl_coef}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_prompt_tokens < 1:
-        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (log-probs use logits / temperature), got {temperature}")
-    if reward_mode not in REWARD_MODES:
-        raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
-    if prompt_truncation not in PROMPT_TRUNCATION:
-        raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATION}, got {prompt_truncation!r}")
-    if score_clip is not None and score_clip <= 0:
-        raise ValueError(f"score_clip must be > 0 or None, got {score_clip}")
-    if missing_eos_penalty is not None and missing_eos_penalty < 0:
-        raise ValueError(
-            f"missing_eos_penalty is subtracted from the score and must be >= 0, got {missing_eos_penalty}"
-        )
-    if policy is not None and not (isinstance(policy, torch.nn.Module) or callable(policy)):
-        raise TypeError(f"policy must be a torch module or a callable, got {type(policy).__name__}")
-
-    device = resolve_device(device)
-    reference_source = POLICY_DIR if reference_model is None else reference_model
-    if tokenizer is None:
-        if isinstance(reference_source, torch.nn.Module):
-            raise ValueError("pass tokenizer= when reference_model is a loaded module")
-        tokenizer = load_tokenizer(reference_source, what="reference model (and its tokenizer)")
-    tokenizer = load_tokenizer(tokenizer)
-    reference = load_causal_lm(reference_source, device)
-    scorer = load_reward_model(REWARD_MODEL_DIR if reward_model is None else reward_model, device)
-
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; episodes end on EOS, so set tokenizer.eos_token")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(
-            "the tokenizer's PAD token must exist and differ from its EOS token (a model whose PAD is EOS cannot "
-            "learn to stop, and the reward model would read the score before the EOS); add one with "
-            "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the models' embeddings"
-        )
-    vocab_size = output_vocab_size(reference)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the reference model predicts only {vocab_size}; "
-            "pass the tokenizer the model was trained with"
-        )
-    reward_vocab = scorer.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > reward_vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the reward model embeds only {reward_vocab}; the env "
-            "scores token ids directly, so the reward model must share the policy's tokenizer"
-        )
-    if isinstance(policy, torch.nn.Module) and output_vocab_size(policy) != vocab_size:
-        raise ValueError(
-            f"the policy predicts {output_vocab_size(policy)} tokens but the reference model {vocab_size}; "
-            "they must share one vocabulary"
-        )
-    if getattr(scorer.config, "pad_token_id", None) is None:
-        scorer.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers pool at the last non-pad token
-    for name, model in (("reference model", reference), ("reward model", scorer)):
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if limit is not None and max_prompt_tokens + max_new_tokens > limit:
-            raise ValueError(
-                f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} exceeds the {name}'s "
-                f"{limit} positions; lower one of them"
-            )
-
-    probe = torch.tensor([[tokenizer.eos_token_id]], device=device)
-    sequence_scores(scorer, probe, torch.ones_like(probe))  # a reward model without one scalar output raises here
-
-    texts = read_prompts(prompts, prompt_column)
-    prompt_ids = [list(ids) for ids in tokenizer(texts)["input_ids"]]
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise ValueError(f"prompt {i} ({texts[i]!r}) is empty after tokenization")
-        if len(ids) > max_prompt_tokens:
-            if prompt_truncation == "error":
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}: "
-                    f"{texts[i][:60]!r}; raise max_prompt_tokens or pass prompt_truncation='left' to keep each "
-                    "prompt's last max_prompt_tokens tokens"
-                )
-            prompt_ids[i] = ids[-max_prompt_tokens:]
-
-    return TokenBatchCore(
-        num_slots=num_slots,
-        tokenizer=tokenizer,
-        reference_model=reference,
-        reward_model=scorer,
-        prompts=texts,
-        prompt_ids=prompt_ids,
-        max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens,
-        kl_coef=kl_coef,
-        reward_mode=reward_mode,
-        score_clip=score_clip,
-        missing_eos_penalty=missing_eos_penalty,
-        temperature=temperature,
-        policy=policy,
-        vocab_size=vocab_size,
-    )
+def make_core(config: TokenEnvConfig, num_slots: int) -> TokenBatchCore:
+    """Load and check what ``config`` names, and hold it in a core of ``num_slots`` slots."""
+    return TokenBatchCore(config, load_task(config), num_slots)
 
 
 def observation_space(core: TokenBatchCore) -> spaces.Dict:
@@ -185,6 +27,11 @@ def observation_space(core: TokenBatchCore) -> spaces.Dict:
             "attention_mask": spaces.Box(0, 1, shape=shape, dtype=np.int64),
         }
     )
+
+
+def check_render_mode(render_mode: str | None, metadata: dict) -> None:
+    if render_mode is not None and render_mode not in metadata["render_modes"]:
+        raise ValueError(f"render_mode must be one of {metadata['render_modes']} or None, got {render_mode!r}")
 
 
 def check_reset_options(options: dict | None, num_prompts: int, known: tuple[str, ...], count: int) -> dict:
@@ -206,21 +53,38 @@ def check_reset_options(options: dict | None, num_prompts: int, known: tuple[str
     return options
 
 
-def kl_coef_property() -> property:
-    """``env.kl_coef``: the KL coefficient of the reward, settable between episodes (an adaptive controller does)."""
+class CoreView:
+    """What both envs expose of their core: the KL coefficient (settable) and the frozen models."""
 
-    def get(env) -> float:
-        return env.core.kl_coef
+    core: TokenBatchCore
 
-    def set_(env, value: float) -> None:
-        if value < 0:
-            raise ValueError(f"kl_coef must be >= 0 (it scales a penalty), got {value}")
-        env.core.kl_coef = float(value)
+    @property
+    def kl_coef(self) -> float:
+        """The KL coefficient of the reward, settable between episodes (an adaptive controller does)."""
+        return self.core.kl_coef
 
-    return property(get, set_, doc=kl_coef_property.__doc__)
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        self.core.kl_coef = check_kl_coef(value)
+
+    @property
+    def config(self) -> TokenEnvConfig:
+        return self.core.config
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def reference_model(self):
+        return self.core.reference.model
+
+    @property
+    def reward_model(self):
+        return self.core.reward_model
 
 
-class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
+class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
     """
     ## Description
 
@@ -278,6 +142,9 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
 
     ## Arguments
 
+    ``config``, a ``textenv.TokenEnvConfig``, or its fields as keyword arguments
+    (one or the other):
+
     - ``reference_model``, ``reward_model``: loaded modules, local directories or hub
       names (default: the embedded task). Both are frozen (eval mode, no grad) on
       ``device`` (default CUDA when available, else CPU).
@@ -303,15 +170,12 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
-    def __init__(self, render_mode: str | None = None, **kwargs: Any):
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+    def __init__(self, config: TokenEnvConfig | None = None, render_mode: str | None = None, **kwargs: Any):
+        check_render_mode(render_mode, self.metadata)
         self.render_mode = render_mode
-        self.core = make_core(1, **kwargs)
+        self.core = make_core(TokenEnvConfig.from_kwargs(config, kwargs), 1)
         self.observation_space = observation_space(self.core)
         self.action_space = spaces.Discrete(self.core.vocab_size)
-
-    kl_coef = kl_coef_property()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -329,12 +193,6 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
         if isinstance(action, bool) or np.ndim(action) != 0 or not np.issubdtype(np.asarray(action).dtype, np.integer):
             raise TypeError(f"action must be an integer token id, got {action!r} of type {type(action).__name__}")
         result = self.core.step(np.array([action]))
-        info: dict[str, Any] = {"kl_source": result.infos["kl_source"][0]}
-        for key in ("ref_logprob", "logprob", "kl", "non_score_reward", "score"):
-            value = float(result.infos[key][0])
-            info[key] = None if np.isnan(value) else value
-        if result.terminated[0] or result.truncated[0]:
-            info["response"] = result.infos["response"][0]
         if self.render_mode == "human":
             self.render()
         return (
@@ -342,7 +200,7 @@ class TokenGenerationEnv(gym.Env[dict[str, np.ndarray], int]):
             float(result.rewards[0]),
             bool(result.terminated[0]),
             bool(result.truncated[0]),
-            info,
+            result.slot_info(0),
         )
 
     def _observation(self) -> dict[str, np.ndarray]:

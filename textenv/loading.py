@@ -1,5 +1,6 @@
-"""Load the env's models and tokenizer from loaded objects, local directories or hub names.
+"""Load what an env needs from a ``TokenEnvConfig``: models, tokenizer and prompts, each checked.
 
+Models and tokenizers come from loaded objects, local directories or hub names.
 Every model the env holds is frozen: eval mode (dropout off), no gradients, on
 one device. Nothing here downloads unless given a hub name that is not cached
 locally; the tests only ever pass local directories or loaded modules.
@@ -8,6 +9,8 @@ locally; the tests only ever pass local directories or loaded modules.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +23,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-ModelLike = str | os.PathLike | torch.nn.Module
+from textenv.config import ModelLike, TokenEnvConfig
+from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
+from textenv.lm import sequence_scores
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -86,3 +91,126 @@ def load_reward_model(source: ModelLike, device: torch.device) -> PreTrainedMode
 def output_vocab_size(model: torch.nn.Module) -> int:
     """Rows of the model's output embedding: the size of the distribution it predicts."""
     return model.get_output_embeddings().weight.shape[0]
+
+
+def model_positions(model: torch.nn.Module) -> int | None:
+    """How many positions the model can attend to, where its config says."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def read_prompts(prompts: Sequence[str] | str | os.PathLike | None, prompt_column: str = "prompt") -> list[str]:
+    """Prompts from a list of strings, a text file (one prompt per line) or a ``datasets`` dataset."""
+    if prompts is None:
+        return load_prompts("train")
+    if isinstance(prompts, str | os.PathLike):
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"prompts file {os.fspath(prompts)!r} does not exist; pass a list of strings or a path to a text "
+                "file with one prompt per line"
+            )
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    if hasattr(prompts, "column_names"):  # a datasets.Dataset
+        if prompt_column not in prompts.column_names:
+            raise ValueError(
+                f"the dataset has no column {prompt_column!r} (it has {prompts.column_names}); pass prompt_column="
+            )
+        prompts = prompts[prompt_column]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    return prompts
+
+
+@dataclass
+class Task:
+    """What a ``TokenEnvConfig`` names, loaded and checked: the frozen models, the tokenizer, the prompts."""
+
+    tokenizer: PreTrainedTokenizerBase
+    reference_model: PreTrainedModel
+    reward_model: PreTrainedModel
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    vocab_size: int  # the action space: the reference model's output vocabulary
+
+
+def load_task(config: TokenEnvConfig) -> Task:
+    """Load the config's models, tokenizer and prompts, and check that they fit together."""
+    device = resolve_device(config.device)
+    reference_source = POLICY_DIR if config.reference_model is None else config.reference_model
+    tokenizer = config.tokenizer
+    if tokenizer is None:
+        if isinstance(reference_source, torch.nn.Module):
+            raise ValueError("pass tokenizer= when reference_model is a loaded module")
+        tokenizer = load_tokenizer(reference_source, what="reference model (and its tokenizer)")
+    tokenizer = load_tokenizer(tokenizer)
+    reference = load_causal_lm(reference_source, device)
+    reward_model = load_reward_model(REWARD_MODEL_DIR if config.reward_model is None else config.reward_model, device)
+    check_special_tokens(tokenizer)
+    vocab_size = check_vocabularies(tokenizer, reference, reward_model, config.policy)
+    for name, model in (("reference model", reference), ("reward model", reward_model)):
+        limit = model_positions(model)
+        if limit is not None and config.context_length > limit:
+            raise ValueError(
+                f"max_prompt_tokens + max_new_tokens = {config.context_length} exceeds the {name}'s "
+                f"{limit} positions; lower one of them"
+            )
+    if getattr(reward_model.config, "pad_token_id", None) is None:
+        reward_model.config.pad_token_id = tokenizer.pad_token_id  # classifiers pool at the last non-pad token
+    probe = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    sequence_scores(reward_model, probe, torch.ones_like(probe))  # a reward model without one scalar output raises
+    prompts = read_prompts(config.prompts, config.prompt_column)
+    prompt_ids = tokenize_prompts(prompts, tokenizer, config.max_prompt_tokens, config.prompt_truncation)
+    return Task(tokenizer, reference, reward_model, prompts, prompt_ids, vocab_size)
+
+
+def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; episodes end on EOS, so set tokenizer.eos_token")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(
+            "the tokenizer's PAD token must exist and differ from its EOS token (a model whose PAD is EOS cannot "
+            "learn to stop, and the reward model would read the score before the EOS); add one with "
+            "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the models' embeddings"
+        )
+
+
+def check_vocabularies(tokenizer, reference: torch.nn.Module, reward_model: torch.nn.Module, policy) -> int:
+    """The action space's size (the reference model's output vocabulary), once every model can take its ids."""
+    vocab_size = output_vocab_size(reference)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the reference model predicts only {vocab_size}; "
+            "pass the tokenizer the model was trained with"
+        )
+    reward_vocab = reward_model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > reward_vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the reward model embeds only {reward_vocab}; the env "
+            "scores token ids directly, so the reward model must share the policy's tokenizer"
+        )
+    if isinstance(policy, torch.nn.Module) and output_vocab_size(policy) != vocab_size:
+        raise ValueError(
+            f"the policy predicts {output_vocab_size(policy)} tokens but the reference model {vocab_size}; "
+            "they must share one vocabulary"
+        )
+    return vocab_size
+
+
+def tokenize_prompts(
+    prompts: list[str], tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int, truncation: str
+) -> list[list[int]]:
+    """Token ids of each prompt; a prompt longer than ``max_prompt_tokens`` raises or keeps its end."""
+    prompt_ids = [list(ids) for ids in tokenizer(prompts)["input_ids"]]
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) is empty after tokenization")
+        if len(ids) > max_prompt_tokens:
+            if truncation == "error":
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}: "
+                    f"{prompts[i][:60]!r}; raise max_prompt_tokens or pass prompt_truncation='left' to keep each "
+                    "prompt's last max_prompt_tokens tokens"
+                )
+            prompt_ids[i] = ids[-max_prompt_tokens:]
+    return prompt_ids

@@ -18,20 +18,6 @@ import torch
 from torch import Tensor
 
 
-def logprobs_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-softmax of ``logits / temperature`` in float32. (..., V) -> (..., V).
-
-    Every log-prob (policy, old policy, reference) goes through here, so all of them
-    describe the distribution that tokens are actually sampled from.
-    """
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-prob of ``tokens`` under ``softmax(logits / temperature)``. (..., V), (...) -> (...)."""
-    return logprobs_from_logits(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def non_score_reward(ref_logprobs: Tensor, logprobs: Tensor | None, kl_coef: float) -> tuple[Tensor, Tensor | None]:
     """(reward, kl) of the KL penalty per step; ``kl`` is None when ``logprobs`` is None.
 

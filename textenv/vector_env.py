@@ -17,6 +17,7 @@ needs no policy forward of its own for the KL term.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import gymnasium as gym
@@ -25,10 +26,11 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from textenv.env import check_reset_options, kl_coef_property, make_core, observation_space
+from textenv.config import TokenEnvConfig
+from textenv.env import CoreView, check_render_mode, check_reset_options, make_core, observation_space
 
 
-class TokenGenerationVectorEnv(VectorEnv):
+class TokenGenerationVectorEnv(CoreView, VectorEnv):
     """N token-generation episodes stepped as one batch (see the module docstring and ``TokenGenerationEnv``)."""
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -36,19 +38,23 @@ class TokenGenerationVectorEnv(VectorEnv):
     def __init__(
         self,
         num_envs: int = 1,
+        config: TokenEnvConfig | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
         **kwargs: Any,
     ):
+        if isinstance(num_envs, bool) or not isinstance(num_envs, numbers.Integral):
+            raise TypeError(f"num_envs must be an int, got {num_envs!r} of type {type(num_envs).__name__}")
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be at least 1, got {num_envs}")
         autoreset_mode = AutoresetMode(autoreset_mode)
         if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.DISABLED):
             raise ValueError(f"autoreset_mode must be NEXT_STEP or DISABLED, got {autoreset_mode}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        check_render_mode(render_mode, self.metadata)
         self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
         self.render_mode = render_mode
-        self.num_envs = num_envs
-        self.core = make_core(num_envs, **kwargs)
+        self.num_envs = int(num_envs)
+        self.core = make_core(TokenEnvConfig.from_kwargs(config, kwargs), self.num_envs)
         self.single_observation_space = observation_space(self.core)
         self.single_action_space = spaces.Discrete(self.core.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -59,8 +65,6 @@ class TokenGenerationVectorEnv(VectorEnv):
     @property
     def autoreset_mode(self) -> AutoresetMode:
         return self.metadata["autoreset_mode"]
-
-    kl_coef = kl_coef_property()
 
     def _draw_prompts(self, count: int) -> np.ndarray:
         return self.np_random.integers(len(self.core.prompts), size=count)

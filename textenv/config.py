@@ -1,0 +1,139 @@
+"""``TokenEnvConfig``: every setting of TokenRLHF-v0, its default and its check, in one place.
+
+Both envs build one (``gym.make("TokenRLHF-v0", max_new_tokens=8)`` is
+``TokenEnvConfig(max_new_tokens=8)``), and the trainer's command line is made
+from it, so each default is written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Annotated, Literal
+
+import torch
+import tyro
+
+# On the command line a model, tokenizer or prompt file is a path or hub name;
+# from Python it may also be a loaded object.
+ModelLike = str | os.PathLike | torch.nn.Module
+AsPath = tyro.conf.arg(constructor=str | None)
+
+RewardMode = Literal["sparse", "dense"]
+PromptTruncation = Literal["error", "left"]
+
+
+@dataclass
+class TokenEnvConfig:
+    """The task an env poses: models, prompts, episode limits and the reward."""
+
+    reward_model: Annotated[ModelLike | None, AsPath] = None
+    """Reward model: a loaded sequence classifier with one label, a local directory or a hub name
+    (default: the embedded review-sentiment model). Frozen on ``device``."""
+    prompts: Annotated[Sequence[str] | str | os.PathLike | None, AsPath] = None
+    """Prompts: a list of strings, a text file with one per line, or a ``datasets`` dataset
+    (default: the embedded task's train prompts)."""
+    prompt_column: str = "prompt"
+    """The column of a ``datasets`` dataset that holds the prompts."""
+    max_prompt_tokens: int = 16
+    """Longest prompt, in tokens."""
+    max_new_tokens: int = 32
+    """Longest response; an episode that reaches it is truncated."""
+    prompt_truncation: PromptTruncation = "error"
+    """A longer prompt: 'error' raises at construction, 'left' keeps its last max_prompt_tokens tokens."""
+    kl_coef: float = 0.05
+    """beta in r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + score term."""
+    reward_mode: RewardMode = "sparse"
+    """'sparse': the score on the last step; 'dense': score differences of consecutive prefixes."""
+    score_clip: float | None = None
+    """Clip reward-model scores to +-score_clip (None: no clip)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of an episode truncated without EOS (None: no penalty)."""
+    temperature: float = 1.0
+    """Every log-prob (policy and reference) is of softmax(logits / temperature)."""
+    reference_model: Annotated[ModelLike | None, tyro.conf.Suppress] = None
+    """Reference model: a loaded causal LM, a local directory or a hub name (default: the embedded SFT
+    policy). Frozen on ``device``; its output vocabulary is the action space."""
+    tokenizer: Annotated[str | os.PathLike | object | None, tyro.conf.Suppress] = None
+    """Tokenizer or its directory (default: the reference model's). PAD must exist and differ from EOS."""
+    policy: Annotated[torch.nn.Module | Callable | None, tyro.conf.Suppress] = None
+    """For the KL term when the caller passes no log-probs: a causal LM (stepped with its own KV cache)
+    or a callable from the observation batch to log-probs (N, vocab_size)."""
+    device: Annotated[str | torch.device | None, tyro.conf.Suppress] = None
+    """Where the frozen models run (default: CUDA when available, else CPU)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise on a setting out of range, of the wrong type or not finite, naming the field."""
+        _check_int("max_prompt_tokens", self.max_prompt_tokens, minimum=1)
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_kl_coef(self.kl_coef)
+        _check_float("temperature", self.temperature, "> 0 (log-probs use logits / temperature)", lambda t: t > 0)
+        if self.score_clip is not None:
+            _check_float("score_clip", self.score_clip, "> 0 or None", lambda c: c > 0)
+        if self.missing_eos_penalty is not None:
+            _check_float(
+                "missing_eos_penalty",
+                self.missing_eos_penalty,
+                ">= 0 (it is subtracted from the score)",
+                lambda p: p >= 0,
+            )
+        _check_choice("reward_mode", self.reward_mode, RewardMode)
+        _check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
+        if not isinstance(self.prompt_column, str):
+            raise TypeError(f"prompt_column must be a column name (str), got {self.prompt_column!r}")
+        if self.policy is not None and not (isinstance(self.policy, torch.nn.Module) or callable(self.policy)):
+            raise TypeError(f"policy must be a torch module or a callable, got {type(self.policy).__name__}")
+
+    @property
+    def context_length(self) -> int:
+        """Length of the observation window: the longest prompt plus the longest response."""
+        return self.max_prompt_tokens + self.max_new_tokens
+
+    @classmethod
+    def from_kwargs(cls, config: TokenEnvConfig | None, kwargs: dict) -> TokenEnvConfig:
+        """The config an env was given, or one built from its keyword arguments (not both)."""
+        if config is not None:
+            if kwargs:
+                raise TypeError(f"pass either config= or keyword arguments, not both (got {sorted(kwargs)})")
+            if not isinstance(config, TokenEnvConfig):
+                raise TypeError(f"config must be a TokenEnvConfig, got {type(config).__name__}")
+            config.validate()  # its fields may have been set after construction
+            return config
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(
+                f"unknown env arguments {unknown}; TokenEnvConfig takes {', '.join(f.name for f in fields(cls))}"
+            )
+        return cls(**kwargs)
+
+
+def check_kl_coef(value) -> float:
+    """The KL coefficient as a float; a negative, non-finite or non-number value raises."""
+    return _check_float("kl_coef", value, ">= 0 (it scales a penalty)", lambda v: v >= 0)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value, rule: str, holds: Callable[[float], bool]) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value) or not holds(value):
+        raise ValueError(f"{name} must be {rule} and finite, got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    allowed = choices.__args__
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

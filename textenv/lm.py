@@ -1,0 +1,292 @@
+"""Language-model plumbing shared by the env, the agents, the default task and the benchmarks.
+
+Convention: a batch is ``input_ids`` (B, T) with ``attention_mask`` (B, T), real
+tokens contiguous in each row. Position ids always come from the mask, so a row
+means the same thing whether it is padded on the left or on the right.
+
+- log-probabilities and entropy of ``logits / temperature``;
+- padding: lists of token ids to tensors, leading pad columns cropped, rows re-laid;
+- ``sequence_scores``: a sequence classifier's scalar at each row's last real token;
+- ``CachedStepper``: a model stepped over N rows with one KV cache (prefill the
+  prompts, then one token per step); the env's frozen models, ``sample``, the
+  agent's rollout and the benchmarks all step through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------- probabilities
+
+
+def logprobs_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-softmax of ``logits / temperature`` in float32. (..., V) -> (..., V).
+
+    Every log-prob (policy, old policy, reference) goes through here, so all of them
+    describe the distribution that tokens are actually sampled from.
+    """
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-prob of ``tokens`` under ``softmax(logits / temperature)``. (..., V), (...) -> (...)."""
+    return logprobs_from_logits(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last axis, in nats. (..., V) -> (...)."""
+    logprobs = logprobs_from_logits(logits, temperature)
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+def sample_tokens(
+    logits: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """A token per row from the plain softmax of ``logits / temperature`` and its log-prob. (B, V) -> (B,), (B,).
+
+    No top-k, top-p or minimum length: the log-probs describe exactly the
+    distribution the tokens came from, which is what an RL learner needs.
+    """
+    logprobs = logprobs_from_logits(logits, temperature)  # (B, V)
+    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)  # (B, 1)
+    return tokens[:, 0], logprobs.gather(-1, tokens)[:, 0]
+
+
+# ---------------------------------------------------------------- padding
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over the real tokens of each row; pad positions get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_batch(sequences: list[list[int]], pad_token_id: int, side: str = "left") -> tuple[Tensor, Tensor]:
+    """Pad token-id lists into (ids, mask) tensors of shape (B, max_len)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def first_used_column(attention_mask: Tensor) -> int:
+    """Index of the first column that is a real token in some row (0 if none is): left padding before it is dead."""
+    return int(attention_mask.any(0).long().argmax())
+
+
+def crop_left_padding(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the leading columns that are padding in every row: the same batch, less work."""
+    first = first_used_column(attention_mask)
+    return input_ids[:, first:], attention_mask[:, first:]
+
+
+def to_left_padding(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Move each row's real tokens to the right end, so the last real token sits at index -1."""
+    length = input_ids.shape[1]
+    last_real = torch.where(attention_mask.bool(), torch.arange(length, device=input_ids.device), -1).amax(-1)  # (B,)
+    shift = length - 1 - last_real  # how far each row moves right
+    source = (torch.arange(length, device=input_ids.device) - shift[:, None]) % length  # (B, T)
+    ids = input_ids.gather(1, source)
+    mask = attention_mask.gather(1, source)
+    return ids.masked_fill(mask == 0, pad_token_id), mask
+
+
+# ---------------------------------------------------------------- sequence scores
+
+
+@contextmanager
+def pooling_at_last_position(model: torch.nn.Module) -> Iterator[None]:
+    """Make a sequence classifier pool at index -1, even where the last real token is the PAD id.
+
+    Hugging Face's classifiers pool at "the rightmost token that is not pad_token_id".
+    Our batches are left-padded, so index -1 is always the last real token; hiding the
+    pad id for the call keeps a PAD token generated as an action from being skipped.
+    """
+    config = model.config
+    saved = config.pad_token_id
+    config.pad_token_id = -1  # no token has this id
+    try:
+        yield
+    finally:
+        config.pad_token_id = saved
+
+
+def check_scalar_output(logits: Tensor) -> None:
+    """A reward model gives one scalar per sequence, (B, 1): its classifier has one label."""
+    if logits.ndim != 2 or logits.shape[1] != 1:
+        raise ValueError(
+            f"the reward model must output one scalar per sequence, shape (batch, 1), but gave "
+            f"{tuple(logits.shape)}; load it with AutoModelForSequenceClassification and num_labels=1"
+        )
+
+
+@torch.no_grad()
+def sequence_scores(reward_model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """One scalar per row, read by a frozen ``reward_model`` at the row's last real token. Returns (B,)."""
+    return sequence_scores_with_grad(reward_model, input_ids, attention_mask)
+
+
+def sequence_scores_with_grad(reward_model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``sequence_scores`` that keeps the graph, for training a reward model. Returns (B,).
+
+    Works for any padding side: rows are re-laid to left padding first and the head
+    pools at index -1 (``pooling_at_last_position``); position ids come from the mask.
+    """
+    pad = reward_model.config.pad_token_id
+    ids, mask = to_left_padding(input_ids, attention_mask, pad if pad is not None else 0)
+    logits = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    check_scalar_output(logits)
+    return logits[:, 0].float()
+
+
+# ---------------------------------------------------------------- the cached stepper
+
+
+class CachedStepper:
+    """A model stepped over N rows with one KV cache: prefill left-padded prompts, then one token per step.
+
+    ``model`` is called like a Hugging Face model (``input_ids``, ``attention_mask``,
+    ``position_ids``, ``past_key_values``, ``use_cache``) and returns ``logits`` and
+    ``past_key_values``: a causal LM, the agent's actor-critic, or a sequence
+    classifier (``scores=True``). ``last`` holds each row's output at its latest
+    position: next-token logits (N, V), or the score (N,) of a classifier.
+
+    Rows that are not ``live`` in a step get a masked pad token and keep their
+    ``last``. ``start_rows`` puts new prompts into some rows while the others go on
+    (the env's per-slot resets): the new rows are run on their own and written into
+    the shared cache, left-padded to its width; leading columns no row attends to
+    any more are dropped, so the cache is never longer than the longest live context.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, scores: bool = False):
+        self.model, self.pad_token_id, self.scores = model, pad_token_id, scores
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.mask: Tensor | None = None  # (N, C) which cache positions are real tokens
+        self.position: Tensor | None = None  # (N,) next position id of each row
+        self.last: Tensor | None = None
+
+    def _forward(self, **inputs):
+        if self.scores:
+            with pooling_at_last_position(self.model):
+                return self.model(**inputs, use_cache=True)
+        return self.model(**inputs, use_cache=True)
+
+    def _output(self, out) -> Tensor:
+        if self.scores:
+            check_scalar_output(out.logits)
+            return out.logits[:, 0].float()
+        return out.logits[:, -1]
+
+    def _run_prompts(self, input_ids: Tensor, attention_mask: Tensor):
+        ids, mask = crop_left_padding(input_ids.to(self.device), attention_mask.to(self.device))
+        return self._forward(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)), mask
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Make the left-padded prompts (N, W) the contexts of all N rows; returns ``last``."""
+        out, mask = self._run_prompts(input_ids, attention_mask)
+        self.cache, self.mask, self.position = out.past_key_values, mask, mask.sum(-1)
+        self.last = self._output(out)
+        return self.last
+
+    def advance(self, tokens: Tensor, live: Tensor | None = None) -> Tensor:
+        """Append ``tokens`` (N,) to every row (a masked pad to rows not ``live``); returns ``last``."""
+        if live is None:
+            live = torch.ones_like(tokens, dtype=torch.bool)
+        tokens = torch.where(live, tokens, self.pad_token_id)
+        self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)
+        out = self._forward(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.position[:, None],
+            past_key_values=self.cache,
+        )
+        self.cache = out.past_key_values
+        keep = live if self.scores else live[:, None]
+        self.last = torch.where(keep, self._output(out), self.last)  # a row that waited keeps its last output
+        self.position = self.position + live.long()
+        self._trim()
+        return self.last
+
+    def start_rows(self, rows: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
+        """Make the left-padded prompts (K, W) the contexts of rows ``rows`` (K,); the other rows keep theirs."""
+        out, mask = self._run_prompts(input_ids, attention_mask)
+        self._pad_cache_left(mask.shape[1] - self.mask.shape[1])
+        width, length = self.mask.shape[1], mask.shape[1]
+        for layer, new in zip(self.cache.layers, out.past_key_values.layers):
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                tensor[rows] = 0
+                tensor[rows, :, width - length :] = getattr(new, name)
+        self.mask[rows] = 0
+        self.mask[rows, width - length :] = mask
+        self.position[rows] = mask.sum(-1)
+        self.last[rows] = self._output(out)
+        self._trim()
+
+    def _pad_cache_left(self, extra: int) -> None:
+        if extra <= 0:
+            return
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                padding = tensor.new_zeros(*tensor.shape[:2], extra, tensor.shape[3])
+                setattr(layer, name, torch.cat([padding, tensor], dim=2))
+        self.mask = torch.cat([self.mask.new_zeros(len(self.mask), extra), self.mask], dim=1)
+
+    def _trim(self) -> None:
+        """Drop leading cache positions that no row attends to."""
+        if self.mask[:, 0].any():
+            return
+        first = first_used_column(self.mask)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self.mask = self.mask[:, first:]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass
+class Samples:
+    """Sampled continuations of a batch of prompts."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # up to and including EOS when there is one
+    ended_with_eos: list[bool]
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """Sample ``max_new_tokens`` from ``model`` per prompt with a KV cache, then cut each row after its EOS."""
+    stepper = CachedStepper(model, pad_token_id)
+    logits = stepper.prefill(*pad_batch(prompt_ids, pad_token_id, side="left"))
+    tokens = []
+    for step in range(max_new_tokens):
+        token, _ = sample_tokens(logits, temperature, generator)  # (B,)
+        tokens.append(token)
+        if step < max_new_tokens - 1:
+            logits = stepper.advance(token)
+    responses, ended = [], []
+    for row in torch.stack(tokens, dim=1).tolist():
+        if eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        responses.append(row)
+        ended.append(row[-1] == eos_token_id)
+    return Samples(prompt_ids=[list(p) for p in prompt_ids], response_ids=responses, ended_with_eos=ended)
