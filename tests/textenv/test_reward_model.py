@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from textenv.default_task.training import bradley_terry_loss, calibrate_reward_model
-from textenv.models import pad_batch, position_ids_from_mask, sequence_scores, to_left_padding
+from textenv.lm import pad_batch, position_ids_from_mask, sequence_scores, to_left_padding
 
 
 def tiny_reward_model(num_labels: int = 1) -> GPT2ForSequenceClassification:

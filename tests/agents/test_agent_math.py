@@ -5,7 +5,8 @@ import torch
 
 from agents.advantages import compute_gae, grpo_advantages, masked_mean, masked_whiten, rloo_advantages
 from agents.kl_control import AdaptiveKLController, FixedKLController
-from agents.losses import entropy_from_logits, policy_loss, value_loss
+from agents.losses import policy_loss, value_loss
+from textenv.lm import entropy_from_logits
 
 GAMMA, LAM = 0.9, 0.8  # gamma * lam = 0.72
 

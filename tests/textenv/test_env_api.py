@@ -4,6 +4,7 @@ reset options, argument validation, prompt sources and frozen models.
 Everything runs offline on the embedded default task (or on tiny in-memory models).
 """
 
+import functools
 import warnings
 
 import gymnasium as gym
@@ -52,8 +53,10 @@ def short_env():
     env.close()
 
 
-def make_vec(num_envs=3, **kwargs):
-    return gym.make_vec(ENV_ID, num_envs=num_envs, vectorization_mode="vector_entry_point", **kwargs)
+@pytest.fixture(scope="module")
+def make_vec(make_vec):
+    """The shared vector-env factory (tests/conftest.py) on the env's default device, as a user gets it."""
+    return functools.partial(make_vec, device=None)
 
 
 def tiny_gpt2_config(vocab_size, **kwargs):
@@ -158,7 +161,7 @@ def test_single_spaces(env, vocab_size):
     assert (mask_space.low == 0).all() and (mask_space.high == 1).all()
 
 
-def test_vector_env_spaces_are_batched_single_spaces(env, vocab_size):
+def test_vector_env_spaces_are_batched_single_spaces(env, vocab_size, make_vec):
     vec = make_vec(3)
     try:
         assert isinstance(vec, TokenGenerationVectorEnv)
@@ -250,7 +253,7 @@ def rollout_vector(vec, seed, actions_list):
     return trace
 
 
-def test_vector_env_same_seed_same_trajectory(vocab_size):
+def test_vector_env_same_seed_same_trajectory(vocab_size, make_vec):
     vec_a, vec_b = make_vec(3, max_new_tokens=3), make_vec(3, max_new_tokens=3)
     eos = vec_a.core.eos_token_id
     rng = np.random.default_rng(0)
@@ -273,7 +276,7 @@ def test_vector_env_same_seed_same_trajectory(vocab_size):
     assert any("prompt" in step[-1] for step in trace_a[1:])  # an autoreset drew new prompts
 
 
-def test_vector_env_different_seeds_give_different_prompts():
+def test_vector_env_different_seeds_give_different_prompts(make_vec):
     vec = make_vec(3)
 
     def prompts(seed):
@@ -425,7 +428,7 @@ def test_reset_unknown_option(env):
         env.reset(options={"prompt_idx": 3})
 
 
-def test_vector_reset_prompt_index():
+def test_vector_reset_prompt_index(make_vec):
     vec = make_vec(3)
     prompts = load_prompts("train")
     _, info = vec.reset(seed=0, options={"prompt_index": 4})
@@ -440,7 +443,7 @@ def test_vector_reset_prompt_index():
 
 
 @pytest.mark.parametrize("mode", [AutoresetMode.DISABLED, "Disabled"])
-def test_vector_disabled_reset_mask_restarts_only_masked_slots(mode, tokenizer):
+def test_vector_disabled_reset_mask_restarts_only_masked_slots(mode, tokenizer, make_vec):
     vec = make_vec(3, max_new_tokens=4, autoreset_mode=mode)
     assert vec.autoreset_mode == AutoresetMode.DISABLED
     eos = vec.core.eos_token_id
@@ -466,7 +469,7 @@ def test_vector_disabled_reset_mask_restarts_only_masked_slots(mode, tokenizer):
     assert truncated.tolist() == [False, True, False] and not terminated.any()
 
 
-def test_vector_next_step_rejects_partial_reset_mask():
+def test_vector_next_step_rejects_partial_reset_mask(make_vec):
     vec = make_vec(3)
     vec.reset(seed=0)
     with pytest.raises(ValueError, match="reset_mask needs autoreset_mode=DISABLED"):
@@ -475,14 +478,14 @@ def test_vector_next_step_rejects_partial_reset_mask():
     assert info["prompt_index"].tolist() == [2, 2, 2]
 
 
-def test_vector_reset_mask_wrong_shape():
+def test_vector_reset_mask_wrong_shape(make_vec):
     vec = make_vec(3, autoreset_mode="Disabled")
     vec.reset(seed=0)
     with pytest.raises(ValueError, match=r"reset_mask must have shape \(3,\)"):
         vec.reset(options={"reset_mask": [True, False]})
 
 
-def test_vector_first_reset_must_start_every_slot():
+def test_vector_first_reset_must_start_every_slot(make_vec):
     vec = make_vec(3, autoreset_mode="Disabled")
     with pytest.raises(ValueError, match="first reset must start every slot"):
         vec.reset(seed=0, options={"reset_mask": [True, False, True]})
@@ -532,13 +535,13 @@ def test_step_before_reset_single():
         env.step(5)
 
 
-def test_vector_step_before_reset():
+def test_vector_step_before_reset(make_vec):
     vec = make_vec(2)
     with pytest.raises(RuntimeError, match=r"step\(\) called before reset\(\)"):
         vec.step(np.array([5, 5]))
 
 
-def test_vector_wrong_number_of_actions():
+def test_vector_wrong_number_of_actions(make_vec):
     vec = make_vec(3)
     vec.reset(seed=0)
     with pytest.raises(ValueError, match=r"expected 3 actions .* shape \(2,\)"):
@@ -547,7 +550,7 @@ def test_vector_wrong_number_of_actions():
         vec.step(5)
 
 
-def test_vector_bad_actions(vocab_size):
+def test_vector_bad_actions(vocab_size, make_vec):
     vec = make_vec(3)
     vec.reset(seed=0)
     with pytest.raises(ValueError, match=rf"action {vocab_size} is not a token id"):
@@ -559,14 +562,14 @@ def test_vector_bad_actions(vocab_size):
 
 
 @pytest.mark.parametrize("shape", [(2,), (4,), (3, 1), (3, 446), ()])
-def test_vector_logprobs_wrong_shape(shape):
+def test_vector_logprobs_wrong_shape(shape, make_vec):
     vec = make_vec(3)
     vec.reset(seed=0)
     with pytest.raises(ValueError, match=r"logprobs must hold one log-probability per slot, shape \(3,\)"):
         vec.step(np.array([5, 6, 7]), logprobs=np.full(shape, -1.0))
 
 
-def test_vector_logprobs_right_shape_are_used():
+def test_vector_logprobs_right_shape_are_used(make_vec):
     vec = make_vec(3, kl_coef=0.5)
     vec.reset(seed=0)
     logprobs = np.array([-1.0, -2.0, -3.0])
@@ -742,7 +745,7 @@ def test_default_prompts_are_the_train_split(env):
     assert env.unwrapped.core.prompts == load_prompts("train")
 
 
-def test_vector_env_prompts_from_list():
+def test_vector_env_prompts_from_list(make_vec):
     vec = make_vec(2, prompts=PROMPTS)
     _, info = vec.reset(options={"prompt_index": [2, 0]})
     assert info["prompt"].tolist() == [PROMPTS[2], PROMPTS[0]]
@@ -761,7 +764,7 @@ def test_default_models_are_frozen(env):
     assert_frozen(core.reward_model)
 
 
-def test_passed_models_are_frozen(vocab_size):
+def test_passed_models_are_frozen(vocab_size, make_vec):
     reference = GPT2LMHeadModel(tiny_gpt2_config(vocab_size)).train()
     reward_model = GPT2ForSequenceClassification(tiny_gpt2_config(vocab_size, num_labels=1)).train()
     assert reference.training and all(p.requires_grad for p in reference.parameters())
@@ -783,7 +786,7 @@ def test_package_exports():
     )
 
 
-def test_failed_vector_step_restarts_no_slot():
+def test_failed_vector_step_restarts_no_slot(make_vec):
     vec = make_vec(3, max_new_tokens=3)
     vec.reset(seed=0, options={"prompt_index": [0, 1, 2]})
     eos = vec.core.eos_token_id
@@ -801,7 +804,7 @@ def test_failed_vector_step_restarts_no_slot():
     "index, message",
     [([0, 1], "one int or 3 ints"), ([], "an int or a list of ints"), (1.5, "an int or a list of ints")],
 )
-def test_vector_reset_prompt_index_bad_values(index, message):
+def test_vector_reset_prompt_index_bad_values(index, message, make_vec):
     with pytest.raises(ValueError, match=message):
         make_vec(3).reset(seed=0, options={"prompt_index": index})
 
@@ -818,7 +821,7 @@ def test_render_without_render_mode_warns_and_returns_none():
         assert plain.render() is None
 
 
-def test_kl_coef_can_be_changed_between_episodes():
+def test_kl_coef_can_be_changed_between_episodes(make_vec):
     vec = make_vec(2, kl_coef=0.1)
     vec.reset(seed=0, options={"prompt_index": 0})
     _, first, *_ = vec.step(np.array([5, 5]))
@@ -830,7 +833,7 @@ def test_kl_coef_can_be_changed_between_episodes():
         vec.kl_coef = -1.0
 
 
-def test_vector_reset_group_size_gives_identical_prompts_within_groups():
+def test_vector_reset_group_size_gives_identical_prompts_within_groups(make_vec):
     vec = make_vec(6)
     _, info = vec.reset(seed=3, options={"group_size": 3})
     index = info["prompt_index"]

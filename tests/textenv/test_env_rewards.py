@@ -7,7 +7,6 @@ per-step reward is rebuilt from the formula of DESIGN.md.
 
 from dataclasses import dataclass, field
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,7 @@ from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 ATOL = 1e-5
 MAX_NEW = 6
 KL_COEF = 0.1
+SETTINGS = dict(max_new_tokens=MAX_NEW, kl_coef=KL_COEF)  # every env here, on CPU
 
 
 @pytest.fixture(scope="module")
@@ -145,21 +145,9 @@ def check_episode(episode: Episode, reference, reward_model, source: str, kl_coe
     np.testing.assert_allclose(episode.rewards, expected, atol=ATOL, rtol=0)
 
 
-def make_vec(num_envs: int, **kwargs):
-    return gym.make_vec(
-        "TokenRLHF-v0",
-        num_envs=num_envs,
-        vectorization_mode="vector_entry_point",
-        max_new_tokens=MAX_NEW,
-        kl_coef=KL_COEF,
-        device="cpu",
-        **kwargs,
-    )
-
-
-def test_single_env_matches_uncached_recomputation(models):
+def test_single_env_matches_uncached_recomputation(models, make_env):
     tokenizer, reference, reward_model = models
-    env = gym.make("TokenRLHF-v0", max_new_tokens=MAX_NEW, kl_coef=KL_COEF, device="cpu")
+    env = make_env(**SETTINGS)
     script = Script(tokenizer, 1, seed=0)
     lengths = set()
     for seed, planned in enumerate([1, 3, MAX_NEW, MAX_NEW + 2, 2]):
@@ -184,9 +172,9 @@ def test_single_env_matches_uncached_recomputation(models):
 
 
 @pytest.mark.parametrize("caller_logprobs", [False, True])
-def test_vector_env_next_step_autoreset_matches_uncached_recomputation(models, caller_logprobs):
+def test_vector_env_next_step_autoreset_matches_uncached_recomputation(models, caller_logprobs, make_vec):
     tokenizer, reference, reward_model = models
-    env = make_vec(4)
+    env = make_vec(4, **SETTINGS)
     assert env.autoreset_mode == AutoresetMode.NEXT_STEP
     finished = run_vector(env, Script(tokenizer, 4, seed=2), steps=40, caller_logprobs=caller_logprobs)
     assert len(finished) >= 12
@@ -199,30 +187,30 @@ def test_vector_env_next_step_autoreset_matches_uncached_recomputation(models, c
             assert sum(episode.rewards) == pytest.approx(episode.score - KL_COEF * kl.sum(), abs=1e-4)
 
 
-def test_vector_env_lockstep_with_partial_resets_matches_uncached_recomputation(models):
+def test_vector_env_lockstep_with_partial_resets_matches_uncached_recomputation(models, make_vec):
     tokenizer, reference, reward_model = models
-    env = make_vec(5, autoreset_mode=AutoresetMode.DISABLED)
+    env = make_vec(5, autoreset_mode=AutoresetMode.DISABLED, **SETTINGS)
     finished = run_vector(env, Script(tokenizer, 5, seed=3), steps=45, reset_every=3)
     assert len(finished) >= 10
     for episode in finished:
         check_episode(episode, reference, reward_model, "reference_only")
 
 
-def test_cache_stays_bounded_under_autoreset(models):
+def test_cache_stays_bounded_under_autoreset(models, make_vec):
     tokenizer, _, _ = models
-    env = make_vec(3)
+    env = make_vec(3, **SETTINGS)
     run_vector(env, Script(tokenizer, 3, seed=4), steps=60)
     # the longest live context is at most max_prompt_tokens + max_new_tokens (a pad column may remain)
     assert env.core.reference.mask.shape[1] <= env.core.context_length + 1
 
 
-def test_policy_module_gives_kl_against_reference(models):
+def test_policy_module_gives_kl_against_reference(models, make_vec):
     tokenizer, reference, reward_model = models
     policy = AutoModelForCausalLM.from_pretrained(POLICY_DIR).eval()
     with torch.no_grad():
         for parameter in policy.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    env = make_vec(3, policy=policy, temperature=0.7)
+    env = make_vec(3, policy=policy, temperature=0.7, **SETTINGS)
     finished = run_vector(env, Script(tokenizer, 3, seed=5), steps=25)
     assert len(finished) >= 5
     for episode in finished:
@@ -231,7 +219,7 @@ def test_policy_module_gives_kl_against_reference(models):
         check_episode(episode, reference, reward_model, "policy", temperature=0.7)
 
 
-def test_policy_callable_is_called_on_the_observation(models):
+def test_policy_callable_is_called_on_the_observation(models, make_vec):
     tokenizer, reference, reward_model = models
 
     @torch.no_grad()
@@ -240,16 +228,16 @@ def test_policy_callable_is_called_on_the_observation(models):
         assert ids.shape == (2, 16 + MAX_NEW)
         return torch.full((2, len(tokenizer)), -np.log(len(tokenizer)))
 
-    env = make_vec(2, policy=policy)
+    env = make_vec(2, policy=policy, **SETTINGS)
     finished = run_vector(env, Script(tokenizer, 2, seed=6), steps=15)
     for episode in finished:
         np.testing.assert_allclose(episode.logprobs, -np.log(len(tokenizer)), atol=1e-6)
         check_episode(episode, reference, reward_model, "policy")
 
 
-def test_dense_score_terms_sum_to_final_minus_prompt_score(models):
+def test_dense_score_terms_sum_to_final_minus_prompt_score(models, make_vec):
     tokenizer, reference, reward_model = models
-    env = make_vec(3, reward_mode="dense")
+    env = make_vec(3, reward_mode="dense", **SETTINGS)
     finished = run_vector(env, Script(tokenizer, 3, seed=7), steps=30, caller_logprobs=True)
     assert len(finished) >= 6
     for episode in finished:
@@ -263,9 +251,9 @@ def test_dense_score_terms_sum_to_final_minus_prompt_score(models):
         assert score_terms.sum() == pytest.approx(episode.score - prefix_scores[0], abs=ATOL)
 
 
-def test_score_clip_and_missing_eos_penalty(models):
+def test_score_clip_and_missing_eos_penalty(models, make_vec):
     tokenizer, reference, reward_model = models
-    env = make_vec(3, score_clip=0.5, missing_eos_penalty=1.0)
+    env = make_vec(3, score_clip=0.5, missing_eos_penalty=1.0, **SETTINGS)
     finished = run_vector(env, Script(tokenizer, 3, seed=8), steps=30)
     assert any(e.truncated for e in finished) and any(e.terminated for e in finished)
     for episode in finished:

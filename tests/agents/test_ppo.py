@@ -3,7 +3,6 @@
 import copy
 from types import SimpleNamespace
 
-import gymnasium as gym
 import pytest
 import torch
 from gymnasium.vector import AutoresetMode
@@ -16,17 +15,7 @@ from agents.ppo import PPOConfig, ppo_update, score_rollout
 from agents.rollout import collect_rollout
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 
-
-def make_env(num_envs: int, max_new_tokens: int = 12, **kwargs):
-    return gym.make_vec(
-        "TokenRLHF-v0",
-        num_envs=num_envs,
-        vectorization_mode="vector_entry_point",
-        autoreset_mode=AutoresetMode.DISABLED,
-        max_new_tokens=max_new_tokens,
-        device="cpu",
-        **kwargs,
-    )
+LOCKSTEP = AutoresetMode.DISABLED  # every env here: rollouts reset all rows together
 
 
 def rollout_of(agent, env, seed=0):
@@ -34,8 +23,8 @@ def rollout_of(agent, env, seed=0):
 
 
 @pytest.fixture(scope="module")
-def env():
-    return make_env(8)
+def env(make_vec):
+    return make_vec(8, autoreset_mode=LOCKSTEP, max_new_tokens=12)
 
 
 @pytest.mark.parametrize("share_backbone", [True, False])
@@ -69,14 +58,21 @@ def test_rollout_stops_at_eos_and_masks_what_follows(env):
 
 
 @pytest.mark.parametrize("share_backbone", [True, False])
-def test_one_update_moves_every_trainable_parameter_and_no_frozen_one(share_backbone):
+def test_one_update_moves_every_trainable_parameter_and_no_frozen_one(share_backbone, make_vec):
     reference = AutoModelForCausalLM.from_pretrained(POLICY_DIR)
     reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR)
     frozen_before = {
         name: copy.deepcopy(model.state_dict()) for name, model in (("ref", reference), ("rm", reward_model))
     }
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
-    env = make_env(8, reference_model=reference, reward_model=reward_model, tokenizer=tokenizer)
+    env = make_vec(
+        8,
+        autoreset_mode=LOCKSTEP,
+        max_new_tokens=12,
+        reference_model=reference,
+        reward_model=reward_model,
+        tokenizer=tokenizer,
+    )
     agent = ActorCritic.from_models(POLICY_DIR, share_backbone=share_backbone, critic_init=reward_model)
     before = {name: p.detach().clone() for name, p in agent.named_parameters()}
     rollout = rollout_of(agent.eval(), env)
@@ -131,12 +127,13 @@ class TargetTokenReward(nn.Module):
 
 
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
-def test_learns_to_emit_a_target_token(algo):
+def test_learns_to_emit_a_target_token(algo, make_vec):
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
     target = tokenizer.convert_tokens_to_ids("▁great")
     prompt = "The film was"
-    env = make_env(
+    env = make_vec(
         16,
+        autoreset_mode=LOCKSTEP,
         max_new_tokens=6,
         prompts=[prompt],
         reward_model=TargetTokenReward(len(tokenizer), target, len(tokenizer(prompt)["input_ids"])),
@@ -157,8 +154,8 @@ def test_learns_to_emit_a_target_token(algo):
     assert last > first + 0.5, scores
 
 
-def test_group_rollout_shares_prompts_within_groups():
-    env = make_env(8, max_new_tokens=4)
+def test_group_rollout_shares_prompts_within_groups(make_vec):
+    env = make_vec(8, autoreset_mode=LOCKSTEP, max_new_tokens=4)
     agent = ActorCritic.from_models(POLICY_DIR).eval()
     rollout = collect_rollout(agent, env, 1.0, 0, torch.Generator().manual_seed(0), group_size=4)
     groups = [rollout.prompts[i : i + 4] for i in range(0, 8, 4)]

@@ -1,6 +1,5 @@
 """LoRA through PEFT: only adapters train, the reference is the base with adapters off, the result loads with PEFT."""
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
@@ -21,14 +20,13 @@ def lora_agent() -> ActorCritic:
     return ActorCritic.from_models(add_lora(AutoModelForCausalLM.from_pretrained(POLICY_DIR), rank=4, alpha=8))
 
 
-def test_update_changes_only_adapters_and_value_head_and_reference_is_the_base():
+def test_update_changes_only_adapters_and_value_head_and_reference_is_the_base(make_vec):
     agent = lora_agent()
     reference = AdaptersDisabled(agent.policy)
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
-    env = gym.make_vec(
-        "TokenRLHF-v0", num_envs=8, vectorization_mode="vector_entry_point", autoreset_mode=AutoresetMode.DISABLED,
-        reference_model=reference, tokenizer=tokenizer, max_new_tokens=10, device="cpu",
-    )  # fmt: skip
+    env = make_vec(
+        8, autoreset_mode=AutoresetMode.DISABLED, reference_model=reference, tokenizer=tokenizer, max_new_tokens=10
+    )
     assert any(p.requires_grad for p in agent.parameters())  # the env's freezing left the adapters trainable
     before = {name: p.detach().clone() for name, p in agent.named_parameters()}
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-2, eps=1e-5)

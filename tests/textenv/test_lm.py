@@ -1,0 +1,173 @@
+"""textenv/lm.py: padding helpers and probabilities against hand-worked numbers, and the KV-cached stepper
+against plain uncached forwards of a tiny random GPT-2."""
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from textenv.lm import (
+    CachedStepper,
+    crop_left_padding,
+    entropy_from_logits,
+    pad_batch,
+    position_ids_from_mask,
+    sample_tokens,
+    to_left_padding,
+    token_logprobs,
+)
+
+INF = float("inf")
+
+
+def long(rows):
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- padding
+def test_position_ids_count_real_tokens_from_zero():
+    left = long([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert position_ids_from_mask(left).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+    # right padding: the real tokens get the same positions as when left-padded
+    right = long([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    positions = position_ids_from_mask(right)
+    assert positions[0, :3].tolist() == [0, 1, 2] and positions[1, :1].tolist() == [0]
+
+
+def test_pad_batch_left_and_right():
+    ids, mask = pad_batch([[5, 6, 7], [8], [9, 4]], pad_token_id=0)  # left by default
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    ids, mask = pad_batch([[5, 6, 7], [8], [9, 4]], pad_token_id=3, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 3, 3], [9, 4, 3]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+
+
+def test_crop_left_padding_drops_only_columns_that_are_padding_in_every_row():
+    ids = long([[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]])
+    mask = long([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]])
+    cropped_ids, cropped_mask = crop_left_padding(ids, mask)
+    assert cropped_ids.tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert cropped_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    # nothing to drop when some row starts at column 0
+    same_ids, same_mask = crop_left_padding(long([[1, 2], [0, 3]]), long([[1, 1], [0, 1]]))
+    assert same_ids.tolist() == [[1, 2], [0, 3]] and same_mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_to_left_padding_moves_real_tokens_to_the_right_end_and_fills_pads():
+    ids = long([[5, 6, 7, 99], [8, 99, 99, 99], [99, 9, 4, 99], [1, 2, 3, 4]])
+    mask = long([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1]])
+    left_ids, left_mask = to_left_padding(ids, mask, pad_token_id=0)
+    assert left_ids.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 9, 4], [1, 2, 3, 4]]
+    assert left_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+# --------------------------------------------------------------------------- probabilities
+def test_token_logprobs_at_a_temperature():
+    # logits [ln 16, ln 4, ln 4]: softmax = [16, 4, 4] / 24; at temperature 2, [ln 4, ln 2, ln 2]: [4, 2, 2] / 8
+    logits = torch.tensor([[math.log(16), math.log(4), math.log(4)]] * 2)
+    tokens = long([0, 2])
+    expected_t1 = torch.tensor([math.log(2 / 3), math.log(1 / 6)])
+    expected_t2 = torch.tensor([math.log(1 / 2), math.log(1 / 4)])
+    torch.testing.assert_close(token_logprobs(logits, tokens), expected_t1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(token_logprobs(logits, tokens, temperature=2.0), expected_t2, atol=1e-6, rtol=0)
+
+
+def test_entropy_from_logits():
+    vocab = 7
+    uniform = torch.stack([torch.zeros(vocab), torch.full((vocab,), 3.5)])  # any constant row is uniform
+    torch.testing.assert_close(entropy_from_logits(uniform), torch.full((2,), math.log(vocab)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        entropy_from_logits(uniform, temperature=0.3), torch.full((2,), math.log(vocab)), atol=1e-6, rtol=0
+    )
+    # [1/2, 1/4, 1/4]: 1/2 ln 2 + 2 * 1/4 ln 4 = 3/2 ln 2
+    quarter = torch.tensor([math.log(2), 0.0, 0.0])
+    assert math.isclose(float(entropy_from_logits(quarter)), 1.5 * math.log(2), abs_tol=1e-6)
+
+
+def test_sample_tokens_follow_the_distribution_and_report_its_logprob():
+    # row 0: all mass on token 3; row 1: [1/4, 3/4] on tokens 0 and 1, at temperature 1
+    logits = torch.tensor([[-INF, -INF, -INF, 0.0, -INF], [0.0, math.log(3), -INF, -INF, -INF]])
+    generator = torch.Generator().manual_seed(0)
+    picks = []
+    for _ in range(400):
+        tokens, logprobs = sample_tokens(logits, generator=generator)
+        assert tokens.shape == logprobs.shape == (2,)
+        assert tokens[0] == 3 and logprobs[0] == 0.0
+        assert tokens[1] in (0, 1)
+        expected = math.log(0.75) if tokens[1] == 1 else math.log(0.25)
+        assert math.isclose(float(logprobs[1]), expected, abs_tol=1e-6)
+        picks.append(int(tokens[1]))
+    assert 0.65 < sum(picks) / len(picks) < 0.85  # 3/4, binomial sd ~0.02
+
+
+def test_sample_tokens_one_hot_at_any_temperature():
+    logits = torch.tensor([[-INF, 2.0, -INF], [-INF, -INF, -5.0]])
+    generator = torch.Generator().manual_seed(1)
+    for temperature in (0.5, 1.0, 3.0):
+        for _ in range(20):
+            tokens, logprobs = sample_tokens(logits, temperature, generator)
+            assert tokens.tolist() == [1, 2] and logprobs.tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- the cached stepper
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50, n_positions=64, bos_token_id=49, eos_token_id=49)
+    return GPT2LMHeadModel(config).eval()
+
+
+def uncached_last_logits(model, tokens: list[int]) -> torch.Tensor:
+    """Next-token logits after ``tokens``: one row, no padding, no cache."""
+    with torch.no_grad():
+        return model(input_ids=long([tokens])).logits[0, -1]
+
+
+def assert_rows_match(model, stepper, contexts, rows):
+    for row in rows:
+        torch.testing.assert_close(stepper.last[row], uncached_last_logits(model, contexts[row]), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_stepper_matches_uncached_forwards(tiny_lm):
+    contexts = [[5, 6, 7, 8, 9], [10, 11]]  # prompts of different lengths, left-padded together
+    stepper = CachedStepper(tiny_lm, PAD)
+    stepper.prefill(*pad_batch(contexts, PAD, side="left"))
+    assert stepper.last.shape == (2, 50)
+    assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
+
+    steps = [[1, 2], [3, 4], [5, 6], [7, 8]]
+    for step, tokens in enumerate(steps):
+        live = torch.tensor([True, step != 2])  # row 1 waits at step 2
+        before = stepper.last.clone()
+        stepper.advance(long(tokens), live)
+        for row in range(2):
+            if live[row]:
+                contexts[row].append(tokens[row])
+                assert_rows_match(tiny_lm, stepper, contexts, [row])
+            else:
+                torch.testing.assert_close(stepper.last[row], before[row], atol=0, rtol=0)  # kept its last
+    assert contexts == [[5, 6, 7, 8, 9, 1, 3, 5, 7], [10, 11, 2, 4, 8]]
+
+    # a new prompt in row 0 while row 1 goes on
+    contexts[0] = [20, 21, 22]
+    stepper.start_rows(long([0]), *pad_batch([contexts[0]], PAD, side="left"))
+    assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
+    stepper.advance(long([30, 31]))
+    contexts[0].append(30), contexts[1].append(31)
+    assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
+
+    # a new prompt in row 1 longer than the whole cache: the cache widens on the left
+    contexts[1] = list(range(12, 26))
+    stepper.start_rows(long([1]), *pad_batch([contexts[1]], PAD, side="left"))
+    assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
+    stepper.advance(long([40, 41]))
+    contexts[0].append(40), contexts[1].append(41)
+    assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
+    assert stepper.mask.sum(-1).tolist() == [len(contexts[0]), len(contexts[1])]
