@@ -8,17 +8,25 @@ reviews; ``--policy``, ``--reward-model`` and ``--prompts`` take your own models
 from __future__ import annotations
 
 import os
+import sys
 
 from transformers.utils import logging as hf_logging
 
 from agents.logger import summary
-from agents.train import cli, train
+from agents.train import TrainingStopped, cli, train
 
 
 def main() -> None:
     config = cli(description=__doc__)
     hf_logging.disable_progress_bar()
-    final = train(config)
+    try:
+        final = train(config)
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except (ValueError, TypeError, OSError) as error:  # bad settings or files: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     print(summary(config.run.run_dir))

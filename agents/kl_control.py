@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from textenv.config import check_float, check_int
+
 
 @dataclass
 class FixedKLController:
@@ -40,6 +42,13 @@ class KLConfig:
     """Target KL per response, in nats, of the adaptive controller."""
     kl_horizon: int = 1000
     """Horizon of the adaptive controller, in episodes."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        check_float("kl_target", self.kl_target, "> 0", lambda v: v > 0)
+        check_int("kl_horizon", self.kl_horizon, minimum=1)
 
     def controller(self, initial: float) -> FixedKLController | AdaptiveKLController:
         if self.adaptive_kl:

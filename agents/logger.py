@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from pathlib import Path
 
 from matplotlib.figure import Figure  # drawn straight to a file: no pyplot, no backend to choose
@@ -16,6 +18,14 @@ CURVES = (
     ("loss/value", None, "value loss"),
     ("policy/entropy", None, "entropy (nats per token)"),
 )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a kill at any moment leaves the old file or the new, never half."""
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", newline="") as f:
+        f.write(text)
+    os.replace(partial, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -48,7 +58,7 @@ class RunLogger:
 
     @staticmethod
     def _rewrite(path: Path, rows: list[dict]) -> None:
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def log(self, iteration: int, metrics: dict[str, float], samples: list[dict]) -> None:
         row = {"iteration": iteration, **metrics}
@@ -65,10 +75,11 @@ class RunLogger:
 
     def write_csv(self) -> None:
         keys = ["iteration"] + sorted({k for row in self.rows for k in row} - {"iteration"})
-        with (self.run_dir / "metrics.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomically(self.run_dir / "metrics.csv", text.getvalue())
 
     def plot(self) -> Path:
         """Score, KL, value loss and entropy over iterations, as ``learning_curve.png``."""

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from textenv.lm import disable_dropout
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
 
@@ -46,13 +48,6 @@ def save_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
 
 def load_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
     head.load_state_dict(load_file(Path(directory) / VALUE_HEAD_FILE))
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere, so the rollout's and the update's forwards agree (first ratio exactly 1)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 class ActorCriticOutput(NamedTuple):

@@ -46,6 +46,7 @@ from agents.advantages import (
 from agents.losses import policy_loss, value_loss
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
+from textenv.config import check_choice, check_float, check_int
 from textenv.lm import entropy_from_logits, position_ids_from_mask, token_logprobs
 
 Algo = Literal["ppo", "rloo", "grpo"]
@@ -85,6 +86,27 @@ class PPOConfig:
     """Normalise advantages to mean 0, std 1 over the valid tokens of the rollout."""
     whiten_rewards: bool = False
     """Scale rewards to unit std over valid tokens (no mean shift) before GAE."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise on a setting out of range, of the wrong type or not finite, naming the field."""
+        check_choice("algo", self.algo, Algo)
+        for name in ("group_size", "epochs", "minibatch_size", "micro_batch_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_float("learning_rate", self.learning_rate, "> 0", lambda v: v > 0)
+        for name in ("gamma", "lam"):
+            check_float(name, getattr(self, name), "in [0, 1]", lambda v: 0 <= v <= 1)
+        for name in ("clip_range", "clip_range_value", "max_grad_norm"):
+            check_float(name, getattr(self, name), "> 0", lambda v: v > 0)
+        for name in ("vf_coef", "ent_coef"):
+            check_float(name, getattr(self, name), ">= 0", lambda v: v >= 0)
+        if self.minibatch_size % self.micro_batch_size:
+            raise ValueError(
+                f"minibatch_size ({self.minibatch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
 
     @property
     def uses_critic(self) -> bool:
@@ -197,8 +219,11 @@ def minibatch_step(
         stats["loss/value"].append(vf_loss.item())
         stats["loss/total"].append(loss.item())
         stats["policy/entropy"].append(entropy.item())
-    stats["ppo/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)))
-    optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        stats["ppo/grad_norm"].append(float(grad_norm))
+    stats["ppo/skipped_steps"].append(float(not torch.isfinite(grad_norm)))  # a NaN or inf gradient: no step
     return stats
 
 
@@ -237,7 +262,9 @@ def ppo_update(
             ).items():
                 stats[key].extend(values)
 
-    metrics = {key: sum(values) / len(values) for key, values in stats.items()}
+    metrics = {key: sum(values) / len(values) for key, values in stats.items() if values}
+    metrics["ppo/skipped_steps"] = sum(stats["ppo/skipped_steps"])
+    metrics["ppo/steps"] = len(stats["ppo/skipped_steps"])
     metrics["ppo/first_ratio_mean"] = stats["ppo/ratio_mean"][0]
     metrics["ppo/advantage_mean"] = float(masked_mean(advantages, mask))
     if config.uses_critic:

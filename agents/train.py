@@ -12,6 +12,8 @@ resume in ``checkpoint.py``, the metrics in ``evaluate.py``, processes in
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,15 +28,15 @@ from agents.checkpoint import Checkpoints, TrainerState
 from agents.distributed import Distributed
 from agents.evaluate import evaluate, rollout_metrics
 from agents.kl_control import KLConfig
-from agents.logger import RunLogger, read_jsonl
+from agents.logger import RunLogger, read_jsonl, write_atomically
 from agents.lora import AdaptersDisabled, add_lora
 from agents.policy import ActorCritic
 from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
-from textenv.config import AsPath
+from textenv.config import AsPath, check_float, check_int
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
-from textenv.loading import resolve_device
+from textenv.loading import looks_like_path, read_prompts, resolve_device
 
 
 @dataclass
@@ -83,6 +85,26 @@ class RunConfig:
     """Show a progress bar."""
     threads: int | None = None
     """torch's CPU threads per process (default: torch's choice; 1 is often faster for tiny models on busy CPUs)."""
+    allow_existing_run_dir: bool = False
+    """Start a run in a non-empty directory that holds no textenv run (its files are left alone)."""
+    max_skipped_updates: int = 3
+    """Stop with an error after this many updates in a row whose gradients were all NaN or inf."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise on a setting out of range or of the wrong type, naming the field."""
+        for name in ("iterations", "batch_size", "checkpoint_every", "eval_every", "eval_episodes"):
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("seed", "lora_rank"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_int("max_skipped_updates", self.max_skipped_updates, minimum=1)
+        if self.token_budget is not None:
+            check_int("token_budget", self.token_budget, minimum=1)
+        if self.threads is not None:
+            check_int("threads", self.threads, minimum=1)
+        check_float("lora_alpha", self.lora_alpha, "> 0", lambda v: v > 0)
 
 
 @dataclass
@@ -93,74 +115,121 @@ class TrainConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self):
+        self.validate_combination()
+
     def validate(self) -> None:
-        """Raise on a configuration that cannot run, before any work."""
+        """Raise on a configuration that cannot run, before any work; messages name the field."""
+        for part in (self.env, self.ppo, self.kl, self.run):
+            part.validate()  # fields may have been set after construction
+        self.validate_combination()
+        policy = self.run.policy
+        if policy is not None and looks_like_path(policy) and not Path(policy).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"--policy {policy!r} is not a directory: pass the directory of a saved causal LM, or a hub name"
+            )
+        for name, path in (("prompts", self.env.prompts), ("eval_prompts", self.run.eval_prompts)):
+            if isinstance(path, str):
+                read_prompts(path, what="--" + name.replace("_", "-"))
+
+    def validate_combination(self) -> None:
         ppo, run = self.ppo, self.run
-        self.env.validate()  # fields may have been set after construction
         if run.batch_size % ppo.minibatch_size:
             raise ValueError(
                 f"batch_size ({run.batch_size}) must be a multiple of minibatch_size ({ppo.minibatch_size})"
             )
-        if ppo.minibatch_size % ppo.micro_batch_size:
-            raise ValueError(
-                f"minibatch_size ({ppo.minibatch_size}) must be a multiple of micro_batch_size ({ppo.micro_batch_size})"
-            )
-        if ppo.algo not in ("ppo", "rloo", "grpo"):
-            raise ValueError(f"algo must be 'ppo', 'rloo' or 'grpo', got {ppo.algo!r}")
-        if ppo.algo != "ppo" and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
+        if not ppo.uses_critic and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
             raise ValueError(
                 f"{ppo.algo} needs group_size >= 2 dividing batch_size ({run.batch_size}); got {ppo.group_size}"
             )
         if run.fsdp and run.lora_rank:
             raise ValueError("--fsdp with --lora-rank is not supported: LoRA already keeps the trained state small")
-        if run.iterations < 1 or run.checkpoint_every < 1 or run.eval_every < 1:
-            raise ValueError("iterations, checkpoint_every and eval_every must be >= 1")
-        for name, path in (("prompts", self.env.prompts), ("eval_prompts", run.eval_prompts)):
-            if isinstance(path, str) and not Path(path).is_file():
-                raise FileNotFoundError(f"--{name.replace('_', '-')} file {path!r} does not exist")
 
 
 def train(config: TrainConfig) -> Path:
-    """Run (or resume) PPO as configured; returns the directory of the final policy."""
+    """Run (or resume) PPO as configured; returns the directory of the final policy.
+
+    SIGINT (Ctrl-C) or SIGTERM ends the iteration in progress, writes a checkpoint and
+    raises ``TrainingStopped``; ``--resume`` continues from there.
+    """
     t = Trainer(config)
     ppo, run, temperature = config.ppo, config.run, config.env.temperature
     group_size = ppo.group_size if not ppo.uses_critic else None
-    bar = tqdm(
-        range(t.start, run.iterations),
-        desc=ppo.algo.upper(),
-        disable=not (run.progress and t.dist.is_main),
-        initial=t.start,
-        total=run.iterations,
-    )
     last = t.start - 1
-    for iteration in bar:
-        if t.budget_spent():
-            break  # a resumed run that had already spent its budget
-        began = time.perf_counter()
-        metrics = t.evaluate(iteration) if iteration % run.eval_every == 0 else {}  # iteration 0: the SFT policy
-        t.env.kl_coef = t.kl.value
-        t.agent.eval()
-        rollout = collect_rollout(t.agent, t.env, temperature, t.seed + iteration, t.sampling, t.autocast, group_size)
-        rollout_seconds = time.perf_counter() - began
-        t.model.train()
-        metrics |= ppo_update(t.model, t.optimizer, rollout, ppo, temperature, t.shuffling, t.autocast)
-        metrics |= rollout_metrics(rollout, "env")
-        metrics |= {"perf/tokens_per_s": float(rollout.mask.sum()) / rollout_seconds}
-        metrics |= {"perf/iteration_s": time.perf_counter() - began}
-        metrics = t.gather_metrics(iteration, metrics)
-        t.scheduler.step()
-        t.kl.update(metrics["env/kl"], len(rollout.actions) * t.dist.world_size)
-        t.tokens += t.dist.sum(int(rollout.mask.sum()))
-        metrics["perf/tokens_total"] = t.tokens
-        done = iteration == run.iterations - 1 or t.budget_spent()
-        t.log(iteration, metrics, rollout, bar)
-        if (iteration + 1) % run.checkpoint_every == 0 or done:
-            t.save_checkpoint(iteration)
-        t.dist.barrier()
-        last = iteration
-        if done:
-            break
+    with StopSignals() as stop:
+        for iteration in t.progress_bar():
+            if t.budget_spent():
+                break  # a resumed run that had already spent its budget
+            began = time.perf_counter()
+            metrics = t.evaluate(iteration) if iteration % run.eval_every == 0 else {}  # iteration 0: the SFT policy
+            t.env.kl_coef = t.kl_controller.value
+            t.agent.eval()
+            rollout_began = time.perf_counter()
+            rollout = collect_rollout(
+                t.agent, t.env, temperature, t.seed + iteration, t.sampling, t.autocast, group_size
+            )
+            metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / (time.perf_counter() - rollout_began)
+            t.model.train()
+            metrics |= ppo_update(t.model, t.optimizer, rollout, ppo, temperature, t.shuffling, t.autocast)
+            metrics |= rollout_metrics(rollout, "env")
+            metrics["perf/iteration_s"] = time.perf_counter() - began
+            metrics = t.gather_metrics(iteration, metrics)
+            t.scheduler.step()
+            t.kl_controller.update(metrics["env/kl"], len(rollout.actions) * t.dist.world_size)
+            t.tokens += t.dist.sum(int(rollout.mask.sum()))
+            metrics["perf/tokens_total"] = t.tokens
+            t.log(iteration, metrics, rollout)
+            t.check_update(metrics)
+            done = iteration == run.iterations - 1 or t.budget_spent()
+            stopping = stop.requested(t.dist)
+            if (iteration + 1) % run.checkpoint_every == 0 or done or stopping:
+                t.save_checkpoint(iteration)
+            t.dist.barrier()
+            last = iteration
+            if stopping:
+                t.stop(stop.signal_name, iteration)
+            if done:
+                break
     return t.finish(last + 1)
+
+
+class TrainingStopped(Exception):
+    """Training ended early on SIGINT or SIGTERM, after writing a checkpoint. ``exit_code``: 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the iteration in progress; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous: dict[int, object] = {}
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signal).name
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: no more waiting
+        self.signal = signum
+
+    def requested(self, dist: Distributed) -> bool:
+        """Whether any process was asked to stop (all of them then stop at the same iteration)."""
+        return dist.sum(int(self.signal is not None)) > 0
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 class Trainer:
@@ -174,14 +243,12 @@ class Trainer:
         self.dist = dist = Distributed(resolve_device(run.device), fsdp=run.fsdp)
         self.device, self.run_dir = dist.device, Path(run.run_dir)
         self.checkpoints = Checkpoints(self.run_dir)
-        if not run.resume and self.checkpoints.latest() is not None:
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --run-dir"
-            )
-        resumed = self.checkpoints.resume() if run.resume else None
-        if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+        if run.resume:
+            resumed = self.checkpoints.resume()
+            check_resumed_config(config, self.run_dir)
+        else:
+            check_new_run_dir(self.run_dir, self.checkpoints, run.allow_existing_run_dir)
+            resumed = None
 
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.agent = build_agent(config, None if resumed is None else resumed.directory / "agent", self.device)
@@ -193,18 +260,23 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(trainable, lr=config.ppo.learning_rate, eps=1e-5)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: max(0.0, 1 - it / run.iterations))
-        self.kl = config.kl.controller(config.env.kl_coef)
+        self.kl_controller = config.kl.controller(config.env.kl_coef)
         self.seed = dist.seed(run.seed)
         self.sampling = torch.Generator(device=self.device).manual_seed(self.seed)
         self.shuffling = torch.Generator().manual_seed(self.seed + 1)
         self.start, self.tokens = 0, 0
         if resumed is not None:
             self.restore(resumed)
+        self.skipped_updates = 0  # updates in a row whose every optimizer step had a non-finite gradient
+        if dist.is_main:  # only now, with everything loaded: a failed start leaves no run directory behind
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2, default=str) + "\n")
+        dist.barrier()
         self.logger = RunLogger(self.run_dir, self.start) if dist.is_main else None
         self.raw_metrics = self.run_dir / f"metrics-rank{dist.rank}.jsonl" if dist.enabled else None
         if self.raw_metrics is not None and self.raw_metrics.exists():  # a resumed run: keep what the checkpoint covers
             kept = [row for row in read_jsonl(self.raw_metrics) if row["iteration"] < self.start]
-            self.raw_metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            write_atomically(self.raw_metrics, "".join(json.dumps(row) + "\n" for row in kept))
 
     def restore(self, resumed) -> None:
         state = resumed.state
@@ -217,7 +289,18 @@ class Trainer:
         self.scheduler.load_state_dict(resumed.scheduler)
         for generator, saved in zip((self.sampling, self.shuffling), resumed.generators[self.dist.rank]):
             generator.set_state(saved)
-        self.start, self.kl.value, self.tokens = state.iteration + 1, state.kl_coef, state.tokens
+        self.start, self.kl_controller.value, self.tokens = state.iteration + 1, state.kl_coef, state.tokens
+
+    def check_update(self, metrics: dict[str, float]) -> None:
+        """Stop when too many updates in a row were skipped for NaN or inf gradients (one may be a fluke)."""
+        all_skipped = metrics["ppo/skipped_steps"] == metrics["ppo/steps"]
+        self.skipped_updates = self.skipped_updates + 1 if all_skipped else 0
+        if self.skipped_updates >= self.config.run.max_skipped_updates:
+            raise FloatingPointError(
+                f"{self.skipped_updates} updates in a row had NaN or inf gradients in every step, so none was "
+                f"applied; the last good checkpoint is {self.checkpoints.latest()}. Lower --learning-rate, check "
+                "the reward model's scores, or raise --max-skipped-updates"
+            )
 
     def budget_spent(self) -> bool:
         budget = self.config.run.token_budget
@@ -233,14 +316,38 @@ class Trainer:
             with self.raw_metrics.open("a") as f:
                 f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
         metrics = self.dist.mean_metrics(metrics)
-        metrics["env/non_score_reward"] = -self.kl.value * metrics["env/kl"]
-        metrics["kl/coef"] = self.kl.value
+        metrics["env/non_score_reward"] = -self.kl_controller.value * metrics["env/kl"]
+        metrics["kl/coef"] = self.kl_controller.value
         metrics["perf/lr"] = self.scheduler.get_last_lr()[0]
         if not self.dist.fsdp:  # FSDP ranks hold different shards by design
             metrics["dist/parameter_spread"] = self.dist.parameter_spread(self.agent)
         return metrics
 
-    def log(self, iteration: int, metrics: dict[str, float], rollout: Rollout, bar) -> None:
+    def progress_bar(self) -> tqdm:
+        run = self.config.run
+        self.bar = tqdm(
+            range(self.start, run.iterations),
+            desc=self.config.ppo.algo.upper(),
+            disable=not (run.progress and self.dist.is_main),
+            initial=self.start,
+            total=run.iterations,
+        )
+        return self.bar
+
+    def stop(self, signal_name: str, iteration: int) -> None:
+        """After the checkpoint of ``iteration``: close what is open and raise ``TrainingStopped``."""
+        self.bar.close()
+        if self.logger is not None:
+            self.logger.plot()
+            self.logger.close()
+        self.dist.shutdown()
+        raise TrainingStopped(
+            f"stopped by {signal_name} after iteration {iteration}; checkpoint {self.checkpoints.latest()}; "
+            f"continue with --run-dir {self.run_dir} --resume",
+            exit_code=128 + signal.Signals[signal_name].value,
+        )
+
+    def log(self, iteration: int, metrics: dict[str, float], rollout: Rollout) -> None:
         if not self.dist.is_main:
             return
         samples = [
@@ -248,7 +355,7 @@ class Trainer:
             for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:4]
         ]
         self.logger.log(iteration, metrics, samples)
-        bar.set_postfix(
+        self.bar.set_postfix(
             score=f"{metrics['env/score']:+.2f}",
             pos=f"{metrics['env/positive_rate']:.0%}",
             kl=f"{metrics['env/kl']:.2f}",
@@ -262,7 +369,7 @@ class Trainer:
         agent = self.dist.full_agent(self.model, self.agent)
         optimizer = self.dist.optimizer_state(self.model, self.optimizer)
         if self.dist.is_main:
-            state = TrainerState(iteration, self.kl.value, self.tokens, self.dist.world_size)
+            state = TrainerState(iteration, self.kl_controller.value, self.tokens, self.dist.world_size)
             self.checkpoints.save(iteration, agent, optimizer, self.scheduler.state_dict(), generators, state)
 
     def finish(self, iteration: int) -> Path:
@@ -279,6 +386,74 @@ class Trainer:
         self.dist.barrier()
         self.dist.shutdown()
         return final
+
+
+CONFIG_FILE = "config.json"
+# What --resume may change: how long the run goes on, how often it saves and evaluates, how it shows progress.
+RESUMABLE_CHANGES = {
+    "run.iterations",
+    "run.token_budget",
+    "run.checkpoint_every",
+    "run.eval_every",
+    "run.progress",
+    "run.threads",
+    "run.resume",
+    "run.allow_existing_run_dir",
+    "run.max_skipped_updates",
+}
+
+
+def flat_config(config: TrainConfig | dict) -> dict[str, object]:
+    """``{"run.batch_size": 64, ...}``, as ``config.json`` stores it (paths and objects as text)."""
+    data = json.loads(json.dumps(asdict(config) if not isinstance(config, dict) else config, default=str))
+    return {f"{part}.{key}": value for part, fields in data.items() for key, value in fields.items()}
+
+
+def saved_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"--resume: cannot read {path} ({error}); it records the run's settings") from error
+
+
+def check_resumed_config(config: TrainConfig, run_dir: Path) -> None:
+    """A resumed run keeps its settings: any difference outside ``RESUMABLE_CHANGES`` is refused, each named."""
+    saved, given = flat_config(saved_config(run_dir)), flat_config(config)
+    changed = [key for key in sorted(saved.keys() | given.keys()) if saved.get(key) != given.get(key)]
+    refused = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if refused:
+        listing = "; ".join(f"{key.split('.', 1)[1]}: {saved.get(key)!r} -> {given.get(key)!r}" for key in refused)
+        raise ValueError(
+            f"--resume: these settings differ from the run's {run_dir / CONFIG_FILE}: {listing}. A resumed run "
+            "continues with its own settings (the command line takes them from config.json); only "
+            f"{', '.join(sorted(k.split('.', 1)[1] for k in RESUMABLE_CHANGES))} may change"
+        )
+
+
+def is_textenv_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the config.json of a textenv training run (a model's config.json does not count)."""
+    try:
+        return {"env", "ppo", "run"} <= set(json.loads((run_dir / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_new_run_dir(run_dir: Path, checkpoints: Checkpoints, allow_existing: bool) -> None:
+    """A new run goes into a new or empty directory, or one of an earlier textenv run that never checkpointed."""
+    if checkpoints.latest() is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir"
+        )
+    if not run_dir.exists() or allow_existing:
+        return
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"--run-dir {run_dir} is a file; choose a directory")
+    if any(run_dir.iterdir()) and not is_textenv_run(run_dir):
+        raise FileExistsError(
+            f"--run-dir {run_dir} is not empty and holds no textenv run; choose another directory, or pass "
+            "--allow-existing-run-dir to write into it (its other files are left alone)"
+        )
 
 
 def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -> ActorCritic:
@@ -327,5 +502,21 @@ def build_envs(config: TrainConfig, agent: ActorCritic, device: torch.device):
 
 
 def cli(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
-    """The training command line: every field of ``TrainConfig``, without group prefixes."""
-    return tyro.cli(TrainConfig, args=argv, config=(tyro.conf.OmitArgPrefixes,), description=description)
+    """The training command line: every field of ``TrainConfig``, without group prefixes.
+
+    With ``--resume`` the run's own ``config.json`` gives the defaults, so the flags
+    given are exactly the changes asked for (and checked: see ``RESUMABLE_CHANGES``).
+    """
+    options = dict(config=(tyro.conf.OmitArgPrefixes,), description=description)
+    config = tyro.cli(TrainConfig, args=argv, **options)
+    if config.run.resume and (config.run.run_dir / CONFIG_FILE).is_file():
+        config = tyro.cli(TrainConfig, args=argv, default=config_from_json(saved_config(config.run.run_dir)), **options)
+    return config
+
+
+def config_from_json(data: dict) -> TrainConfig:
+    """The ``TrainConfig`` a ``config.json`` holds."""
+    run = {**data["run"], "run_dir": Path(data["run"]["run_dir"])}
+    return TrainConfig(
+        TokenEnvConfig(**data["env"]), PPOConfig(**data["ppo"]), KLConfig(**data["kl"]), RunConfig(**run)
+    )

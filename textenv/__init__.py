@@ -16,6 +16,11 @@ gym.register(
     id="TokenRLHF-v0",
     entry_point="textenv.env:TokenGenerationEnv",
     vector_entry_point="textenv.vector_env:TokenGenerationVectorEnv",
+    # gym.make returns the env itself, so the documented ``env.kl_coef = beta`` reaches it (on a Gymnasium
+    # wrapper it would set an attribute of the wrapper and change nothing). The env enforces reset-before-step
+    # itself, and the env checkers pass on it in the tests.
+    order_enforce=False,
+    disable_env_checker=True,
 )
 
 __all__ = ["TokenEnvConfig", "TokenGenerationEnv", "TokenGenerationVectorEnv"]

@@ -70,21 +70,21 @@ class TokenEnvConfig:
 
     def validate(self) -> None:
         """Raise on a setting out of range, of the wrong type or not finite, naming the field."""
-        _check_int("max_prompt_tokens", self.max_prompt_tokens, minimum=1)
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_int("max_prompt_tokens", self.max_prompt_tokens, minimum=1)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         check_kl_coef(self.kl_coef)
-        _check_float("temperature", self.temperature, "> 0 (log-probs use logits / temperature)", lambda t: t > 0)
+        check_float("temperature", self.temperature, "> 0 (log-probs use logits / temperature)", lambda t: t > 0)
         if self.score_clip is not None:
-            _check_float("score_clip", self.score_clip, "> 0 or None", lambda c: c > 0)
+            check_float("score_clip", self.score_clip, "> 0 or None", lambda c: c > 0)
         if self.missing_eos_penalty is not None:
-            _check_float(
+            check_float(
                 "missing_eos_penalty",
                 self.missing_eos_penalty,
                 ">= 0 (it is subtracted from the score)",
                 lambda p: p >= 0,
             )
-        _check_choice("reward_mode", self.reward_mode, RewardMode)
-        _check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
+        check_choice("reward_mode", self.reward_mode, RewardMode)
+        check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
         if not isinstance(self.prompt_column, str):
             raise TypeError(f"prompt_column must be a column name (str), got {self.prompt_column!r}")
         if self.policy is not None and not (isinstance(self.policy, torch.nn.Module) or callable(self.policy)):
@@ -115,17 +115,17 @@ class TokenEnvConfig:
 
 def check_kl_coef(value) -> float:
     """The KL coefficient as a float; a negative, non-finite or non-number value raises."""
-    return _check_float("kl_coef", value, ">= 0 (it scales a penalty)", lambda v: v >= 0)
+    return check_float("kl_coef", value, ">= 0 (it scales a penalty)", lambda v: v >= 0)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_float(name: str, value, rule: str, holds: Callable[[float], bool]) -> float:
+def check_float(name: str, value, rule: str, holds: Callable[[float], bool]) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
     if not math.isfinite(value) or not holds(value):
@@ -133,7 +133,7 @@ def _check_float(name: str, value, rule: str, holds: Callable[[float], bool]) ->
     return float(value)
 
 
-def _check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
     allowed = choices.__args__
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

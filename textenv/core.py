@@ -29,6 +29,7 @@ from textenv.lm import CachedStepper, pad_batch, sequence_scores, token_logprobs
 from textenv.loading import Task
 from textenv.rewards import clip_score, non_score_reward, score_terms
 
+LOGPROB_TOLERANCE = 1e-4  # log_softmax can round a little above 0 (bf16); a probability is far above
 INFO_FLOATS = ("ref_logprob", "logprob", "kl", "non_score_reward", "score")
 
 
@@ -63,7 +64,7 @@ class SparseScorer:
                 t.to(tokens.device) for t in pad_batch([sequence(r) for r in rows.tolist()], self.pad_token_id)
             )
             score[rows] = sequence_scores(self.reward_model, ids, mask)
-        clipped = clip_score(torch.nan_to_num(score), self.config.score_clip)
+        clipped = clip_score(torch.where(ended, score, 0.0), self.config.score_clip)
         return score_terms(clipped, ended, truncated, self.config.missing_eos_penalty), score
 
 
@@ -87,6 +88,19 @@ class DenseScorer:
         terms = score_terms(clipped, ended, truncated, self.config.missing_eos_penalty, previous=self.previous)
         self.previous = torch.where(live, clipped, self.previous)
         return terms, torch.where(ended, current, torch.full_like(current, float("nan")))
+
+
+def check_logprob_values(logprobs: Tensor, live: Tensor, what: str) -> Tensor:
+    """Log-probs of chosen tokens must be finite and <= 0 on live slots (a positive one is a probability)."""
+    bad = live & (~torch.isfinite(logprobs) | (logprobs > LOGPROB_TOLERANCE))
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{what} must be finite log-probabilities (<= 0) of the chosen tokens; slot {row} has "
+            f"{float(logprobs[row])} (-inf: the policy gave its own action probability 0; > 0: probabilities or "
+            "logits instead of log-probs?)"
+        )
+    return logprobs
 
 
 @dataclass
@@ -189,10 +203,10 @@ class TokenBatchCore:
             )
         return logprobs
 
-    def _policy_logprobs(self, logprobs, actions: Tensor) -> tuple[Tensor | None, str]:
+    def _policy_logprobs(self, logprobs, actions: Tensor, live: Tensor) -> tuple[Tensor | None, str]:
         """The acting policy's log-probs of ``actions`` and where they came from (see DESIGN.md's KL sources)."""
         if logprobs is not None:
-            return self.check_logprobs(logprobs), "caller"
+            return check_logprob_values(self.check_logprobs(logprobs), live, "logprobs passed to step()"), "caller"
         if self.policy is not None:
             return token_logprobs(self.policy.last, actions, self.config.temperature), "policy"
         if self.policy_fn is None:
@@ -203,7 +217,19 @@ class TokenBatchCore:
                 f"the policy callable must return log-probabilities of shape ({self.num_slots}, {self.vocab_size}) "
                 f"(slots, vocabulary); it returned {tuple(table.shape)}"
             )
-        return table.gather(-1, actions[:, None])[:, 0], "policy"
+        chosen = table.gather(-1, actions[:, None])[:, 0]
+        return check_logprob_values(chosen, live, "the policy callable's log-probs of the chosen tokens"), "policy"
+
+    def _check_scores(self, terms: Tensor, score: Tensor, live: Tensor, ended: Tensor) -> None:
+        """A NaN or infinite score is an error of the reward model, never a reward."""
+        bad = (live & ~torch.isfinite(terms)) | (ended & ~torch.isfinite(score))
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            value = float(score[row]) if ended[row] else float(terms[row])
+            raise ValueError(
+                f"the reward model scored slot {row}'s text {self.tokenizer.decode(self.sequence(row))!r} as {value}; "
+                "a reward must be finite: check the reward model (its dtype, its inputs) before training on it"
+            )
 
     def _append(self, actions: np.ndarray, live: np.ndarray) -> None:
         """Append each live slot's action to its response; the window slides left by one token on live rows."""
@@ -225,7 +251,7 @@ class TokenBatchCore:
         actions = self.check_actions(actions)
         live = ~self.done if active is None else ~self.done & active
         actions_t, live_t = torch.as_tensor(actions, device=self.device), torch.as_tensor(live, device=self.device)
-        lp, source = self._policy_logprobs(logprobs, actions_t)
+        lp, source = self._policy_logprobs(logprobs, actions_t, live_t)
         ref_lp = token_logprobs(self.reference.last, actions_t, self.config.temperature)
         non_score, kl = non_score_reward(ref_lp, lp, self.kl_coef)
 
@@ -239,6 +265,7 @@ class TokenBatchCore:
             torch.as_tensor(truncated, device=self.device),
         )
         terms, score = self.scorer.step(actions_t, live_t, ended_t, truncated_t, self.sequence)
+        self._check_scores(terms, score, live_t, ended_t)
 
         continuing = live_t & ~ended_t
         if continuing.any():

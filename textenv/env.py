@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -36,6 +37,8 @@ def check_render_mode(render_mode: str | None, metadata: dict) -> None:
 
 def check_reset_options(options: dict | None, num_prompts: int, known: tuple[str, ...], count: int) -> dict:
     """Validate ``reset`` options; ``prompt_index`` becomes an int64 array of ``count`` entries (or stays None)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict (or None), got {options!r} of type {type(options).__name__}")
     options = dict(options or {})
     unknown = set(options) - set(known)
     if unknown:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -25,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from textenv.config import ModelLike, TokenEnvConfig
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
-from textenv.lm import sequence_scores
+from textenv.lm import disable_dropout, sequence_scores
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -35,11 +36,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def looks_like_path(source: str | os.PathLike) -> bool:
+    """A local path rather than a hub name ("org/name"): a path object, or text that starts like one."""
+    text = os.fspath(source)
+    return isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
 def _from_pretrained(auto_class, source: str | os.PathLike, what: str, **kwargs):
     """``auto_class.from_pretrained`` with an error that names the path when it cannot be found."""
     text = os.fspath(source)
     path = Path(text).expanduser()
-    if isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1:
+    if looks_like_path(source):
         if not path.exists():
             raise FileNotFoundError(
                 f"{what} path {text!r} does not exist; pass an existing directory, a hub name or a loaded model"
@@ -71,6 +78,7 @@ def load_tokenizer(
 def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Eval mode, no gradients, on ``device``: the state of every model the env holds."""
     model = model.to(device).eval()
+    disable_dropout(model)  # eval mode is enough for Hugging Face models; rates kept as numbers go too
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
@@ -83,9 +91,45 @@ def load_causal_lm(source: ModelLike, device: torch.device, what: str = "referen
 
 
 def load_reward_model(source: ModelLike, device: torch.device) -> PreTrainedModel:
+    """A sequence classifier with one label; a directory holding anything else is refused before loading."""
     if isinstance(source, torch.nn.Module):
         return freeze(source, device)
-    return freeze(_from_pretrained(AutoModelForSequenceClassification, source, "reward model", num_labels=1), device)
+    config = _from_pretrained(AutoConfig, source, "reward model")
+    check_reward_model_config(config, os.fspath(source))
+    return freeze(_from_pretrained(AutoModelForSequenceClassification, source, "reward model"), device)
+
+
+def check_reward_model_config(config, source: str) -> None:
+    """A causal LM would get a random score head, a classifier with several labels fails on its head's shape."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ValueError(
+            f"reward model {source!r} is a {', '.join(architectures)}, not a sequence classifier: loading it as "
+            "one would add a randomly initialised score head and the rewards would be noise. Pass a reward model "
+            "trained with a one-label head (AutoModelForSequenceClassification, num_labels=1)"
+        )
+    if config.num_labels != 1:
+        raise ValueError(
+            f"reward model {source!r} has a classifier head with {config.num_labels} labels; the env needs one "
+            "scalar score per response (num_labels=1). A preference model with two logits can be turned into "
+            "one by keeping the difference of its two rows of the score weight"
+        )
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, reward_source: ModelLike) -> None:
+    """A reward model directory that carries its own tokenizer must carry the policy's: the env passes token ids."""
+    if isinstance(reward_source, torch.nn.Module):
+        return
+    path = Path(os.fspath(reward_source)).expanduser()
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        return
+    own = load_tokenizer(path, what="reward model's tokenizer")
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"the reward model in {os.fspath(reward_source)!r} has its own tokenizer, with another vocabulary than "
+            "the policy's; the env hands it the policy's token ids, which would score the wrong tokens. Use a "
+            "reward model trained with the policy's tokenizer"
+        )
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -98,18 +142,17 @@ def model_positions(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
-def read_prompts(prompts: Sequence[str] | str | os.PathLike | None, prompt_column: str = "prompt") -> list[str]:
-    """Prompts from a list of strings, a text file (one prompt per line) or a ``datasets`` dataset."""
+def read_prompts(
+    prompts: Sequence[str] | str | os.PathLike | None, prompt_column: str = "prompt", what: str = "prompts"
+) -> list[str]:
+    """Prompts from a list of strings, a UTF-8 text file (one prompt per line) or a ``datasets`` dataset.
+
+    ``what`` names the argument in errors. Blank lines of a file are skipped; a file with none left raises.
+    """
     if prompts is None:
         return load_prompts("train")
     if isinstance(prompts, str | os.PathLike):
-        path = Path(prompts)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"prompts file {os.fspath(prompts)!r} does not exist; pass a list of strings or a path to a text "
-                "file with one prompt per line"
-            )
-        return [line for line in path.read_text().splitlines() if line.strip()]
+        return read_prompt_file(Path(prompts), what)
     if hasattr(prompts, "column_names"):  # a datasets.Dataset
         if prompt_column not in prompts.column_names:
             raise ValueError(
@@ -118,7 +161,27 @@ def read_prompts(prompts: Sequence[str] | str | os.PathLike | None, prompt_colum
         prompts = prompts[prompt_column]
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
+        raise ValueError(f"{what} must be a non-empty list of strings")
+    return prompts
+
+
+def read_prompt_file(path: Path, what: str) -> list[str]:
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} file {os.fspath(path)!r} is a directory; pass a text file, one prompt a line")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} file {os.fspath(path)!r} does not exist; pass a list of strings or a path to a text "
+            "file with one prompt per line"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{what} file {os.fspath(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from error
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{what} file {os.fspath(path)!r} holds no prompts (it is empty or blank)")
     return prompts
 
 
@@ -145,7 +208,9 @@ def load_task(config: TokenEnvConfig) -> Task:
         tokenizer = load_tokenizer(reference_source, what="reference model (and its tokenizer)")
     tokenizer = load_tokenizer(tokenizer)
     reference = load_causal_lm(reference_source, device)
-    reward_model = load_reward_model(REWARD_MODEL_DIR if config.reward_model is None else config.reward_model, device)
+    reward_source = REWARD_MODEL_DIR if config.reward_model is None else config.reward_model
+    reward_model = load_reward_model(reward_source, device)
+    check_same_tokenizer(tokenizer, reward_source)
     check_special_tokens(tokenizer)
     vocab_size = check_vocabularies(tokenizer, reference, reward_model, config.policy)
     for name, model in (("reference model", reference), ("reward model", reward_model)):
@@ -201,7 +266,8 @@ def tokenize_prompts(
     prompts: list[str], tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int, truncation: str
 ) -> list[list[int]]:
     """Token ids of each prompt; a prompt longer than ``max_prompt_tokens`` raises or keeps its end."""
-    prompt_ids = [list(ids) for ids in tokenizer(prompts)["input_ids"]]
+    # prompt text is text: "<eos>" typed in a prompt must not become the EOS token
+    prompt_ids = [list(ids) for ids in tokenizer(prompts, split_special_tokens=True)["input_ids"]]
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) is empty after tokenization")

@@ -18,6 +18,7 @@ needs no policy forward of its own for the KL term.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -78,6 +79,8 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
                 prompt (k episodes per prompt, as RLOO and GRPO need). k must divide their number.
         """
         super().reset(seed=seed)
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"options must be a dict (or None), got {options!r} of type {type(options).__name__}")
         options = dict(options or {})
         rows = np.arange(self.num_envs)
         if options.get("reset_mask") is not None:
