@@ -5,8 +5,9 @@ For each batch size N, on the embedded default task (offline), this script times
 (a) baseline: Hugging Face ``model.generate`` of the default-task policy on N
     prompts (pure sampling: do_sample=True, top_k=0, top_p=1.0, temperature 1);
 (b) the vector env, ``gym.make_vec("TokenRLHF-v0", num_envs=N,
-    vectorization_mode="vector_entry_point", autoreset_mode="Disabled")``, driven
-    in lockstep by the same policy with its own KV cache: the agent samples a
+    vectorization_mode="vector_entry_point", autoreset_mode="Disabled")`` (built
+    by ``agents.rollout.make_rollout_env``), driven in lockstep by the same policy
+    with its own KV cache (``textenv.lm.CachedStepper``): the agent samples a
     token per slot and passes its log-prob to ``env.step(actions, logprobs=lp)``
     (the fast path: the env runs only its reference model, KV-cached, and scores
     finished responses with the reward model); one episode = reset + steps until
@@ -32,56 +33,63 @@ divided by the baseline's (a), measured in the same process, so > 1 means slower
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import resource
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
 import torch
 import transformers
+import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from agents.rollout import make_rollout_env
+from textenv import TokenEnvConfig
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
-from textenv.models import pad_batch, position_ids_from_mask, sequence_scores
-from textenv.rewards import token_logprobs
+from textenv.lm import CachedStepper, pad_batch, position_ids_from_mask, sequence_scores, token_logprobs
 
-KL_COEF = 0.05  # the env's default
+KL_COEF = TokenEnvConfig().kl_coef  # the env's default, which the envs below run with
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-envs", type=int, nargs="+", default=[1, 8, 32], help="batch sizes N to measure")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-prompt-tokens", type=int, default=16, help="the env's max_prompt_tokens")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument(
-        "--uncached-max-n",
-        type=int,
-        default=None,
-        help="run (c), the uncached loop, only for N up to this (default: every N)",
-    )
-    parser.add_argument(
-        "--stop-at-eos",
-        action="store_true",
-        help="let rows end at EOS and count only generated tokens (default: EOS masked, full length)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda given but torch.cuda.is_available() is False")
-    if min(args.num_envs) < 1 or args.max_new_tokens < 1 or args.repeats < 1:
-        parser.error("--num-envs, --max-new-tokens and --repeats must be >= 1")
-    return args
+@dataclass
+class BenchmarkArgs:
+    """What to measure, and how often."""
+
+    num_envs: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """Batch sizes N to measure."""
+    max_new_tokens: int = 32
+    """Longest response (without --stop-at-eos, every row generates exactly this many tokens)."""
+    max_prompt_tokens: int = 16
+    """The env's max_prompt_tokens."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:1, ..."""
+    repeats: int = 5
+    """Timed runs per measurement (median reported)."""
+    uncached_max_n: int | None = None
+    """Run (c), the uncached loop, only for N up to this (default: every N)."""
+    stop_at_eos: Annotated[bool, tyro.conf.FlagCreatePairsOff] = False
+    """Let rows end at EOS and count only generated tokens (default: EOS masked, full length)."""
+    threads: int | None = None
+    """torch.set_num_threads (default: torch's choice)."""
+    seed: int = 0
+    """Seed of the env's reset and of the sampling (repeat r samples with seed + 1 + r)."""
+
+    def __post_init__(self):  # tyro reports a ValueError here as a command-line error
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda given but torch.cuda.is_available() is False")
+        if not self.num_envs or min(self.num_envs) < 1 or self.max_new_tokens < 1 or self.repeats < 1:
+            raise ValueError("--num-envs, --max-new-tokens and --repeats must be >= 1")
+
+
+def parse_args(argv: list[str] | None = None) -> BenchmarkArgs:
+    return tyro.cli(BenchmarkArgs, args=argv, description=__doc__)
 
 
 class Clock:
@@ -105,21 +113,18 @@ class Run:
 
 
 class Agent:
-    """The acting policy, stepped over N rows with its own KV cache (like ``textenv.models.sample``)."""
+    """The acting policy, stepped over N rows with one KV cache (``textenv.lm.CachedStepper``, as in ``sample``)."""
 
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, mask_eos: bool):
-        self.model, self.eos_token_id, self.mask_eos = model, eos_token_id, mask_eos
-        self.device = next(model.parameters()).device
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int, mask_eos: bool):
+        self.stepper = CachedStepper(model, pad_token_id)
+        self.device = self.stepper.device
         self.eos = torch.tensor([eos_token_id], device=self.device)
+        self.mask_eos = mask_eos
+        self.logits: torch.Tensor | None = None
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Prefill left-padded prompts; all-pad leading columns are dropped first."""
-        first = int(attention_mask.any(0).long().argmax())
-        ids, mask = input_ids[:, first:].to(self.device), attention_mask[:, first:].to(self.device)
-        self.mask = mask
-        self.position = position_ids_from_mask(mask)[:, -1:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1]
+        """Prefill left-padded prompts (the stepper drops all-pad leading columns first)."""
+        self.logits = self.stepper.prefill(input_ids, attention_mask)
 
     def act(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A token per row, sampled from softmax(logits) (EOS masked if asked), and the policy's log-prob of it.
@@ -137,16 +142,8 @@ class Agent:
         return token, logprobs.gather(-1, token[:, None])[:, 0]
 
     def advance(self, token: torch.Tensor) -> None:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.position = self.position + 1
-        out = self.model(
-            input_ids=token[:, None],
-            attention_mask=self.mask,
-            position_ids=self.position,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1]
+        """Append ``token`` to every row (rows that have ended too, as generate does)."""
+        self.logits = self.stepper.advance(token)
 
 
 def generated_tokens(new_tokens: torch.Tensor, eos_token_id: int) -> int:
@@ -157,7 +154,7 @@ def generated_tokens(new_tokens: torch.Tensor, eos_token_id: int) -> int:
     return int(torch.where(has_eos, first_eos + 1, new_tokens.shape[1]).sum())
 
 
-def run_generate(policy, tokenizer, prompts, args, clock) -> Run:
+def run_generate(policy, tokenizer, prompts, args: BenchmarkArgs, clock) -> Run:
     """(a) the baseline: HF generate, pure sampling, same model and prompts."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(policy.device)
     extra = {} if args.stop_at_eos else {"min_new_tokens": args.max_new_tokens}
@@ -181,7 +178,7 @@ def run_generate(policy, tokenizer, prompts, args, clock) -> Run:
     return Run(seconds, tokens)
 
 
-def run_env(env, agent: Agent, indices: np.ndarray, args, clock) -> Run:
+def run_env(env, agent: Agent, indices: np.ndarray, args: BenchmarkArgs, clock) -> Run:
     """(b) one lockstep episode of the vector env, the agent passing logprobs= (the fast path)."""
     env_seconds = 0.0
     start = clock()
@@ -208,7 +205,7 @@ def run_env(env, agent: Agent, indices: np.ndarray, args, clock) -> Run:
     return Run(seconds, tokens, env_seconds, max_abs_kl)
 
 
-def run_uncached(agent: Agent, reference, reward_model, prompt_ids, tokenizer, args, clock) -> Run:
+def run_uncached(agent: Agent, reference, reward_model, prompt_ids, tokenizer, args: BenchmarkArgs, clock) -> Run:
     """(c) an env-like loop whose reference log-probs come from full forwards without a KV cache.
 
     Like the env it pays each step: the KL term for every live row, and the reward model's
@@ -289,16 +286,35 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+@dataclass
+class Task:
+    """The default task: its models on the benchmark's device (``policy`` also acts as the agent) and prompts."""
+
+    tokenizer: transformers.PreTrainedTokenizerBase
+    policy: torch.nn.Module
+    reference: torch.nn.Module  # a second copy of the policy, for (c)
+    reward_model: torch.nn.Module
+    prompts: list[str]
+
+    @classmethod
+    def load(cls, device: torch.device) -> Task:
+        tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+        policy = AutoModelForCausalLM.from_pretrained(POLICY_DIR).to(device).eval()
+        reference = AutoModelForCausalLM.from_pretrained(POLICY_DIR).to(device).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR, num_labels=1)
+        reward_model = reward_model.to(device).eval()
+        reward_model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(tokenizer, policy, reference, reward_model, load_prompts("train"))
+
+
+def configure(args: BenchmarkArgs) -> torch.device:
+    """Threads and quiet libraries; print the software, the device and the mode. Returns the device."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    clock = Clock(device)
     warnings.filterwarnings("ignore", message=".*generation flags.*")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, gymnasium {gym.__version__}, "
         f"python {platform.python_version()}"
@@ -310,62 +326,48 @@ def main(argv: list[str] | None = None) -> None:
     )
     mode = "EOS allowed, actual tokens counted" if args.stop_at_eos else "EOS masked, every row full length"
     print(f"max_new_tokens: {args.max_new_tokens}; {mode}; median of {args.repeats} runs after 1 warm-up")
+    return device
 
-    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
-    policy = AutoModelForCausalLM.from_pretrained(POLICY_DIR).to(device).eval()
-    reference = AutoModelForCausalLM.from_pretrained(POLICY_DIR).to(device).eval()  # for (c)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR, num_labels=1).to(device).eval()
-    reward_model.config.pad_token_id = tokenizer.pad_token_id
-    agent = Agent(policy, tokenizer.eos_token_id, mask_eos=not args.stop_at_eos)
-    all_prompts = load_prompts("train")
-    print(
-        f"models: default task, policy = env reference ({sum(p.numel() for p in policy.parameters()):,} params), "
-        f"reward model ({sum(p.numel() for p in reward_model.parameters()):,} params)"
+
+def timed_runs(methods: dict, args: BenchmarkArgs) -> dict[str, list[Run]]:
+    """One warm-up run of every method, then ``args.repeats`` timed rounds, the methods interleaved in each."""
+    runs: dict[str, list[Run]] = {name: [] for name in methods}
+    with torch.inference_mode():
+        torch.manual_seed(args.seed)
+        for fn in methods.values():  # warm-up
+            fn()
+        for repeat in range(args.repeats):  # interleaved, so slow drifts hit every method alike
+            for name, fn in methods.items():
+                torch.manual_seed(args.seed + 1 + repeat)
+                runs[name].append(fn())
+    return runs
+
+
+def measure(n: int, args: BenchmarkArgs, task: Task, agent: Agent, clock: Clock) -> dict[str, list[Run]]:
+    """The runs of (a), (b) and, where asked, (c) at batch size ``n``."""
+    indices = np.arange(n) % len(task.prompts)
+    prompts = [task.prompts[i] for i in indices]
+    prompt_ids = [task.tokenizer(p)["input_ids"] for p in prompts]
+    device = torch.device(args.device)
+    env = make_rollout_env(
+        n, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, device=device
     )
-
-    other = OtherLoad()
-    results: dict[tuple[int, str], Run] = {}
-    differing = []  # N where the methods did not generate the same token counts in every repeat
-    for n in args.num_envs:
-        indices = np.arange(n) % len(all_prompts)
-        prompts = [all_prompts[i] for i in indices]
-        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-        env = gym.make_vec(
-            "TokenRLHF-v0",
-            num_envs=n,
-            vectorization_mode="vector_entry_point",
-            autoreset_mode="Disabled",
-            max_new_tokens=args.max_new_tokens,
-            max_prompt_tokens=args.max_prompt_tokens,
-            device=device,
+    env.reset(seed=args.seed)
+    methods = {
+        "generate": partial(run_generate, task.policy, task.tokenizer, prompts, args, clock),
+        "env": partial(run_env, env, agent, indices, args, clock),
+    }
+    if args.uncached_max_n is None or n <= args.uncached_max_n:
+        methods["uncached"] = partial(
+            run_uncached, agent, task.reference, task.reward_model, prompt_ids, task.tokenizer, args, clock
         )
-        env.reset(seed=args.seed)
-        methods = {
-            "generate": partial(run_generate, policy, tokenizer, prompts, args, clock),
-            "env": partial(run_env, env, agent, indices, args, clock),
-        }
-        if args.uncached_max_n is None or n <= args.uncached_max_n:
-            methods["uncached"] = partial(
-                run_uncached, agent, reference, reward_model, prompt_ids, tokenizer, args, clock
-            )
-        runs: dict[str, list[Run]] = {name: [] for name in methods}
-        with torch.inference_mode():
-            torch.manual_seed(args.seed)
-            for fn in methods.values():  # warm-up
-                fn()
-            for repeat in range(args.repeats):  # interleaved, so slow drifts hit every method alike
-                for name, fn in methods.items():
-                    torch.manual_seed(args.seed + 1 + repeat)
-                    runs[name].append(fn())
-        for name, name_runs in runs.items():
-            results[n, name] = median_run(name_runs)
-        if len({tuple(run.tokens for run in name_runs) for name_runs in runs.values()}) > 1:
-            differing.append(n)
-        env.close()
-        summary = ", ".join(f"{name} {results[n, name].tokens / results[n, name].seconds:,.0f} tok/s" for name in runs)
-        print(f"  N={n}: {summary}", flush=True)
+    runs = timed_runs(methods, args)
+    env.close()
+    return runs
 
-    print_table(args, results)
+
+def print_checks(results: dict[tuple[int, str], Run], differing: list[int], other: OtherLoad) -> None:
+    """The KL check, the token-count check and how busy the machine was."""
     kl = max(run.max_abs_kl for run in results.values())
     print(
         f"check: max |policy log-prob - reference log-prob| over every step of (b) and (c) = {kl:.1e} "
@@ -385,7 +387,34 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
-def print_table(args: argparse.Namespace, results: dict[tuple[int, str], Run]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = configure(args)
+    clock = Clock(device)
+    task = Task.load(device)
+    agent = Agent(task.policy, task.tokenizer.pad_token_id, task.tokenizer.eos_token_id, mask_eos=not args.stop_at_eos)
+    print(
+        f"models: default task, policy = env reference ({sum(p.numel() for p in task.policy.parameters()):,} params), "
+        f"reward model ({sum(p.numel() for p in task.reward_model.parameters()):,} params)"
+    )
+
+    other = OtherLoad()
+    results: dict[tuple[int, str], Run] = {}
+    differing = []  # N where the methods did not generate the same token counts in every repeat
+    for n in args.num_envs:
+        runs = measure(n, args, task, agent, clock)
+        for name, name_runs in runs.items():
+            results[n, name] = median_run(name_runs)
+        if len({tuple(run.tokens for run in name_runs) for name_runs in runs.values()}) > 1:
+            differing.append(n)
+        summary = ", ".join(f"{name} {results[n, name].tokens / results[n, name].seconds:,.0f} tok/s" for name in runs)
+        print(f"  N={n}: {summary}", flush=True)
+
+    print_table(args, results)
+    print_checks(results, differing, other)
+
+
+def print_table(args: BenchmarkArgs, results: dict[tuple[int, str], Run]) -> None:
     print()
     print(
         "baseline (a): HF model.generate, same model (default-task policy), same N prompts, same max_new_tokens, "

@@ -12,14 +12,14 @@ Writes: DIR/01_agent_env_loop.json (the turns), DIR/01_agent_env_loop.png (rewar
 """
 
 import gymnasium as gym
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from common import parse_args, print_table, save_figure, save_json, sft_agent, token_strings, tokenizer
+from common import ExampleArgs, parse_args, print_table, save_figure, save_json, sft_agent, token_strings, tokenizer
+from matplotlib.figure import Figure
 
-from textenv.models import position_ids_from_mask
+from textenv.lm import position_ids_from_mask, sample_tokens
 
-args = parse_args(__doc__)
+args = parse_args(ExampleArgs, __doc__)
 agent, tok = sft_agent(), tokenizer()
 # policy= lets the single env compute log pi itself, for the KL term of the reward (see 05)
 env = gym.make("TokenRLHF-v0", policy=agent.policy, device="cpu")
@@ -35,7 +35,7 @@ while not done:
     mask = torch.as_tensor(observation["attention_mask"])[None]  # (1, 48), 1 on real tokens
     with torch.no_grad():
         logits = agent(ids, mask, position_ids_from_mask(mask)).logits[:, -1]  # (1, V) next-token logits
-    action, logprob, _ = agent.get_action_and_value(logits, temperature=1.0, generator=generator)  # (1,), (1,)
+    action, logprob = sample_tokens(logits, temperature=1.0, generator=generator)  # (1,), (1,) from softmax(logits)
     # --- the environment: apply it, pay a reward, show the next observation ------------------
     observation, reward, terminated, truncated, info = env.step(int(action))
     done = terminated or truncated
@@ -69,7 +69,8 @@ save_json(
 )
 
 steps, labels = np.arange(len(turns)), [t["token"] for t in turns]
-fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(turns)), 5.5), sharex=True)
+fig = Figure(figsize=(max(6, 0.5 * len(turns)), 5.5))
+top, bottom = fig.subplots(2, 1, sharex=True)
 top.bar(steps, [np.exp(t["log_prob"]) for t in turns], color="tab:green")
 top.set_ylabel("pi(a_t | s_t)")
 top.set_ylim(0, 1)

@@ -15,14 +15,15 @@ Writes: DIR/02_state_action_reward.json, DIR/02_observation_window.png (the stat
 """
 
 import gymnasium as gym
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from common import parse_args, print_table, save_figure, save_json, token_strings, tokenizer, warm_agent
+from common import ExampleArgs, parse_args, print_table, save_figure, save_json, token_strings, tokenizer, warm_agent
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 
-from textenv.models import position_ids_from_mask
+from textenv.lm import position_ids_from_mask, sample_tokens
 
-args = parse_args(__doc__)
+args = parse_args(ExampleArgs, __doc__)
 agent, tok = warm_agent(args.out), tokenizer()
 env = gym.make("TokenRLHF-v0", policy=agent.policy, device="cpu")  # the env computes log pi for the KL term
 beta = env.unwrapped.kl_coef
@@ -37,7 +38,7 @@ while not done:
     windows.append(observation["input_ids"].copy())
     with torch.no_grad():
         logits = agent(ids, mask, position_ids_from_mask(mask)).logits[:, -1]  # (1, V)
-    action, _, _ = agent.get_action_and_value(logits, 1.0, generator=generator)
+    action, _ = sample_tokens(logits, 1.0, generator=generator)
     state = observation["input_ids"][observation["attention_mask"] == 1]  # the real tokens of s_t
     observation, reward, terminated, truncated, info = env.step(int(action))
     done = terminated or truncated
@@ -69,8 +70,9 @@ for t in range(len(windows)):
     kind[t, windows.shape[1] - prompt_length - t :] = 1
     kind[t, windows.shape[1] - t :] = 2
 shown = min(windows.shape[1], prompt_length + len(steps) + 2)  # drop the columns that are padding in every row
-fig, ax = plt.subplots(figsize=(0.55 * shown + 2, 0.42 * len(windows) + 1.8))
-ax.imshow(kind[:, -shown:], cmap=plt.matplotlib.colors.ListedColormap(["#eeeeee", "#9ecae1", "#fdae6b"]), aspect="auto")
+fig = Figure(figsize=(0.55 * shown + 2, 0.42 * len(windows) + 1.8))
+ax = fig.subplots()
+ax.imshow(kind[:, -shown:], cmap=ListedColormap(["#eeeeee", "#9ecae1", "#fdae6b"]), aspect="auto")
 for t in range(len(windows)):
     labels = token_strings(tok, windows[t, -shown:])
     for c, label in enumerate(labels):

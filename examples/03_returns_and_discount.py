@@ -14,9 +14,11 @@ Run:  python examples/03_returns_and_discount.py [--out DIR] [--seed N]
 Writes: DIR/03_returns_and_discount.json, DIR/03_returns_and_discount.png.
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -27,12 +29,21 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 
 from agents.advantages import compute_gae
 from agents.ppo import PPOConfig
 
 GAMMAS = (1.0, 0.95, 0.8, 0.5)
-args = parse_args(__doc__, episode=(0, "which episode of the batch to show"))
+
+
+@dataclass
+class Args(ExampleArgs):
+    episode: int = 0
+    """Which episode of the batch to show."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok = warm_agent(args.out), tokenizer()
 batch = rollout(agent, make_env(8), args.seed)  # 8 episodes; rewards (8, T), mask (8, T)
 row = args.episode
@@ -77,7 +88,8 @@ save_json(
     },
 )
 
-fig, ax = plt.subplots(figsize=(max(7, 0.6 * steps), 4.2))
+fig = Figure(figsize=(max(7, 0.6 * steps), 4.2))
+ax = fig.subplots()
 ax.bar(range(steps), rewards, color="lightgrey", edgecolor="grey", label="reward r_t")
 for gamma in GAMMAS:
     ax.plot(range(steps), returns_hand[gamma], "o-", label=f"return G_t, gamma = {gamma}")

@@ -15,10 +15,20 @@ Run:  python examples/04_four_roles.py [--out DIR] [--seed N]
 Writes: DIR/04_four_roles.json, DIR/04_four_roles.png (gradient norm per parameter group and role).
 """
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from common import make_env, parse_args, print_table, rollout, save_figure, save_json, tokenizer, warm_agent
+from common import (
+    ExampleArgs,
+    make_env,
+    parse_args,
+    print_table,
+    rollout,
+    save_figure,
+    save_json,
+    tokenizer,
+    warm_agent,
+)
+from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from agents.advantages import compute_gae, masked_whiten
@@ -26,7 +36,7 @@ from agents.losses import policy_loss, value_loss
 from agents.ppo import PPOConfig, ppo_update, score_rollout
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 
-args = parse_args(__doc__)
+args = parse_args(ExampleArgs, __doc__)
 agent = warm_agent(args.out)  # actor + critic, one module: ActorCritic(policy=GPT-2 LM, value_head=Linear(128, 1))
 reference = AutoModelForCausalLM.from_pretrained(POLICY_DIR)
 reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR, num_labels=1)
@@ -101,7 +111,8 @@ print_table(
 print("wte is GPT-2's token embedding and, tied to it, the LM head; the value head sits on the same trunk.")
 save_json(args.out, "04_four_roles.json", {"roles": summary, "grad_norm_per_loss": per_loss})
 
-fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+fig = Figure(figsize=(13, 4.5))
+left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
 colors = ["tab:green" if s["grad_nonzero"] else "tab:grey" for s in summary]
 left.barh([s["role"] for s in summary], [s["grad_norm"] for s in summary], color=colors)
 for i, s in enumerate(summary):

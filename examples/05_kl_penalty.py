@@ -15,10 +15,12 @@ Run:  python examples/05_kl_penalty.py [--out DIR] [--seed N] [--episodes N]
 Writes: DIR/05_kl_penalty.json, DIR/05_kl_per_token.png (one episode), DIR/05_kl_heatmap.png (the batch).
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -30,13 +32,23 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM
 
 from textenv.default_task import POLICY_DIR
-from textenv.models import position_ids_from_mask
-from textenv.rewards import non_score_reward, token_logprobs
+from textenv.lm import position_ids_from_mask, token_logprobs
+from textenv.rewards import non_score_reward
 
-args = parse_args(__doc__, episodes=(12, "episodes in the batch"), episode=(0, "which episode to tabulate"))
+
+@dataclass
+class Args(ExampleArgs):
+    episodes: int = 12
+    """Episodes in the batch."""
+    episode: int = 0
+    """Which episode to tabulate."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok = warm_agent(args.out), tokenizer()
 env = make_env(args.episodes)
 beta = env.kl_coef
@@ -89,7 +101,8 @@ save_json(
 )  # fmt: skip
 
 x = np.arange(steps)
-fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 0.6 * steps), 6), sharex=True)
+fig = Figure(figsize=(max(7, 0.6 * steps), 6))
+top, bottom = fig.subplots(2, 1, sharex=True)
 top.bar(x - 0.2, [r["log_pi"] for r in table], 0.4, label="log pi(a_t|s_t), the actor")
 top.bar(x + 0.2, [r["log_pi_ref"] for r in table], 0.4, label="log pi_ref(a_t|s_t), the reference")
 top.set_ylabel("log-probability of a_t")
@@ -105,7 +118,8 @@ fig.tight_layout()
 save_figure(fig, args.out, "05_kl_per_token.png")
 
 labels = [token_strings(tok, batch.actions[b, : int(valid[b].sum())]) for b in range(len(valid))]
-fig, ax = plt.subplots(figsize=(0.75 * batch.actions.shape[1] + 2, 0.4 * len(labels) + 1.5))
+fig = Figure(figsize=(0.75 * batch.actions.shape[1] + 2, 0.4 * len(labels) + 1.5))
+ax = fig.subplots()
 title = "Per-token KL over the batch: where the actor left the reference (red: kl_t > 0)"
 image = token_heatmap(ax, batch.kl, valid, labels, title, cmap="RdBu_r")
 fig.colorbar(image, ax=ax, label="kl_t = log pi - log pi_ref (nats)")

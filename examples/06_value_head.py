@@ -17,9 +17,11 @@ Run:  python examples/06_value_head.py [--out DIR] [--seed N] [--episodes N] [--
 Writes: DIR/06_value_head.json, DIR/06_value_head.png (V(s_t) and G_t per token, six episodes).
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -31,17 +33,27 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 
 from agents.advantages import compute_gae
 from agents.losses import value_loss
 from agents.policy import ActorCritic
 from agents.ppo import explained_variance, score_rollout
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
-from textenv.models import position_ids_from_mask
+from textenv.lm import position_ids_from_mask
 
-args = parse_args(
-    __doc__, episodes=(12, "episodes shown"), episode=(0, "which one to tabulate"), fit_episodes=(64, "to fit on")
-)
+
+@dataclass
+class Args(ExampleArgs):
+    episodes: int = 12
+    """Episodes shown."""
+    episode: int = 0
+    """Which one to tabulate."""
+    fit_episodes: int = 64
+    """Episodes to fit a fresh value head on."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok = warm_agent(args.out), tokenizer()
 separate = ActorCritic.from_models(POLICY_DIR, share_backbone=False, critic_init=REWARD_MODEL_DIR).eval()
 print(f"the critic: agent.value_head = {agent.value_head}, on the actor's last hidden state")
@@ -112,7 +124,8 @@ print(f"\nprompt: {batch.prompts[row]!r}\nresponse: {batch.responses[row]!r}")
 print_table(table, "the critic's prediction V(s_t) and the return G_t it predicts (gamma = 1)")
 save_json(args.out, "06_value_head.json", {"prompt": batch.prompts[row], "explained_variance": ev, "tokens": table})
 
-fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharey=True)
+fig = Figure(figsize=(15, 7.5))
+axes = fig.subplots(2, 3, sharey=True)
 for b, ax in zip(range(min(6, len(valid))), axes.flat):
     n = int(valid[b].sum())
     ax.plot(range(n), returns[b, :n], "s--", color="black", label="G_t, the actual return")

@@ -6,7 +6,7 @@ token); every other step gets only the KL term:
 
     r_t = -beta * kl_t + (score if t is the last step else 0)
 
-The script recomputes the score with textenv.models.sequence_scores on the full
+The script recomputes the score with textenv.lm.sequence_scores on the full
 sequence, and also scores every prefix of the response: what the reward model
 would have said had the response stopped there. Only the last one is paid.
 
@@ -14,10 +14,12 @@ Run:  python examples/07_reward_on_last_token.py [--out DIR] [--seed N] [--episo
 Writes: DIR/07_reward_on_last_token.json, DIR/07_prefix_scores.png (one episode), DIR/07_reward_heatmap.png (batch).
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -29,12 +31,22 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 from transformers import AutoModelForSequenceClassification
 
 from textenv.default_task import REWARD_MODEL_DIR
-from textenv.models import sequence_scores
+from textenv.lm import sequence_scores
 
-args = parse_args(__doc__, episodes=(12, "episodes in the batch"), episode=(0, "which episode to tabulate"))
+
+@dataclass
+class Args(ExampleArgs):
+    episodes: int = 12
+    """Episodes in the batch."""
+    episode: int = 0
+    """Which episode to tabulate."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok = warm_agent(args.out), tokenizer()
 env = make_env(args.episodes)
 beta = env.kl_coef
@@ -80,7 +92,8 @@ save_json(
 )  # fmt: skip
 
 x = np.arange(steps)
-fig, ax = plt.subplots(figsize=(max(7, 0.6 * steps), 4.5))
+fig = Figure(figsize=(max(7, 0.6 * steps), 4.5))
+ax = fig.subplots()
 ax.plot(x, [r["rm_score_of_prefix"] for r in table], "o--", color="tab:purple",
         label="reward model's score of prompt + response[: t + 1] (not paid)")  # fmt: skip
 ax.bar(x, [r["reward"] for r in table], color="tab:blue", alpha=0.7, label="reward r_t actually paid by the env")
@@ -95,7 +108,8 @@ ax.legend(fontsize=8, loc="lower left")
 save_figure(fig, args.out, "07_prefix_scores.png")
 
 labels = [token_strings(tok, batch.actions[b, : int(last[b]) + 1]) for b in range(len(last))]
-fig, ax = plt.subplots(figsize=(0.75 * steps_max + 2, 0.4 * len(labels) + 1.5))
+fig = Figure(figsize=(0.75 * steps_max + 2, 0.4 * len(labels) + 1.5))
+ax = fig.subplots()
 image = token_heatmap(
     ax, batch.rewards, batch.mask, labels, "Reward r_t over the batch: the score lands on the last token"
 )

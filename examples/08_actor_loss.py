@@ -17,9 +17,11 @@ Run:  python examples/08_actor_loss.py [--out DIR] [--seed N] [--episodes N] [--
 Writes: DIR/08_actor_loss.json, DIR/08_actor_loss.png (change of log pi against A_t).
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -30,14 +32,24 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 
 from agents.advantages import compute_gae, masked_mean, masked_whiten
 from agents.losses import policy_loss
 from agents.ppo import PPOConfig, score_rollout
 
-args = parse_args(
-    __doc__, episodes=(16, "episodes in the batch"), episode=(0, "which one to tabulate"), lr=(0.05, "SGD step size")
-)
+
+@dataclass
+class Args(ExampleArgs):
+    episodes: int = 16
+    """Episodes in the batch."""
+    episode: int = 0
+    """Which one to tabulate."""
+    lr: float = 0.05
+    """SGD step size."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok, config = warm_agent(args.out), tokenizer(), PPOConfig()
 batch = rollout(agent, make_env(args.episodes), args.seed)
 mask = batch.mask  # (B, T)
@@ -90,7 +102,8 @@ save_json(
      "all_advantages": advantages[mask].tolist(), "all_changes": change[mask].tolist()},
 )  # fmt: skip
 
-fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1, 1.5]})
+fig = Figure(figsize=(14, 4.8))
+left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.5]})
 a, c = advantages[mask], change[mask]
 left.scatter(a, c, s=12, c=["tab:blue" if v > 0 else "tab:red" for v in a], alpha=0.7)
 left.axhline(0, color="grey", lw=0.8)

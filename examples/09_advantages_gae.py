@@ -17,10 +17,12 @@ Run:  python examples/09_advantages_gae.py [--out DIR] [--seed N] [--episodes N]
 Writes: DIR/09_advantages_gae.json, DIR/09_advantage_heatmap.png (batch), DIR/09_gae_episode.png (one episode).
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -32,11 +34,21 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 
 from agents.advantages import compute_gae, masked_whiten
 from agents.ppo import PPOConfig, score_rollout
 
-args = parse_args(__doc__, episodes=(12, "episodes in the batch"), episode=(0, "which episode to tabulate"))
+
+@dataclass
+class Args(ExampleArgs):
+    episodes: int = 12
+    """Episodes in the batch."""
+    episode: int = 0
+    """Which episode to tabulate."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok, config = warm_agent(args.out), tokenizer(), PPOConfig()
 gamma, lam = config.gamma, config.lam
 env = make_env(args.episodes)
@@ -96,14 +108,16 @@ save_json(
 )  # fmt: skip
 
 labels = [token_strings(tok, batch.actions[b, : int(mask[b].sum())]) for b in range(len(mask))]
-fig, ax = plt.subplots(figsize=(0.75 * batch.actions.shape[1] + 2, 0.4 * len(labels) + 1.5))
+fig = Figure(figsize=(0.75 * batch.actions.shape[1] + 2, 0.4 * len(labels) + 1.5))
+ax = fig.subplots()
 title = f"GAE advantage A_t per token (gamma {gamma}, lambda {lam}): blue = better than the critic expected"
 image = token_heatmap(ax, advantages, mask, labels, title)
 fig.colorbar(image, ax=ax, label="A_t (before whitening)")
 save_figure(fig, args.out, "09_advantage_heatmap.png")
 
 x = np.arange(steps)
-fig, ax = plt.subplots(figsize=(max(7, 0.6 * steps), 4.5))
+fig = Figure(figsize=(max(7, 0.6 * steps), 4.5))
+ax = fig.subplots()
 ax.bar(x - 0.2, [r["reward"] for r in table], 0.4, color="lightgrey", edgecolor="grey", label="reward r_t")
 ax.bar(x + 0.2, [r["td_error"] for r in table], 0.4, color="tab:green", alpha=0.7, label="TD error delta_t")
 ax.plot(x, [r["value"] for r in table], "o-", label="V(s_t), predicted return")

@@ -15,10 +15,12 @@ Run:  python examples/10_ppo_ratio_clipping.py [--out DIR] [--seed N] [--episode
 Writes: DIR/10_ppo_ratio_clipping.json, DIR/10_ppo_ratio_clipping.png (the objective, with this update's tokens).
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -29,12 +31,22 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 
 from agents.advantages import compute_gae, masked_whiten
 from agents.losses import policy_loss
 from agents.ppo import PPOConfig, ppo_update, score_rollout
 
-args = parse_args(__doc__, episodes=(32, "episodes in the batch"), episode=(0, "which episode to tabulate"))
+
+@dataclass
+class Args(ExampleArgs):
+    episodes: int = 32
+    """Episodes in the batch."""
+    episode: int = 0
+    """Which episode to tabulate."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok, config = warm_agent(args.out), tokenizer(), PPOConfig()
 eps = config.clip_range
 batch = rollout(agent, make_env(args.episodes), args.seed)
@@ -86,7 +98,8 @@ save_json(
 top = 2.5  # the objective is drawn for r in [0, top]; tokens beyond are counted, not drawn
 r = np.linspace(0, top, 501)
 a_all, r_all, c_all = advantages[mask].numpy(), ratio[mask].numpy(), is_clipped[mask].numpy()
-fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+fig = Figure(figsize=(16, 4.8))
+axes = fig.subplots(1, 3)
 for ax, sign in zip(axes[:2], (1, -1)):
     curve = np.minimum(r * sign, np.clip(r, 1 - eps, 1 + eps) * sign)  # the objective per unit |A|
     ax.plot(r, r * sign, ":", color="grey", label="r A / |A|  (unclipped)")

@@ -14,10 +14,12 @@ Run:  python examples/11_critic_loss.py [--out DIR] [--seed N] [--episodes N]
 Writes: DIR/11_critic_loss.json, DIR/11_critic_loss.png (the clipped loss, and how far each value moved).
 """
 
-import matplotlib.pyplot as plt
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from common import (
+    ExampleArgs,
     make_env,
     parse_args,
     print_table,
@@ -28,12 +30,22 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from matplotlib.figure import Figure
 
 from agents.advantages import compute_gae
 from agents.losses import value_loss
 from agents.ppo import PPOConfig, ppo_update, score_rollout
 
-args = parse_args(__doc__, episodes=(32, "episodes in the batch"), episode=(0, "which episode to tabulate"))
+
+@dataclass
+class Args(ExampleArgs):
+    episodes: int = 32
+    """Episodes in the batch."""
+    episode: int = 0
+    """Which episode to tabulate."""
+
+
+args = parse_args(Args, __doc__)
 agent, tok, config = warm_agent(args.out), tokenizer(), PPOConfig()
 eps = config.clip_range_value
 batch = rollout(agent, make_env(args.episodes), args.seed)
@@ -85,7 +97,8 @@ save_json(
                               "return": returns[mask].tolist(), "clipped": is_clipped[mask].tolist()}},
 )  # fmt: skip
 
-fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+fig = Figure(figsize=(14, 5))
+left, right = fig.subplots(1, 2)
 v = np.linspace(-1.0, 1.0, 401)
 for v_old, target, color in ((0.0, 0.6, "tab:blue"), (0.0, -0.4, "tab:orange")):  # two illustrative tokens
     v_clip = v_old + np.clip(v - v_old, -eps, eps)

@@ -17,22 +17,31 @@ Writes: DIR/12_run/ (the run: metrics, checkpoints, final/), DIR/12_train_end_to
 
 import json
 import shutil
+from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
-from common import make_env, parse_args, rollout, save_figure, save_json, sft_agent
+from common import ExampleArgs, make_env, parse_args, rollout, save_figure, save_json, sft_agent
+from matplotlib.figure import Figure
 
+from agents.logger import summary
 from agents.policy import ActorCritic
-from agents.train import TrainConfig, summary, train
+from agents.train import TrainConfig, train
 from textenv.default_task import load_prompts
 
-args = parse_args(
-    __doc__,
-    iterations=(20, "PPO iterations"),
-    batch_size=(32, "episodes per iteration"),
-    eval_episodes=(64, "episodes of each evaluation, on the held-out prompts"),
-    samples=(8, "before/after samples to print"),
-)
+
+@dataclass
+class Args(ExampleArgs):
+    iterations: int = 20
+    """PPO iterations."""
+    batch_size: int = 32
+    """Episodes per iteration."""
+    eval_episodes: int = 64
+    """Episodes of each evaluation, on the held-out prompts."""
+    samples: int = 8
+    """Before/after samples to print."""
+
+
+args = parse_args(Args, __doc__)
 run_dir = args.out / "12_run"
 shutil.rmtree(run_dir, ignore_errors=True)  # train() refuses to overwrite a run, so start afresh
 config = TrainConfig()
@@ -72,7 +81,8 @@ save_json(args.out, "12_train_end_to_end.json", {**results, "samples": samples, 
 
 shutil.copy(run_dir / "learning_curve.png", args.out / "12_learning_curve.png")
 print(f"figure: {args.out / '12_learning_curve.png'} (written by the run)")
-fig, ax = plt.subplots(figsize=(7, 4))
+fig = Figure(figsize=(7, 4))
+ax = fig.subplots()
 bins = np.linspace(-3, 3, 31)
 ax.hist(before.scores.numpy(), bins=bins, alpha=0.6, label=f"SFT policy (mean {results['score_before']:+.2f})")
 ax.hist(after.scores.numpy(), bins=bins, alpha=0.6, label=f"after PPO (mean {results['score_after']:+.2f})")

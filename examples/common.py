@@ -5,48 +5,62 @@ actor that has drifted a little from the reference (else the KL penalty is 0) an
 a critic that has learned something (else every value is 0): ``warm_agent`` runs
 the real training loop, ``agents.train.train``, for a few iterations (a few
 seconds) and caches the result in OUT/warm_agent_<iterations>.
+
+Each example's options are a dataclass that extends ``ExampleArgs``, read with
+``parse_args`` (tyro), which also calls ``setup``; importing this module changes
+no global state. Figures are ``matplotlib.figure.Figure`` objects saved straight
+to files, so no pyplot backend is involved.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-import gymnasium as gym
-import matplotlib
+import torch
+import tyro
+from matplotlib.figure import Figure
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-matplotlib.use("Agg")  # files only, no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from gymnasium.vector import AutoresetMode  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-import textenv  # noqa: E402,F401  (registers TokenRLHF-v0)
-from agents.policy import ActorCritic  # noqa: E402
-from agents.rollout import Rollout, collect_rollout  # noqa: E402
-from agents.train import TrainConfig, train  # noqa: E402
-from textenv.default_task import POLICY_DIR  # noqa: E402
-
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
-torch.set_num_threads(1)  # the models are tiny: one thread is as fast, and robust to a busy machine
+import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from agents.policy import ActorCritic
+from agents.rollout import Rollout, collect_rollout, make_rollout_env
+from agents.train import TrainConfig, train
+from textenv.default_task import POLICY_DIR
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "output"
 WARM_ITERATIONS = 6
 
 
-def parse_args(doc: str, **extra) -> argparse.Namespace:
-    """``--out DIR`` and ``--seed``, plus ``name=(default, help)`` options of the example."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where figures and JSON go")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled episodes")
-    for name, (default, text) in extra.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=text)
-    args = parser.parse_args()
+@dataclass
+class ExampleArgs:
+    """The options every example has; an example with more extends it."""
+
+    out: Path = DEFAULT_OUT
+    """Where figures and JSON go."""
+    seed: int = 0
+    """Seed of the sampled episodes."""
+
+
+ArgsT = TypeVar("ArgsT", bound=ExampleArgs)
+
+
+def setup() -> None:
+    """The process-wide settings of the examples: quiet Hugging Face loading, one torch thread."""
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)  # the models are tiny: one thread is as fast, and robust to a busy machine
+
+
+def parse_args(args_type: type[ArgsT], doc: str) -> ArgsT:
+    """Read the example's options from the command line (``doc`` heads --help), then ``setup``, create OUT and seed."""
+    args = tyro.cli(args_type, description=doc)
+    setup()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     return args
@@ -62,16 +76,8 @@ def token_strings(tok, ids) -> list[str]:
 
 
 def make_env(num_envs: int, max_new_tokens: int = 32, **kwargs):
-    """The lockstep batch of episodes a PPO rollout uses: ``reset`` starts all, they run until all end."""
-    return gym.make_vec(
-        "TokenRLHF-v0",
-        num_envs=num_envs,
-        vectorization_mode="vector_entry_point",
-        autoreset_mode=AutoresetMode.DISABLED,
-        max_new_tokens=max_new_tokens,
-        device="cpu",
-        **kwargs,
-    )
+    """The lockstep batch of episodes a PPO rollout uses (``agents.rollout.make_rollout_env``), on the CPU."""
+    return make_rollout_env(num_envs, max_new_tokens=max_new_tokens, device="cpu", **kwargs)
 
 
 def rollout(agent: ActorCritic, env, seed: int) -> Rollout:
@@ -131,10 +137,9 @@ def save_json(out: Path, name: str, data: dict) -> Path:
     return path
 
 
-def save_figure(fig, out: Path, name: str) -> Path:
+def save_figure(fig: Figure, out: Path, name: str) -> Path:
     path = Path(out) / name
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     print(f"figure: {path}")
     return path
 

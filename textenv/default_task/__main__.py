@@ -10,8 +10,8 @@ import tyro
 from transformers.utils import logging as hf_logging
 
 from textenv.default_task import ARTIFACTS_DIR
-from textenv.default_task.build import BuildConfig
 from textenv.default_task.build import build as build_task
+from textenv.default_task.data import BuildConfig
 from textenv.default_task.report import format_report, quality_report
 
 DEFAULT_BUILD = BuildConfig()

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from textenv.models import sequence_scores, sequence_scores_with_grad
+from textenv.lm import sequence_scores, sequence_scores_with_grad
 
 
 def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
