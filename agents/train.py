@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 import tyro
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from agents.checkpoint import Checkpoints, TrainerState
 from agents.distributed import Distributed
@@ -36,7 +36,7 @@ from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_float, check_int
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
-from textenv.loading import looks_like_path, read_prompts, resolve_device
+from textenv.loading import load_config, looks_like_path, read_prompts, resolve_device
 
 
 @dataclass
@@ -471,7 +471,7 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
             targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
             policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
         reward_source = config.env.reward_model or REWARD_MODEL_DIR
-        same_trunk = AutoConfig.from_pretrained(reward_source).model_type == policy.config.model_type
+        same_trunk = load_config(reward_source, "reward model").model_type == policy.config.model_type
         critic_init = reward_source if same_trunk and not run.share_backbone else None
         agent = ActorCritic.from_models(policy, share_backbone=run.share_backbone, critic_init=critic_init)
     agent.to(device).train()

@@ -61,8 +61,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off everywhere, so the rollout's and the update's forwards agree (first ratio exactly 1).
 
     Dropout modules get p = 0; so do dropout rates kept as numbers, in configs
-    (Llama's ``attention_dropout``, OPT's ``dropout``) and in the attributes that
-    attention layers copy from them at construction and pass to the kernels.
+    (Llama's ``attention_dropout``, OPT's ``dropout`` and ``layerdrop``) and in the
+    attributes that layers copy from them at construction and pass to the kernels.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -70,7 +70,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
         holders = [module, getattr(module, "config", None)]
         for holder in holders:
             for name, value in list(vars(holder).items()) if holder is not None else []:
-                if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                if any(word in name for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, float):
                     setattr(holder, name, 0.0)
 
 

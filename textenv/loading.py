@@ -94,9 +94,14 @@ def load_reward_model(source: ModelLike, device: torch.device) -> PreTrainedMode
     """A sequence classifier with one label; a directory holding anything else is refused before loading."""
     if isinstance(source, torch.nn.Module):
         return freeze(source, device)
-    config = _from_pretrained(AutoConfig, source, "reward model")
+    config = load_config(source, "reward model")
     check_reward_model_config(config, os.fspath(source))
     return freeze(_from_pretrained(AutoModelForSequenceClassification, source, "reward model"), device)
+
+
+def load_config(source: str | os.PathLike, what: str):
+    """A model's ``AutoConfig``; ``what`` names the argument in errors."""
+    return _from_pretrained(AutoConfig, source, what)
 
 
 def check_reward_model_config(config, source: str) -> None:
