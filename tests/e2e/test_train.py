@@ -32,16 +32,28 @@ def metric_rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_loses_at_most_one_iteration_and_matches_an_uninterrupted_run(tmp_path):
-    run = tmp_path / "killed"
-    log_path = tmp_path / "killed.log"
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The final weights of an uninterrupted run of ``command``."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(command(run), check=True, capture_output=True)
+    return AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+
+
+def start_and_wait_for_checkpoint(run, log_path, iteration: int = 3) -> subprocess.Popen:
     log = log_path.open("w")  # a file, not a pipe: a full pipe would stall the run
     process = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 300
-    while checkpointed_iteration(run) < 3 and process.poll() is None and time.monotonic() < deadline:
+    while checkpointed_iteration(run) < iteration and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed: " + log_path.read_text()[-2000:]
+    assert process.poll() is None, "the run ended before it could be stopped: " + log_path.read_text()[-2000:]
+    return process
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_loses_at_most_one_iteration_and_matches_an_uninterrupted_run(tmp_path, straight):
+    run = tmp_path / "killed"
+    process = start_and_wait_for_checkpoint(run, tmp_path / "killed.log")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     saved = checkpointed_iteration(run)
@@ -55,13 +67,35 @@ def test_sigkill_then_resume_loses_at_most_one_iteration_and_matches_an_uninterr
     assert [r["iteration"] for r in rows if "env/score" in r] == list(range(12))  # each once, in order
     assert [r["iteration"] for r in rows if "eval/score" in r] == [0, 4, 8, 12]
 
-    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True)
     resumed = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
-    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final").state_dict()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight), "resumed run diverged from a straight run"
     for name in ("metrics.csv", "samples.jsonl", "learning_curve.png", "config.json"):
         assert (run / name).stat().st_size > 0
     assert any((run / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_checkpoints_the_iteration_and_resume_matches_an_uninterrupted_run(
+    tmp_path, straight, signum
+):
+    run = tmp_path / "stopped"
+    process = start_and_wait_for_checkpoint(run, tmp_path / "stopped.log")
+    os.kill(process.pid, signum)
+    assert process.wait(timeout=120) == 128 + signum
+    message = (tmp_path / "stopped.log").read_text().strip().splitlines()[-1]
+    stopped_after = int(message.split("after iteration ")[1].split(";")[0])
+    assert message.startswith(f"stopped by {signal.Signals(signum).name} after iteration {stopped_after}; checkpoint ")
+    assert "--resume" in message and "Traceback" not in (tmp_path / "stopped.log").read_text()
+    assert checkpointed_iteration(run) == stopped_after  # the iteration in flight was finished and saved
+    assert [r["iteration"] for r in metric_rows(run)] == [*range(stopped_after + 1)]  # nothing logged is lost
+
+    resumed = subprocess.run(command(run, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    rows = metric_rows(run)
+    assert [r["iteration"] for r in rows if "env/score" in r] == list(range(12))
+    final = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    assert all(torch.equal(final[k], straight[k]) for k in straight), "resumed run diverged from a straight run"
 
 
 def test_outputs_of_a_short_run(tmp_path):
