@@ -7,7 +7,7 @@ Nothing here is specific to language models: SB3 wraps the env in ``Monitor`` an
 floats, 446 actions) from scratch, with SB3's default hyperparameters. The env gets
 no policy, so its reward is KL source 3: ``kl_coef * log pi_ref(a|s)`` per token plus
 the reward model's score on the last token (``--ent-coef 0.05`` adds the entropy
-bonus that, with the conditions and caveat in ``agents/sb3.py``, turns it into the
+bonus that, with the conditions and caveat in docs/sb3.md, turns it into the
 KL-regularised objective).
 
 Metric: mean episode return (the env's reward summed over an episode: what SB3

@@ -1,4 +1,4 @@
-"""stable-baselines3 on TokenRLHF-v0 (``agents/sb3.py``).
+"""stable-baselines3 on TokenRLHF-v0 (``agents/sb3/``, docs/sb3.md).
 
 SB3's PPO and A2C unchanged on ``gym.make`` (and the rewards in PPO's rollout buffer);
 the ``TokenVecEnv`` adapter's SB3 semantics, checked against single-env replays; the
@@ -22,14 +22,15 @@ from stable_baselines3.common.vec_env import VecMonitor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from agents.policy import load_value_head, value_head
 from agents.sb3 import LMActorCriticPolicy, SB3PolicyLogprobs, TokenVecEnv
 from textenv import TokenGenerationEnv, TokenGenerationVectorEnv
 from textenv.default_task import POLICY_DIR, load_prompts
-from textenv.models import position_ids_from_mask
+from textenv.lm import position_ids_from_mask
 
 ENV_ID = "TokenRLHF-v0"
 EOS = 2
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -324,11 +325,19 @@ def test_ppo_with_the_lm_policy_trains_the_lm(tmp_path):
         torch.testing.assert_close(loaded.policy.get_distribution(obs_tensor).distribution.logits, table)
     model.policy.save_pretrained(tmp_path / "lm")
     torch.testing.assert_close(lm_logprobs(AutoModelForCausalLM.from_pretrained(tmp_path / "lm"), observation), table)
+    head = value_head(model.policy.features_dim)  # the value head beside it is the native agent's format
+    load_value_head(head, tmp_path / "lm")
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), model.policy.value_net.parameters()))
 
 
 # --------------------------------------------------------------------------- the KL term
-def check_source_two(venv, policy, steps: int, rng, use_forward: bool) -> int:
-    """Step ``venv`` (given ``SB3PolicyLogprobs(policy)``) and check each reward against the documented formula."""
+def check_source_two(venv, policy, steps: int, rng, sample_from_policy: bool) -> int:
+    """Step ``venv`` (given ``SB3PolicyLogprobs(policy)``) and check each reward against the documented formula.
+
+    With ``sample_from_policy``, most actions come from SB3's rollout forward (as in PPO's rollout), and the
+    other steps run a forward on different observations just before the env step: the env's log-probs must be
+    those of the observations it was given, whatever the policy ran last.
+    """
     kl_coef = venv.kl_coef
     observation = venv.reset()
     reference = fresh_lm()
@@ -337,11 +346,11 @@ def check_source_two(venv, policy, steps: int, rng, use_forward: bool) -> int:
         obs_tensor, _ = policy.obs_to_tensor(observation)
         with torch.no_grad():
             expected_table = policy.get_distribution(obs_tensor).distribution.logits
-            if use_forward and t % 3 != 2:
-                actions = policy(obs_tensor)[0].numpy()  # SB3's rollout forward: the env reuses its table
+            if sample_from_policy and t % 3 != 2:
+                actions = policy(obs_tensor)[0].numpy()  # SB3's rollout forward picks the actions
             else:
                 actions = rng.integers(3, venv.action_space.n, size=venv.num_envs)
-                if use_forward:  # a forward on other observations must not be reused
+                if sample_from_policy:  # the latest forward ran on other observations
                     stale = {k: v.clone() for k, v in obs_tensor.items()}
                     stale["input_ids"][:, -1] = (stale["input_ids"][:, -1] + 1) % venv.action_space.n
                     policy(stale)
@@ -369,7 +378,7 @@ def test_kl_source_2_lm_policy_reward_is_minus_kl_coef_times_kl_plus_score():
         venv.step(np.array([5, 5, 5]))
     policy = make_policy(venv, lm=fresh_lm(noise=0.05))
     kl.policy = policy
-    ends = check_source_two(venv, policy, steps=7, rng=np.random.default_rng(0), use_forward=True)
+    ends = check_source_two(venv, policy, steps=7, rng=np.random.default_rng(0), sample_from_policy=True)
     assert ends >= 3
 
 
@@ -388,7 +397,7 @@ def test_kl_source_2_any_sb3_policy():
     kl = SB3PolicyLogprobs()
     venv = TokenVecEnv(num_envs=2, max_new_tokens=3, policy=kl, kl_coef=0.2)
     kl.policy = PPO("MultiInputPolicy", venv, seed=0).policy
-    check_source_two(venv, kl.policy, steps=4, rng=np.random.default_rng(2), use_forward=False)
+    check_source_two(venv, kl.policy, steps=4, rng=np.random.default_rng(2), sample_from_policy=False)
     # the single env takes it too (SB3 then runs gym.make'd envs through DummyVecEnv)
     single_kl = SB3PolicyLogprobs()
     env = gym.make(ENV_ID, max_new_tokens=3, policy=single_kl, kl_coef=0.2)
