@@ -1,6 +1,7 @@
 """The PPO agent on the real default task: rollout, re-scoring, one update, learning, save and load."""
 
 import copy
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -110,7 +111,7 @@ def test_gradient_accumulation_equals_one_big_minibatch(env):
 
 
 class TargetTokenReward(nn.Module):
-    """A reward model for a tiny task: the score is how many times ``target`` appears in the response."""
+    """A reward model for a tiny task: the score is 1 when ``target`` appears in the response, else 0."""
 
     def __init__(self, vocab_size: int, target: int, prompt_length: int):
         super().__init__()
@@ -123,13 +124,18 @@ class TargetTokenReward(nn.Module):
 
     def forward(self, input_ids, attention_mask, **_):
         hits = ((input_ids == self.target) & attention_mask.bool()).sum(-1, keepdim=True).float()
-        return SimpleNamespace(logits=hits)
+        return SimpleNamespace(logits=hits.clamp(max=1))
 
 
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
 def test_learns_to_emit_a_target_token(algo, make_vec):
+    """The SFT policy writes "quite" in about 1 response of 6; after 16 updates it writes it nearly always.
+
+    Independent of torch's thread count (summation order): the first rollout is the SFT
+    policy's, and the median over the last 8 rollouts tolerates a dip of a few.
+    """
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
-    target = tokenizer.convert_tokens_to_ids("▁great")
+    target = tokenizer.convert_tokens_to_ids("▁quite")
     prompt = "The film was"
     env = make_vec(
         16,
@@ -146,12 +152,12 @@ def test_learns_to_emit_a_target_token(algo, make_vec):
     group = None if algo == "ppo" else 4
     shuffling, sampling = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     scores = []
-    for iteration in range(12):
+    for iteration in range(16):
         rollout = collect_rollout(agent.eval(), env, 1.0, iteration, sampling, group_size=group)
         scores.append(float(rollout.scores.mean()))
         ppo_update(agent.train(), optimizer, rollout, config, 1.0, shuffling)
-    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
-    assert last > first + 0.5, scores
+    assert scores[0] <= 0.25, scores
+    assert statistics.median(scores[-8:]) >= 0.85, scores
 
 
 def test_group_rollout_shares_prompts_within_groups(make_vec):
