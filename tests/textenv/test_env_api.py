@@ -14,9 +14,10 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
-from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import textenv
+from tests.models import tiny_gpt2_config
 from textenv import TokenGenerationEnv, TokenGenerationVectorEnv
 from textenv.default_task import POLICY_DIR, load_prompts
 
@@ -57,20 +58,6 @@ def short_env():
 def make_vec(make_vec):
     """The shared vector-env factory (tests/conftest.py) on the env's default device, as a user gets it."""
     return functools.partial(make_vec, device=None)
-
-
-def tiny_gpt2_config(vocab_size, **kwargs):
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=64,
-        n_embd=8,
-        n_layer=1,
-        n_head=1,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=0,
-        **kwargs,
-    )
 
 
 class FakeDataset:

@@ -24,7 +24,6 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    GPT2Config,
     GPT2ForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
@@ -32,6 +31,7 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from tests.models import tiny_gpt2_config
 from textenv import TokenEnvConfig
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 
@@ -58,20 +58,6 @@ def vec_env(make_vec):
     env = make_vec(2, max_new_tokens=4)
     yield env
     env.close()
-
-
-def tiny_gpt2_config(vocab_size, **kwargs):
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=64,
-        n_embd=8,
-        n_layer=1,
-        n_head=1,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=0,
-        **kwargs,
-    )
 
 
 # --------------------------------------------------------------------------- 1. non-finite numbers
