@@ -85,6 +85,10 @@ def test_a_resumed_run_takes_over_its_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
 
 
+def state_with(**changes) -> str:
+    return json.dumps({**vars(TrainerState(iteration=1, kl_coef=0.05, tokens=10, world_size=1)), **changes})
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -97,6 +101,7 @@ def truncate(path):
         (lambda d: truncate(d / "trainer.pt"), "trainer.pt cannot be read safely"),
         (lambda d: (d / "state.json").write_text("{"), "state.json is damaged"),
         (lambda d: (d / "state.json").write_text(json.dumps({"iteration": 1})), "state.json is damaged"),
+        (lambda d: (d / "state.json").write_text(state_with(kl_coef=float("nan"))), "state.json is damaged.*kl_coef"),
         (lambda d: (d / "agent" / "model.safetensors").unlink(), "holds no weights"),
     ],
 )

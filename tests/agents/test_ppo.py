@@ -8,7 +8,13 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 import textenv  # noqa: F401
 from agents.policy import ActorCritic
@@ -186,3 +192,22 @@ def test_save_and_load_round_trip(tmp_path, env):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "agent")
     ids = rollout.input_ids[:1]
     torch.testing.assert_close(plain(ids).logits, agent.policy(ids).logits)
+
+
+def test_dropout_kept_in_the_config_is_off_in_the_trained_agent():
+    """OPT keeps its dropout rates as numbers (config and layer attributes); train-mode forwards must agree."""
+    config = OPTConfig(
+        vocab_size=64, hidden_size=16, ffn_dim=32, word_embed_proj_dim=16, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, dropout=0.5, attention_dropout=0.5, layerdrop=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = torch.randint(3, 64, (2, 8))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(8).expand(2, 8)
+    with torch.no_grad():
+        dropped = OPTForCausalLM(config).train()
+        assert not torch.equal(dropped(ids).logits, dropped(ids).logits)  # the rates do act in train mode
+        agent = ActorCritic.from_models(OPTForCausalLM(config)).train()
+        first, second = agent(ids, mask, positions), agent(ids, mask, positions)
+    assert torch.equal(first.logits, second.logits) and torch.equal(first.values, second.values)
+    assert agent.policy.config.dropout == agent.policy.config.attention_dropout == agent.policy.config.layerdrop == 0.0
