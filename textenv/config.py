@@ -59,6 +59,10 @@ class TokenEnvConfig:
     policy). Frozen on ``device``; its output vocabulary is the action space."""
     tokenizer: Annotated[str | os.PathLike | object | None, tyro.conf.Suppress] = None
     """Tokenizer or its directory (default: the reference model's). PAD must exist and differ from EOS."""
+    reward_tokenizer: Annotated[str | os.PathLike | object | None, AsPath] = None
+    """The reward model's own tokenizer, or its directory (default: the one saved beside the reward model, if
+    any). When its vocabulary differs from the policy's, the reward model reads the prompt text and the decoded
+    response, re-tokenized (one tokenization and one uncached forward per scoring); else it reads token ids."""
     policy: Annotated[torch.nn.Module | Callable | None, tyro.conf.Suppress] = None
     """For the KL term when the caller passes no log-probs: a causal LM (stepped with its own KV cache)
     or a callable from the observation batch to log-probs (N, vocab_size)."""

@@ -33,15 +33,21 @@ LOGPROB_TOLERANCE = 1e-4  # log_softmax can round a little above 0 (bf16); a pro
 INFO_FLOATS = ("ref_logprob", "logprob", "kl", "non_score_reward", "score")
 
 
-def start_rows(stepper: CachedStepper, num_slots: int, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
-    """Start ``rows`` of ``stepper`` on the left-padded prompts ``ids`` (K, W); all rows at the first start."""
+Contexts = Callable[[], list[list[int]]]
+
+
+def start_rows(stepper: CachedStepper, num_slots: int, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts):
+    """Start ``rows`` of ``stepper`` on the left-padded prompts ``ids`` (K, W); all rows at the first start.
+
+    ``contexts()`` gives every slot's tokens (new prompts included), for caches rebuilt whole.
+    """
     if stepper.cache is None or len(rows) == num_slots:
         if len(rows) != num_slots:
             raise RuntimeError("the first start of a stepper must cover every slot")
         order = torch.argsort(rows.cpu())
         stepper.prefill(ids[order], mask[order])
     else:
-        stepper.start_rows(rows, ids, mask)
+        stepper.start_rows(rows, ids, mask, contexts)
 
 
 class SparseScorer:
@@ -50,7 +56,7 @@ class SparseScorer:
     def __init__(self, reward_model: torch.nn.Module, pad_token_id: int, config: TokenEnvConfig):
         self.reward_model, self.pad_token_id, self.config = reward_model, pad_token_id, config
 
-    def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
+    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
         """Nothing to do: no prefix is scored."""
 
     def step(
@@ -76,8 +82,8 @@ class DenseScorer:
         self.config, self.num_slots = config, num_slots
         self.previous = torch.zeros(num_slots, device=self.stepper.device)  # clipped score of each slot's prefix
 
-    def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
-        start_rows(self.stepper, self.num_slots, rows, ids, mask)
+    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
+        start_rows(self.stepper, self.num_slots, rows, ids, mask, contexts)
         self.previous[rows] = clip_score(self.stepper.last[rows], self.config.score_clip)
 
     def step(
@@ -101,6 +107,48 @@ def check_logprob_values(logprobs: Tensor, live: Tensor, what: str) -> Tensor:
             "logits instead of log-probs?)"
         )
     return logprobs
+
+
+class TextScorer:
+    """A reward model with its own tokenizer reads text: the prompt as given, then the decoded response.
+
+    Re-tokenized with the reward model's tokenizer (its own special tokens added as it
+    adds them) and scored by a plain forward: sparse on the step an episode ends, dense
+    on every step for every live episode (no KV cache: the tokens of a growing text
+    need not extend the previous tokens).
+    """
+
+    def __init__(self, reward_model, reward_tokenizer, config: TokenEnvConfig, num_slots: int, text, device):
+        self.reward_model, self.reward_tokenizer, self.config, self.text = reward_model, reward_tokenizer, config, text
+        self.dense = config.reward_mode == "dense"
+        self.previous = torch.zeros(num_slots, device=device)
+
+    def scores(self, rows: Tensor) -> Tensor:
+        """The reward model's score of each row's text, (K,)."""
+        texts = [self.text(row) for row in rows.tolist()]
+        encoded = [self.reward_tokenizer(text)["input_ids"] for text in texts]
+        pad = self.reward_tokenizer.pad_token_id if self.reward_tokenizer.pad_token_id is not None else 0
+        ids, mask = (t.to(rows.device) for t in pad_batch(encoded, pad))
+        return sequence_scores(self.reward_model, ids, mask)
+
+    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
+        if self.dense:
+            self.previous[rows] = clip_score(self.scores(rows), self.config.score_clip)
+
+    def step(
+        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
+    ) -> tuple[Tensor, Tensor]:
+        score = torch.full(tokens.shape, float("nan"), device=tokens.device)
+        rows = (live if self.dense else ended).nonzero()[:, 0]
+        if len(rows):
+            score[rows] = self.scores(rows)
+        if not self.dense:
+            clipped = clip_score(torch.where(ended, score, 0.0), self.config.score_clip)
+            return score_terms(clipped, ended, truncated, self.config.missing_eos_penalty), score
+        current = torch.where(live, clip_score(score, self.config.score_clip), self.previous)
+        terms = score_terms(current, ended, truncated, self.config.missing_eos_penalty, previous=self.previous)
+        self.previous = current
+        return terms, torch.where(ended, score, torch.full_like(score, float("nan")))
 
 
 @dataclass
@@ -139,10 +187,16 @@ class TokenBatchCore:
         is_module = isinstance(config.policy, torch.nn.Module)
         self.policy = CachedStepper(config.policy, self.pad_token_id) if is_module else None
         self.policy_fn = None if is_module else config.policy
-        if config.reward_mode == "dense":
+        if task.reward_tokenizer is not None:
+            self.scorer = TextScorer(
+                self.reward_model, task.reward_tokenizer, config, num_slots, self.text, self.device
+            )
+        elif config.reward_mode == "dense":
             self.scorer = DenseScorer(self.reward_model, self.pad_token_id, config, num_slots)
         else:
             self.scorer = SparseScorer(self.reward_model, self.pad_token_id, config)
+        for name, stepper in self.named_steppers():
+            stepper.check_cache(self.eos_token_id, name)
         self.context_length = config.context_length
         self.input_ids = np.full((num_slots, self.context_length), self.pad_token_id, dtype=np.int64)
         self.attention_mask = np.zeros((num_slots, self.context_length), dtype=np.int64)
@@ -155,15 +209,17 @@ class TokenBatchCore:
         """The causal LMs stepped with the context: the reference and, if given as a module, the policy."""
         return [self.reference] if self.policy is None else [self.reference, self.policy]
 
+    def named_steppers(self) -> list[tuple[str, CachedStepper]]:
+        """Every model the core steps with a KV cache, with the name of its argument."""
+        named = [("reference model", self.reference), ("policy", self.policy)]
+        if isinstance(self.scorer, DenseScorer):
+            named.append(("reward model", self.scorer.stepper))
+        return [(name, stepper) for name, stepper in named if stepper is not None]
+
     # ---------------------------------------------------------------- reset
     def reset(self, rows: np.ndarray, prompt_index: np.ndarray) -> None:
         """Start slots ``rows`` on prompts ``prompt_index`` (both (K,), K <= N)."""
         prompts = [self.prompt_ids[i] for i in prompt_index]
-        rows_t = torch.as_tensor(rows, device=self.device)
-        ids, mask = pad_batch(prompts, self.pad_token_id, side="left")
-        for stepper in self.steppers:
-            start_rows(stepper, self.num_slots, rows_t, ids, mask)
-        self.scorer.start(rows_t, ids, mask)
         for row, index, prompt in zip(rows, prompt_index, prompts):
             self.prompt_index[row] = index
             self.responses[row] = []
@@ -172,6 +228,12 @@ class TokenBatchCore:
             self.attention_mask[row] = 0
             self.input_ids[row, -len(prompt) :] = prompt
             self.attention_mask[row, -len(prompt) :] = 1
+        rows_t = torch.as_tensor(rows, device=self.device)
+        ids, mask = pad_batch(prompts, self.pad_token_id, side="left")
+        contexts = lambda: [self.sequence(row) for row in range(self.num_slots)]  # noqa: E731
+        for stepper in self.steppers:
+            start_rows(stepper, self.num_slots, rows_t, ids, mask, contexts)
+        self.scorer.start(rows_t, ids, mask, contexts)
 
     def observation(self) -> dict[str, np.ndarray]:
         """The context of every slot, right-aligned (left-padded) in a window of ``context_length``."""
@@ -237,6 +299,16 @@ class TokenBatchCore:
             self.responses[row].append(int(actions[row]))
         self.input_ids[live, :-1], self.input_ids[live, -1] = self.input_ids[live, 1:], actions[live]
         self.attention_mask[live, :-1], self.attention_mask[live, -1] = self.attention_mask[live, 1:], 1
+
+    def text(self, row: int) -> str:
+        """Prompt text as given, then the response so far decoded without special tokens: what a reward model
+        with its own tokenizer reads. The response is decoded after its prompt, so that a word-initial space
+        (which many tokenizers drop when decoding a continuation alone) is kept."""
+        prompt = self.prompt_ids[self.prompt_index[row]]
+        head = self.tokenizer.decode(prompt, skip_special_tokens=True)
+        whole = self.tokenizer.decode(prompt + self.responses[row], skip_special_tokens=True)
+        response = whole[len(head) :] if whole.startswith(head) else self.tokenizer.decode(self.responses[row])
+        return self.prompt_text(row) + response
 
     def sequence(self, row: int) -> list[int]:
         """Prompt + response so far of slot ``row``, as token ids."""

@@ -14,12 +14,13 @@ means the same thing whether it is padded on the left or on the right.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 # ---------------------------------------------------------------- probabilities
 
@@ -178,9 +179,19 @@ class CachedStepper:
 
     Rows that are not ``live`` in a step get a masked pad token and keep their
     ``last``. ``start_rows`` puts new prompts into some rows while the others go on
-    (the env's per-slot resets): the new rows are run on their own and written into
-    the shared cache, left-padded to its width; leading columns no row attends to
-    any more are dropped, so the cache is never longer than the longest live context.
+    (the env's per-slot resets). Two strategies, chosen by the cache's layers:
+
+    - full attention (every layer a ``DynamicLayer``, as in GPT-2, Llama, Qwen): the
+      new rows are run on their own and written into the shared cache, left-padded
+      to its width, and leading columns no row attends to any more are dropped, so
+      the cache is never longer than the longest live context;
+    - any other layer (sliding-window layers that have dropped positions, models
+      that mix sliding and full layers such as Gemma 2/3 and Mistral, linear
+      attention): such a cache cannot be edited row by row, so every row is
+      recomputed from its tokens (``contexts``). That costs one prefill of the
+      batch per restart, and is exact for every cache type transformers builds.
+
+    A model whose cache is not a ``DynamicCache`` is refused by ``check_cache``.
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, scores: bool = False):
@@ -190,6 +201,23 @@ class CachedStepper:
         self.mask: Tensor | None = None  # (N, C) which cache positions are real tokens
         self.position: Tensor | None = None  # (N,) next position id of each row
         self.last: Tensor | None = None
+
+    @property
+    def editable(self) -> bool:
+        """Whether the cache's rows can be rewritten in place: every layer a full-attention ``DynamicLayer``."""
+        return self.cache is not None and all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    @torch.no_grad()
+    def check_cache(self, token_id: int, name: str) -> None:
+        """Run one token and refuse a model whose KV cache is not a ``DynamicCache`` (``name`` names the model)."""
+        ids = torch.tensor([[token_id]], device=self.device)
+        out = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids))
+        if not isinstance(out.past_key_values, DynamicCache):
+            raise TypeError(
+                f"the {name} ({type(self.model).__name__}) returns a {type(out.past_key_values).__name__} KV cache; "
+                "textenv steps models whose cache is a transformers DynamicCache (full, sliding-window or mixed "
+                "layers). Load the model without a static or quantized cache implementation"
+            )
 
     def _forward(self, **inputs):
         if self.scores:
@@ -233,8 +261,17 @@ class CachedStepper:
         self._trim()
         return self.last
 
-    def start_rows(self, rows: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
-        """Make the left-padded prompts (K, W) the contexts of rows ``rows`` (K,); the other rows keep theirs."""
+    def start_rows(
+        self, rows: Tensor, input_ids: Tensor, attention_mask: Tensor, contexts: Callable[[], list[list[int]]]
+    ) -> None:
+        """Make the left-padded prompts (K, W) the contexts of rows ``rows`` (K,); the other rows keep theirs.
+
+        ``contexts()`` gives every row's tokens, new prompts included; a cache that cannot be
+        edited in place is rebuilt from them.
+        """
+        if not self.editable:
+            self.prefill(*pad_batch(contexts(), self.pad_token_id, side="left"))
+            return
         out, mask = self._run_prompts(input_ids, attention_mask)
         self._pad_cache_left(mask.shape[1] - self.mask.shape[1])
         width, length = self.mask.shape[1], mask.shape[1]
@@ -260,8 +297,8 @@ class CachedStepper:
         self.mask = torch.cat([self.mask.new_zeros(len(self.mask), extra), self.mask], dim=1)
 
     def _trim(self) -> None:
-        """Drop leading cache positions that no row attends to."""
-        if self.mask[:, 0].any():
+        """Drop leading cache positions that no row attends to (full-attention caches; others are rebuilt)."""
+        if self.mask[:, 0].any() or not self.editable:
             return
         first = first_used_column(self.mask)
         for layer in self.cache.layers:

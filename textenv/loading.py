@@ -121,20 +121,23 @@ def check_reward_model_config(config, source: str) -> None:
         )
 
 
-def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, reward_source: ModelLike) -> None:
-    """A reward model directory that carries its own tokenizer must carry the policy's: the env passes token ids."""
-    if isinstance(reward_source, torch.nn.Module):
-        return
-    path = Path(os.fspath(reward_source)).expanduser()
-    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-        return
-    own = load_tokenizer(path, what="reward model's tokenizer")
-    if own.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"the reward model in {os.fspath(reward_source)!r} has its own tokenizer, with another vocabulary than "
-            "the policy's; the env hands it the policy's token ids, which would score the wrong tokens. Use a "
-            "reward model trained with the policy's tokenizer"
-        )
+def reward_model_tokenizer(
+    given: str | os.PathLike | PreTrainedTokenizerBase | None, reward_source: ModelLike, policy_tokenizer
+) -> PreTrainedTokenizerBase | None:
+    """The reward model's own tokenizer when it differs from the policy's, else None (it then reads token ids).
+
+    ``given`` is the config's ``reward_tokenizer``; without it, a tokenizer saved in the
+    reward model's directory is used.
+    """
+    if given is None:
+        if isinstance(reward_source, torch.nn.Module):
+            return None
+        path = Path(os.fspath(reward_source)).expanduser()
+        if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+            return None
+        given = path
+    own = load_tokenizer(given, what="reward model's tokenizer")
+    return None if own.get_vocab() == policy_tokenizer.get_vocab() else own
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -200,6 +203,7 @@ class Task:
     prompts: list[str]
     prompt_ids: list[list[int]]
     vocab_size: int  # the action space: the reference model's output vocabulary
+    reward_tokenizer: PreTrainedTokenizerBase | None = None  # the reward model's own, when it is another
 
 
 def load_task(config: TokenEnvConfig) -> Task:
@@ -215,23 +219,26 @@ def load_task(config: TokenEnvConfig) -> Task:
     reference = load_causal_lm(reference_source, device)
     reward_source = REWARD_MODEL_DIR if config.reward_model is None else config.reward_model
     reward_model = load_reward_model(reward_source, device)
-    check_same_tokenizer(tokenizer, reward_source)
+    reward_tokenizer = reward_model_tokenizer(config.reward_tokenizer, reward_source, tokenizer)
     check_special_tokens(tokenizer)
-    vocab_size = check_vocabularies(tokenizer, reference, reward_model, config.policy)
+    vocab_size = check_vocabularies(
+        tokenizer, reference, reward_model if reward_tokenizer is None else None, config.policy
+    )
     for name, model in (("reference model", reference), ("reward model", reward_model)):
         limit = model_positions(model)
-        if limit is not None and config.context_length > limit:
+        if limit is not None and config.context_length > limit and (model is reference or reward_tokenizer is None):
             raise ValueError(
                 f"max_prompt_tokens + max_new_tokens = {config.context_length} exceeds the {name}'s "
                 f"{limit} positions; lower one of them"
             )
-    if getattr(reward_model.config, "pad_token_id", None) is None:
-        reward_model.config.pad_token_id = tokenizer.pad_token_id  # classifiers pool at the last non-pad token
-    probe = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    scoring_tokenizer = tokenizer if reward_tokenizer is None else reward_tokenizer
+    if getattr(reward_model.config, "pad_token_id", None) is None:  # classifiers pool at the last non-pad token
+        reward_model.config.pad_token_id = scoring_tokenizer.pad_token_id
+    probe = torch.tensor([[scoring_tokenizer.eos_token_id or 0]], device=device)
     sequence_scores(reward_model, probe, torch.ones_like(probe))  # a reward model without one scalar output raises
     prompts = read_prompts(config.prompts, config.prompt_column)
     prompt_ids = tokenize_prompts(prompts, tokenizer, config.max_prompt_tokens, config.prompt_truncation)
-    return Task(tokenizer, reference, reward_model, prompts, prompt_ids, vocab_size)
+    return Task(tokenizer, reference, reward_model, prompts, prompt_ids, vocab_size, reward_tokenizer)
 
 
 def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -245,19 +252,23 @@ def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
-def check_vocabularies(tokenizer, reference: torch.nn.Module, reward_model: torch.nn.Module, policy) -> int:
-    """The action space's size (the reference model's output vocabulary), once every model can take its ids."""
+def check_vocabularies(tokenizer, reference: torch.nn.Module, reward_model: torch.nn.Module | None, policy) -> int:
+    """The action space's size (the reference model's output vocabulary), once every model can take its ids.
+
+    ``reward_model`` is None when it reads text with its own tokenizer.
+    """
     vocab_size = output_vocab_size(reference)
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the reference model predicts only {vocab_size}; "
             "pass the tokenizer the model was trained with"
         )
-    reward_vocab = reward_model.get_input_embeddings().weight.shape[0]
+    reward_vocab = float("inf") if reward_model is None else reward_model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > reward_vocab:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the reward model embeds only {reward_vocab}; the env "
-            "scores token ids directly, so the reward model must share the policy's tokenizer"
+            "hands it the policy's token ids; if it has its own tokenizer, pass it as reward_tokenizer= (or save it "
+            "beside the reward model) and the reward model reads the text instead"
         )
     if isinstance(policy, torch.nn.Module) and output_vocab_size(policy) != vocab_size:
         raise ValueError(

@@ -1,0 +1,117 @@
+"""A reward model with its own tokenizer reads text: it scores exactly what it scores when called on that text."""
+
+import string
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from textenv.core import SparseScorer, TextScorer
+from textenv.default_task import POLICY_DIR
+
+PROMPTS = ["I thought the plot was", "The acting felt", "Honestly this film"]
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, with [PAD], [UNK] and a [CLS] the tokenizer adds at the end of every text."""
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2}
+    vocab |= {ch: i + 3 for i, ch in enumerate(string.printable)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    from tokenizers.processors import TemplateProcessing
+
+    core.post_processor = TemplateProcessing(single="$A [CLS]", special_tokens=[("[CLS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    """A tiny random sequence classifier over characters, saved with its character tokenizer."""
+    tokenizer = character_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2, num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id
+    model = GPT2ForSequenceClassification(config).eval()
+    directory = tmp_path_factory.mktemp("char_rm")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def direct_score(reward_dir, text: str) -> float:
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    model = GPT2ForSequenceClassification.from_pretrained(reward_dir).eval()
+    with torch.no_grad():
+        return float(model(**tokenizer(text, return_tensors="pt")).logits[0, 0])
+
+
+def test_the_two_tokenizers_really_differ(reward_dir):
+    policy, reward = AutoTokenizer.from_pretrained(POLICY_DIR), AutoTokenizer.from_pretrained(reward_dir)
+    text = PROMPTS[0] + " great"
+    assert policy(text)["input_ids"] != reward(text)["input_ids"]
+    assert len(reward(text)["input_ids"]) == len(text) + 1  # a character each, and [CLS]
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_scores_equal_the_reward_model_called_on_the_same_text(reward_dir, mode):
+    policy_tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+    env = gym.make_vec(
+        "TokenRLHF-v0",
+        num_envs=3,
+        vectorization_mode="vector_entry_point",
+        autoreset_mode="Disabled",
+        reward_model=str(reward_dir),
+        prompts=PROMPTS,
+        max_new_tokens=5,
+        reward_mode=mode,
+        kl_coef=0.0,
+        device="cpu",
+    )
+    assert isinstance(env.unwrapped.core.scorer, TextScorer)
+    env.reset(seed=0, options={"prompt_index": [0, 1, 2]})
+    rng = np.random.default_rng(0)
+    words = [policy_tokenizer.convert_tokens_to_ids(w) for w in ("▁great", "▁dull", "▁plot", ".", "▁the")]
+    responses, rewards = [[], [], []], np.zeros(3)
+    ended = np.zeros(3, dtype=bool)
+    for step in range(5):
+        actions = rng.choice(words, size=3)
+        if step == 2:
+            actions[1] = policy_tokenizer.eos_token_id  # one episode ends with EOS, the others are truncated
+        _, reward, terminated, truncated, info = env.step(actions)
+        for row in np.flatnonzero(~ended):
+            responses[row].append(int(actions[row]))
+            rewards[row] += reward[row]
+        for row in np.flatnonzero(terminated | truncated):
+            prompt_ids = policy_tokenizer(PROMPTS[row])["input_ids"]
+            head = policy_tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            whole = policy_tokenizer.decode(prompt_ids + responses[row], skip_special_tokens=True)
+            text = PROMPTS[row] + whole[len(head) :]
+            if policy_tokenizer.convert_ids_to_tokens(responses[row][0]).startswith("▁"):
+                assert text.startswith(PROMPTS[row] + " ")  # the space before a first word is kept
+            expected = direct_score(reward_dir, text)
+            assert info["score"][row] == pytest.approx(expected, abs=1e-5)
+            if mode == "sparse":
+                assert rewards[row] == pytest.approx(expected, abs=1e-5)
+            else:  # the dense terms add up to the final score minus the prompt's
+                assert rewards[row] == pytest.approx(expected - direct_score(reward_dir, PROMPTS[row]), abs=1e-5)
+        ended |= terminated | truncated
+    assert ended.all()
+
+
+def test_a_reward_model_with_the_policys_tokenizer_keeps_the_token_path(tmp_path):
+    from textenv.default_task import REWARD_MODEL_DIR
+
+    env = gym.make("TokenRLHF-v0", reward_model=str(REWARD_MODEL_DIR), device="cpu")  # its directory has a copy
+    assert isinstance(env.unwrapped.core.scorer, SparseScorer)
+
+
+def test_reward_tokenizer_argument_names_a_loaded_reward_models_tokenizer(reward_dir):
+    model = GPT2ForSequenceClassification.from_pretrained(reward_dir)
+    env = gym.make("TokenRLHF-v0", reward_model=model, reward_tokenizer=str(reward_dir), device="cpu")
+    assert isinstance(env.unwrapped.core.scorer, TextScorer)
+    with pytest.raises(ValueError, match="reward model embeds only .*pass it as reward_tokenizer="):
+        gym.make("TokenRLHF-v0", reward_model=model, device="cpu")  # ids of another vocabulary: refused
