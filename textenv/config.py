@@ -37,7 +37,10 @@ class TokenEnvConfig:
     """Prompts: a list of strings, a text file with one per line, or a ``datasets`` dataset
     (default: the embedded task's train prompts)."""
     prompt_column: str = "prompt"
-    """The column of a ``datasets`` dataset that holds the prompts."""
+    """The column of a ``datasets`` dataset (or the field of a JSON-lines file) that holds the prompts."""
+    chat_template: bool = False
+    """Apply the tokenizer's chat template (with the generation prompt) to string prompts, each as one user
+    message. Prompts given as conversations (lists of {'role', 'content'} dicts) always go through it."""
     max_prompt_tokens: int = 16
     """Longest prompt, in tokens."""
     max_new_tokens: int = 32
@@ -89,6 +92,8 @@ class TokenEnvConfig:
             )
         check_choice("reward_mode", self.reward_mode, RewardMode)
         check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
+        if not isinstance(self.chat_template, bool):
+            raise TypeError(f"chat_template must be True or False, got {self.chat_template!r}")
         if not isinstance(self.prompt_column, str):
             raise TypeError(f"prompt_column must be a column name (str), got {self.prompt_column!r}")
         if self.policy is not None and not (isinstance(self.policy, torch.nn.Module) or callable(self.policy)):

@@ -188,8 +188,9 @@ class TokenBatchCore:
         self.policy = CachedStepper(config.policy, self.pad_token_id) if is_module else None
         self.policy_fn = None if is_module else config.policy
         if task.reward_tokenizer is not None:
+            self.conversations = task.conversations or [None] * len(self.prompts)
             self.scorer = TextScorer(
-                self.reward_model, task.reward_tokenizer, config, num_slots, self.text, self.device
+                self.reward_model, task.reward_tokenizer, config, num_slots, self.reward_text, self.device
             )
         elif config.reward_mode == "dense":
             self.scorer = DenseScorer(self.reward_model, self.pad_token_id, config, num_slots)
@@ -300,15 +301,23 @@ class TokenBatchCore:
         self.input_ids[live, :-1], self.input_ids[live, -1] = self.input_ids[live, 1:], actions[live]
         self.attention_mask[live, :-1], self.attention_mask[live, -1] = self.attention_mask[live, 1:], 1
 
-    def text(self, row: int) -> str:
-        """Prompt text as given, then the response so far decoded without special tokens: what a reward model
-        with its own tokenizer reads. The response is decoded after its prompt, so that a word-initial space
-        (which many tokenizers drop when decoding a continuation alone) is kept."""
+    def response_text(self, row: int) -> str:
+        """The response so far, decoded without special tokens. It is decoded after its prompt, so that a
+        word-initial space (which many tokenizers drop when decoding a continuation alone) is kept."""
         prompt = self.prompt_ids[self.prompt_index[row]]
         head = self.tokenizer.decode(prompt, skip_special_tokens=True)
         whole = self.tokenizer.decode(prompt + self.responses[row], skip_special_tokens=True)
-        response = whole[len(head) :] if whole.startswith(head) else self.tokenizer.decode(self.responses[row])
-        return self.prompt_text(row) + response
+        return whole[len(head) :] if whole.startswith(head) else self.tokenizer.decode(self.responses[row])
+
+    def reward_text(self, row: int) -> str:
+        """What a reward model with its own tokenizer reads: the conversation in that tokenizer's chat template
+        when the prompt is a conversation and it has one, else the prompt text as given and the response."""
+        messages = self.conversations[self.prompt_index[row]]
+        reward_tokenizer = self.scorer.reward_tokenizer
+        if messages is not None and reward_tokenizer.chat_template:
+            reply = {"role": "assistant", "content": self.response_text(row).strip()}
+            return reward_tokenizer.apply_chat_template([*messages, reply], tokenize=False)
+        return self.prompt_text(row) + self.response_text(row)
 
     def sequence(self, row: int) -> list[int]:
         """Prompt + response so far of slot ``row``, as token ids."""

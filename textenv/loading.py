@@ -8,8 +8,9 @@ locally; the tests only ever pass local directories or loaded modules.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,17 +151,39 @@ def model_positions(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
-def read_prompts(
-    prompts: Sequence[str] | str | os.PathLike | None, prompt_column: str = "prompt", what: str = "prompts"
-) -> list[str]:
-    """Prompts from a list of strings, a UTF-8 text file (one prompt per line) or a ``datasets`` dataset.
+Prompt = str | list[dict[str, str]]  # a text, or a chat conversation: [{"role": ..., "content": ...}, ...]
 
-    ``what`` names the argument in errors. Blank lines of a file are skipped; a file with none left raises.
+
+def is_conversation(prompt) -> bool:
+    return (
+        isinstance(prompt, list)
+        and len(prompt) > 0
+        and all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt
+        )
+    )
+
+
+def read_prompts(
+    prompts: Sequence[Prompt] | str | os.PathLike | None, prompt_column: str = "prompt", what: str = "prompts"
+) -> list[Prompt]:
+    """Prompts from a list, a file or a ``datasets`` dataset; each prompt a string or a chat conversation.
+
+    Files: a UTF-8 text file (one prompt a line, blank lines skipped), a JSON-lines
+    file (``.jsonl``: one object a line, the prompt in ``prompt_column``), or a
+    directory saved with ``datasets``' ``save_to_disk``. ``what`` names the argument in errors.
     """
     if prompts is None:
         return load_prompts("train")
     if isinstance(prompts, str | os.PathLike):
-        return read_prompt_file(Path(prompts), what)
+        path = Path(prompts).expanduser()
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
+            prompts = load_dataset_dir(path, what)
+        elif path.suffix == ".jsonl":
+            return read_jsonl_prompts(path, prompt_column, what)
+        else:
+            return read_prompt_file(path, what)
     if hasattr(prompts, "column_names"):  # a datasets.Dataset
         if prompt_column not in prompts.column_names:
             raise ValueError(
@@ -168,9 +191,36 @@ def read_prompts(
             )
         prompts = prompts[prompt_column]
     prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{what} must be a non-empty list of strings")
+    if not prompts or not all(isinstance(p, str) or is_conversation(p) for p in prompts):
+        raise ValueError(
+            f"{what} must be a non-empty list of strings (or of chat conversations, lists of "
+            "{'role': ..., 'content': ...} dicts)"
+        )
     return prompts
+
+
+def load_dataset_dir(path: Path, what: str):
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(f"{what} directory {os.fspath(path)!r} is a saved dataset: pip install datasets") from error
+    return datasets.load_from_disk(os.fspath(path))
+
+
+def read_jsonl_prompts(path: Path, column: str, what: str) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(read_prompt_file(path, what), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{what} file {os.fspath(path)!r}, line {number}, is not JSON ({error})") from error
+        if not isinstance(row, dict) or column not in row:
+            raise ValueError(
+                f"{what} file {os.fspath(path)!r}, line {number}, has no {column!r} field; name the prompt's "
+                "field with prompt_column= (--prompt-column)"
+            )
+        prompts.append(row[column])
+    return read_prompts(prompts, what=what)
 
 
 def read_prompt_file(path: Path, what: str) -> list[str]:
@@ -204,6 +254,7 @@ class Task:
     prompt_ids: list[list[int]]
     vocab_size: int  # the action space: the reference model's output vocabulary
     reward_tokenizer: PreTrainedTokenizerBase | None = None  # the reward model's own, when it is another
+    conversations: list[list[dict[str, str]] | None] | None = None  # per prompt, its chat messages if it has them
 
 
 def load_task(config: TokenEnvConfig) -> Task:
@@ -237,8 +288,11 @@ def load_task(config: TokenEnvConfig) -> Task:
     probe = torch.tensor([[scoring_tokenizer.eos_token_id or 0]], device=device)
     sequence_scores(reward_model, probe, torch.ones_like(probe))  # a reward model without one scalar output raises
     prompts = read_prompts(config.prompts, config.prompt_column)
-    prompt_ids = tokenize_prompts(prompts, tokenizer, config.max_prompt_tokens, config.prompt_truncation)
-    return Task(tokenizer, reference, reward_model, prompts, prompt_ids, vocab_size, reward_tokenizer)
+    texts, prompt_ids = tokenize_prompts(
+        prompts, tokenizer, config.max_prompt_tokens, config.prompt_truncation, config.chat_template
+    )
+    conversations = [as_conversation(p) if config.chat_template or not isinstance(p, str) else None for p in prompts]
+    return Task(tokenizer, reference, reward_model, texts, prompt_ids, vocab_size, reward_tokenizer, conversations)
 
 
 def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -279,20 +333,59 @@ def check_vocabularies(tokenizer, reference: torch.nn.Module, reward_model: torc
 
 
 def tokenize_prompts(
-    prompts: list[str], tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int, truncation: str
-) -> list[list[int]]:
-    """Token ids of each prompt; a prompt longer than ``max_prompt_tokens`` raises or keeps its end."""
-    # prompt text is text: "<eos>" typed in a prompt must not become the EOS token
-    prompt_ids = [list(ids) for ids in tokenizer(prompts, split_special_tokens=True)["input_ids"]]
+    prompts: list[Prompt],
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_tokens: int,
+    truncation: str,
+    chat_template: bool = False,
+) -> tuple[list[str], list[list[int]]]:
+    """The text and token ids of each prompt; a prompt longer than ``max_prompt_tokens`` raises or keeps its end.
+
+    A conversation (or, with ``chat_template``, a string as one user message) goes through
+    the tokenizer's chat template with the generation prompt; its text is the rendered
+    template. Plain prompt text is text: "<eos>" typed in a prompt never becomes the EOS token.
+    """
+    texts, prompt_ids = [], []
+    for i, prompt in enumerate(prompts):
+        if chat_template or not isinstance(prompt, str):
+            messages = as_conversation(prompt)
+            check_conversation(messages, tokenizer, i)
+            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        else:
+            texts.append(prompt)
+            ids = tokenizer(prompt, split_special_tokens=True)["input_ids"]
+        prompt_ids.append(list(ids))
     for i, ids in enumerate(prompt_ids):
         if not ids:
-            raise ValueError(f"prompt {i} ({prompts[i]!r}) is empty after tokenization")
+            raise ValueError(f"prompt {i} ({texts[i]!r}) is empty after tokenization")
         if len(ids) > max_prompt_tokens:
             if truncation == "error":
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}: "
-                    f"{prompts[i][:60]!r}; raise max_prompt_tokens or pass prompt_truncation='left' to keep each "
+                    f"{texts[i][:60]!r}; raise max_prompt_tokens or pass prompt_truncation='left' to keep each "
                     "prompt's last max_prompt_tokens tokens"
                 )
             prompt_ids[i] = ids[-max_prompt_tokens:]
-    return prompt_ids
+    return texts, prompt_ids
+
+
+def as_conversation(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def check_conversation(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, index: int) -> None:
+    """The tokenizer has a chat template, and no message smuggles in a special token's text."""
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"prompt {index} is a chat conversation (or chat_template=True), but the tokenizer has no chat "
+            "template; set tokenizer.chat_template or pass plain string prompts"
+        )
+    specials = [token for token in tokenizer.all_special_tokens if token]
+    for message in messages:
+        found = [token for token in specials if token in message["content"]]
+        if found:
+            raise ValueError(
+                f"prompt {index}: a {message['role']} message contains the text of the special token {found[0]!r}, "
+                "which the chat template would turn into that control token; remove it from the message"
+            )
