@@ -45,8 +45,11 @@ class RunConfig:
 
     policy: Annotated[str | None, AsPath] = None
     """Policy to train and reference model: a local directory or hub name (default: the embedded SFT model)."""
+    tokenizer: Annotated[str | None, AsPath] = None
+    """The policy's tokenizer, a directory or hub name, when it is not saved with the policy."""
     eval_prompts: Annotated[str | None, AsPath] = None
-    """Held-out prompts for evaluation, a text file (default: the embedded eval prompts)."""
+    """Held-out prompts for evaluation: a text file, a JSON-lines file (field --prompt-column) or a saved
+    datasets directory (default: the embedded eval prompts)."""
     iterations: int = 60
     """PPO iterations (one rollout and one update each)."""
     token_budget: int | None = None
@@ -131,7 +134,7 @@ class TrainConfig:
             )
         for name, path in (("prompts", self.env.prompts), ("eval_prompts", self.run.eval_prompts)):
             if isinstance(path, str):
-                read_prompts(path, what="--" + name.replace("_", "-"))
+                read_prompts(path, self.env.prompt_column, what="--" + name.replace("_", "-"))
 
     def validate_combination(self) -> None:
         ppo, run = self.ppo, self.run
@@ -466,6 +469,15 @@ def check_new_run_dir(run_dir: Path, checkpoints: Checkpoints, allow_existing: b
         )
 
 
+def policy_source(run: RunConfig) -> str:
+    """The policy's directory as an absolute path (a LoRA run's adapters then name a base that loads from
+    anywhere), or its hub name."""
+    if run.policy is None:
+        return str(POLICY_DIR)
+    path = Path(run.policy).expanduser()
+    return str(path.resolve()) if path.is_dir() else run.policy
+
+
 def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -> ActorCritic:
     """The trainable actor-critic: from a checkpoint, or the policy (with LoRA adapters if asked) and a new critic.
 
@@ -476,7 +488,7 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
     if saved is not None:
         agent = ActorCritic.from_pretrained(saved)
     else:
-        policy = AutoModelForCausalLM.from_pretrained(run.policy or POLICY_DIR)
+        policy = AutoModelForCausalLM.from_pretrained(policy_source(run))
         if run.lora_rank:
             targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
             policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
@@ -496,9 +508,9 @@ def build_envs(config: TrainConfig, agent: ActorCritic, device: torch.device):
     The reference model is the starting policy (with LoRA: the policy's own base,
     adapters off, with no second copy of the weights).
     """
-    policy_source = str(config.run.policy or POLICY_DIR)
-    reference = AdaptersDisabled(agent.policy) if config.run.lora_rank else policy_source
-    env_config = replace(config.env, reference_model=reference, tokenizer=policy_source, device=device)
+    source = policy_source(config.run)
+    reference = AdaptersDisabled(agent.policy) if config.run.lora_rank else source
+    env_config = replace(config.env, reference_model=reference, tokenizer=config.run.tokenizer or source, device=device)
     env = make_rollout_env(config.run.batch_size, env_config)
     frozen = env.unwrapped
     eval_config = replace(

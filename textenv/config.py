@@ -33,9 +33,10 @@ class TokenEnvConfig:
     reward_model: Annotated[ModelLike | None, AsPath] = None
     """Reward model: a loaded sequence classifier with one label, a local directory or a hub name
     (default: the embedded review-sentiment model). Frozen on ``device``."""
-    prompts: Annotated[Sequence[str] | str | os.PathLike | None, AsPath] = None
-    """Prompts: a list of strings, a text file with one per line, or a ``datasets`` dataset
-    (default: the embedded task's train prompts)."""
+    prompts: Annotated[Sequence[str | list[dict]] | str | os.PathLike | None, AsPath] = None
+    """Prompts: a list of strings or chat conversations; a text file (one a line), a JSON-lines file (field
+    prompt_column) or a saved ``datasets`` directory; or a ``datasets`` dataset (default: the embedded
+    task's train prompts)."""
     prompt_column: str = "prompt"
     """The column of a ``datasets`` dataset (or the field of a JSON-lines file) that holds the prompts."""
     chat_template: bool = False

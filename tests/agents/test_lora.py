@@ -1,5 +1,7 @@
 """LoRA through PEFT: only adapters train, the reference is the base with adapters off, the result loads with PEFT."""
 
+import json
+
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
@@ -72,3 +74,22 @@ def test_lora_training_run_saves_adapters_that_load_with_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, again(input_ids=ids).logits)
         torch.testing.assert_close(loaded(input_ids=ids).logits, agent.policy(input_ids=ids).logits)
+
+
+def test_a_lora_run_from_a_relative_policy_path_loads_from_anywhere(tmp_path, monkeypatch):
+    """The adapters name their base by absolute path, so ``final/`` loads from any working directory."""
+    import shutil
+
+    shutil.copytree(POLICY_DIR, tmp_path / "work" / "sft")
+    monkeypatch.chdir(tmp_path / "work")
+    config = TrainConfig()
+    config.run.iterations, config.run.batch_size, config.run.eval_every, config.run.eval_episodes = 1, 8, 1, 8
+    config.run.run_dir, config.run.progress, config.run.lora_rank = tmp_path / "run", False, 4
+    config.run.policy = "sft"  # relative to the launch directory
+    config.ppo.minibatch_size = config.ppo.micro_batch_size = 8
+    config.env.max_new_tokens = 4
+    final = train(config)
+    base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((tmp_path / "work" / "sft").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(AutoPeftModelForCausalLM.from_pretrained(final), PeftModel)

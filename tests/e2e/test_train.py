@@ -147,3 +147,31 @@ def test_a_line_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
     logger = RunLogger(tmp_path, start_iteration=1)
     assert logger.rows == [{"iteration": 0, "env/score": 1.0}]
     logger.close()
+
+
+def test_a_run_with_its_own_tokenizer_directory_and_jsonl_prompts(tmp_path):
+    import shutil
+
+    from textenv.default_task import POLICY_DIR, load_prompts
+
+    policy, tokenizer = tmp_path / "policy", tmp_path / "tokenizer"
+    policy.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        if (POLICY_DIR / name).exists():
+            shutil.copy(POLICY_DIR / name, policy / name)
+    shutil.copytree(POLICY_DIR, tokenizer, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": i, "text": p}) + "\n" for i, p in enumerate(load_prompts("train")[:8]))
+    )
+    config = TrainConfig()
+    config.run.iterations, config.run.batch_size, config.run.eval_every, config.run.eval_episodes = 1, 8, 1, 8
+    config.run.run_dir, config.run.progress = tmp_path / "run", False
+    config.run.policy, config.run.tokenizer = str(policy), str(tokenizer)
+    config.env.prompts, config.env.prompt_column = str(prompts), "text"
+    config.ppo.minibatch_size = config.ppo.micro_batch_size = 8
+    config.env.max_new_tokens = 4
+    final = train(config)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} <= set(load_prompts("train")[:8])
+    assert (final / "tokenizer.json").is_file()  # the tokenizer travels with the trained policy
