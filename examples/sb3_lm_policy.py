@@ -21,27 +21,64 @@ on the same env, evaluated here). Results go to ``--out/sb3_lm_policy.json``, th
 trained LM (Hugging Face format) to ``--out/sb3_lm_policy_final``.
 """
 
-from __future__ import annotations
-
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+import tyro
 from gymnasium.vector import AutoresetMode
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecMonitor
 from transformers.utils import logging as hf_logging
 
+from agents.evaluate import episode_metrics
 from agents.sb3 import LMActorCriticPolicy, SB3PolicyLogprobs, TokenVecEnv
 from textenv import TokenGenerationVectorEnv
 from textenv.default_task import load_prompts
+
+METRICS = ("positive_rate", "score", "score_std", "kl", "response_length", "eos_rate")
+
+
+@dataclass
+class Args:
+    """Options of examples/sb3_lm_policy.py."""
+
+    steps: int = 16384
+    """Generated training tokens (SB3 timesteps)."""
+    seed: int = 0
+    """Seed of SB3 (and of the native agent); the evaluation uses seed + 1000."""
+    out: Path = Path("runs/sb3_lm_policy")
+    """Where the JSON, the trained LM and the native run go."""
+    num_envs: int = 16
+    """Slots of the batched env (one token each per env step)."""
+    n_steps: int = 64
+    """SB3 rollout length per slot."""
+    epochs: int = 4
+    """PPO epochs per rollout."""
+    minibatches: int = 4
+    """Minibatches per epoch."""
+    lr: float = 3e-4
+    """Learning rate, decayed linearly to 0."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient of the env's reward."""
+    max_new_tokens: int = 32
+    """Longest response, in tokens."""
+    eval_episodes: int = 128
+    """Episodes of the held-out eval prompts, before and after training."""
+    threads: int = 1
+    """Torch intra-op threads (0: torch's default). 1 by default: for these tiny models on a shared 2-core machine,
+    two threads that wait on each other were several times slower."""
+    compare: list[Literal["native", "mlp"]] = field(default_factory=list)
+    """Also run, for the same token budget: native (python -m agents), mlp (SB3 PPO with "MultiInputPolicy")."""
 
 
 @torch.no_grad()
@@ -72,16 +109,13 @@ def evaluate(policy, episodes: int, seed: int, kl_coef: float, max_new_tokens: i
         ended_with_eos |= terminated
         done |= ended
     env.close()
-    return {
-        "positive_rate": float((score > 0).mean()),
-        "score": float(score.mean()),
-        "kl": float(kl.mean()),
-        "response_length": float(length.mean()),
-        "eos_rate": float(ended_with_eos.mean()),
-    }
+    metrics = episode_metrics(
+        torch.as_tensor(score), torch.as_tensor(kl), torch.as_tensor(length), torch.as_tensor(ended_with_eos), "eval"
+    )
+    return {key: metrics[f"eval/{key}"] for key in METRICS}
 
 
-def make_ppo(policy, env, args, **policy_kwargs) -> PPO:
+def make_ppo(policy, env, args: Args, **policy_kwargs) -> PPO:
     """SB3 PPO with the native agent's settings where SB3 has them (gamma 1, GAE 0.95, clip 0.2, ...)."""
     rollout = args.num_envs * args.n_steps
     return PPO(
@@ -104,7 +138,7 @@ def make_ppo(policy, env, args, **policy_kwargs) -> PPO:
     )
 
 
-def train_sb3(kind: str, args) -> dict:
+def train_sb3(kind: str, args: Args) -> dict:
     kl = SB3PolicyLogprobs()
     env = VecMonitor(
         TokenVecEnv(num_envs=args.num_envs, policy=kl, kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens)
@@ -129,7 +163,7 @@ def train_sb3(kind: str, args) -> dict:
     return result
 
 
-def run_native(args) -> dict:
+def run_native(args: Args) -> dict:
     """``python -m agents`` with the same token budget; its own eval on the same eval prompts."""
     run_dir = args.out / "sb3_lm_policy_native"
     command = [sys.executable, "-m", "agents", "--run-dir", str(run_dir), "--token-budget", str(args.steps)]
@@ -147,7 +181,7 @@ def run_native(args) -> dict:
     tokens = [row["perf/tokens_total"] for row in rows if "perf/tokens_total" in row]
 
     def pick(row):
-        return {key: row.get(f"eval/{key}") for key in ("positive_rate", "score", "kl", "response_length", "eos_rate")}
+        return {key: row.get(f"eval/{key}") for key in METRICS}
 
     return {
         "before": pick(evals[0]),
@@ -176,27 +210,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=16384, help="generated training tokens (SB3 timesteps)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/sb3_lm_policy"))
-    parser.add_argument("--num-envs", type=int, default=16)
-    parser.add_argument("--n-steps", type=int, default=64, help="SB3 rollout length per slot")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--minibatches", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--kl-coef", type=float, default=0.05)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--eval-episodes", type=int, default=128)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (0: torch's default). 1 by default: for these tiny models on a shared 2-core "
-        "machine, two threads that wait on each other were several times slower",
-    )
-    parser.add_argument("--compare", nargs="*", default=[], choices=["native", "mlp"])
-    args = parser.parse_args()
+    args = tyro.cli(Args, description=__doc__)
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,7 +221,7 @@ def main() -> None:
         results["SB3 PPO + MultiInputPolicy (MLP)"] = train_sb3("mlp", args)
     if "native" in args.compare:
         results["native agent (python -m agents)"] = run_native(args)
-    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(args).items()}
     payload = {"config": config, "torch_threads": torch.get_num_threads(), "results": results}
     (args.out / "sb3_lm_policy.json").write_text(json.dumps(payload, indent=2))
     print(table(results))

@@ -20,23 +20,46 @@ likely, and EOS soon), which is what the return measures. Results go to
 ``--out/sb3_ppo_mlp.json``.
 """
 
-from __future__ import annotations
-
-import argparse
+import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
+import tyro
 from stable_baselines3 import A2C, PPO
 from transformers.utils import logging as hf_logging
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from agents.evaluate import episode_metrics
 from textenv.default_task import load_prompts
 
 ENV_ID = "TokenRLHF-v0"
+
+
+@dataclass
+class Args:
+    """Options of examples/sb3_ppo_mlp.py."""
+
+    steps: int = 16384
+    """Training timesteps (tokens) per algorithm."""
+    seed: int = 0
+    """Seed of SB3 and of the random policy; the evaluation uses seed + 1000."""
+    out: Path = Path("runs/sb3_ppo_mlp")
+    """Where the JSON goes."""
+    eval_episodes: int = 100
+    """Episodes of the held-out eval prompts per policy."""
+    ent_coef: float = 0.0
+    """SB3's entropy bonus (default: SB3's, 0)."""
+    algos: list[Literal["ppo", "a2c"]] = field(default_factory=lambda: ["ppo", "a2c"])
+    """SB3 algorithms to train."""
+    threads: int = 1
+    """Torch intra-op threads (0: torch's default). 1 by default: for these tiny models on a shared 2-core machine,
+    two threads that wait on each other were several times slower."""
 
 
 def evaluate(env: gym.Env, act, episodes: int, seed: int) -> dict[str, float]:
@@ -54,32 +77,18 @@ def evaluate(env: gym.Env, act, episodes: int, seed: int) -> dict[str, float]:
         scores.append(info["score"])
         lengths.append(steps)
         eos.append(terminated)
-    scores = np.array(scores)
-    return {
-        "return": float(np.mean(returns)),
-        "score": float(scores.mean()),
-        "positive_rate": float((scores > 0).mean()),
-        "eos_rate": float(np.mean(eos)),
-        "response_length": float(np.mean(lengths)),
+    # the env has no policy here (KL source 3): it reports no KL, so none is measured
+    no_kl = torch.full((episodes,), float("nan"))
+    metrics = episode_metrics(
+        torch.tensor(scores, dtype=torch.float64), no_kl, torch.tensor(lengths), torch.tensor(eos), "eval"
+    )
+    return {"return": float(np.mean(returns))} | {
+        key: metrics[f"eval/{key}"] for key in ("score", "score_std", "positive_rate", "eos_rate", "response_length")
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=16384, help="training timesteps (tokens) per algorithm")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/sb3_ppo_mlp"))
-    parser.add_argument("--eval-episodes", type=int, default=100)
-    parser.add_argument("--ent-coef", type=float, default=0.0, help="SB3's entropy bonus (default: SB3's, 0)")
-    parser.add_argument("--algos", nargs="+", default=["ppo", "a2c"], choices=["ppo", "a2c"])
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (0: torch's default). 1 by default: for these tiny models on a shared 2-core "
-        "machine, two threads that wait on each other were several times slower",
-    )
-    args = parser.parse_args()
+    args = tyro.cli(Args, description=__doc__)
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +126,7 @@ def main() -> None:
             f"| {name} | {r['return']:.2f} | {r['score']:.2f} | {r['positive_rate']:.0%} | {r['eos_rate']:.0%} | "
             f"{r['response_length']:.1f} | {r['train_seconds']:.0f} |"
         )
-    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(args).items()}
     payload = {"config": config, "torch_threads": torch.get_num_threads(), "results": results}
     (args.out / "sb3_ppo_mlp.json").write_text(json.dumps(payload, indent=2))
     print("\n".join(lines))
