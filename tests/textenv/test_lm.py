@@ -157,7 +157,7 @@ def test_cached_stepper_matches_uncached_forwards(tiny_lm):
 
     # a new prompt in row 0 while row 1 goes on
     contexts[0] = [20, 21, 22]
-    stepper.start_rows(long([0]), *pad_batch([contexts[0]], PAD, side="left"))
+    stepper.start_rows(long([0]), *pad_batch([contexts[0]], PAD, side="left"), lambda: contexts)
     assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
     stepper.advance(long([30, 31]))
     contexts[0].append(30), contexts[1].append(31)
@@ -165,7 +165,7 @@ def test_cached_stepper_matches_uncached_forwards(tiny_lm):
 
     # a new prompt in row 1 longer than the whole cache: the cache widens on the left
     contexts[1] = list(range(12, 26))
-    stepper.start_rows(long([1]), *pad_batch([contexts[1]], PAD, side="left"))
+    stepper.start_rows(long([1]), *pad_batch([contexts[1]], PAD, side="left"), lambda: contexts)
     assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
     stepper.advance(long([40, 41]))
     contexts[0].append(40), contexts[1].append(41)
