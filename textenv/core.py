@@ -210,6 +210,15 @@ class TokenBatchCore:
         """The causal LMs stepped with the context: the reference and, if given as a module, the policy."""
         return [self.reference] if self.policy is None else [self.reference, self.policy]
 
+    def _rebuild_windowed_caches(self) -> None:
+        """Caches that cannot be edited in place (sliding windows) are recomputed from every slot's tokens: the
+        masked column of a row that waited would otherwise take a real token's place in its window."""
+        stale = [stepper for _, stepper in self.named_steppers() if not stepper.editable]
+        if stale:
+            contexts = [self.sequence(row) for row in range(self.num_slots)]
+            for stepper in stale:
+                stepper.rebuild(contexts)
+
     def named_steppers(self) -> list[tuple[str, CachedStepper]]:
         """Every model the core steps with a KV cache, with the name of its argument."""
         named = [("reference model", self.reference), ("policy", self.policy)]
@@ -352,7 +361,10 @@ class TokenBatchCore:
         if continuing.any():
             for stepper in self.steppers:
                 stepper.advance(actions_t, continuing)
+        waited = ~live & ~self.done  # rows that sat this step out and go on (restarted ones, on NEXT_STEP)
         self.done |= ended
+        if waited.any():
+            self._rebuild_windowed_caches()
 
         zero, nan = torch.zeros_like(non_score), torch.full_like(non_score, float("nan"))
         rewards = torch.where(live_t, non_score + terms, zero)

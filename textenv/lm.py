@@ -190,6 +190,9 @@ class CachedStepper:
       attention): such a cache cannot be edited row by row, so every row is
       recomputed from its tokens (``contexts``). That costs one prefill of the
       batch per restart, and is exact for every cache type transformers builds.
+      A row that sits out a step gets a masked column, which in a sliding window
+      would take the place of a real token: the env rebuilds such a cache after a
+      step in which a row waited and will go on (``rebuild``).
 
     A model whose cache is not a ``DynamicCache`` is refused by ``check_cache``.
     """
@@ -220,10 +223,19 @@ class CachedStepper:
             )
 
     def _forward(self, **inputs):
-        if self.scores:
-            with pooling_at_last_position(self.model):
-                return self.model(**inputs, use_cache=True)
-        return self.model(**inputs, use_cache=True)
+        training = self.model.training
+        self.model.eval()  # a policy handed over mid-training steps without dropout, like the frozen models
+        try:
+            if self.scores:
+                with pooling_at_last_position(self.model):
+                    return self.model(**inputs, use_cache=True)
+            return self.model(**inputs, use_cache=True)
+        finally:
+            self.model.train(training)
+
+    def rebuild(self, contexts: list[list[int]]) -> None:
+        """Recompute every row's cache from its tokens (``contexts``, one list per row)."""
+        self.prefill(*pad_batch(contexts, self.pad_token_id, side="left"))
 
     def _output(self, out) -> Tensor:
         if self.scores:
@@ -270,7 +282,7 @@ class CachedStepper:
         edited in place is rebuilt from them.
         """
         if not self.editable:
-            self.prefill(*pad_batch(contexts(), self.pad_token_id, side="left"))
+            self.rebuild(contexts())
             return
         out, mask = self._run_prompts(input_ids, attention_mask)
         self._pad_cache_left(mask.shape[1] - self.mask.shape[1])

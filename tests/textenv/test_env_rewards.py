@@ -5,8 +5,6 @@ reference and reward models (no cache, no padding, batch of one), and each
 per-step reward is rebuilt from the formula of DESIGN.md.
 """
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +12,7 @@ from gymnasium.vector import AutoresetMode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from tests.models import Episode
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 
 ATOL = 1e-5
@@ -28,18 +27,6 @@ def models():
     reference = AutoModelForCausalLM.from_pretrained(POLICY_DIR).eval()
     reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR).eval()
     return tokenizer, reference, reward_model
-
-
-@dataclass
-class Episode:
-    prompt: list[int]
-    actions: list[int] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    ref_logprobs: list[float] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    score: float | None = None
-    terminated: bool = False
-    truncated: bool = False
 
 
 @torch.no_grad()

@@ -25,13 +25,9 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2ForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
 )
 
-from tests.models import tiny_gpt2_config
+from tests.models import tiny_causal_lm, tiny_gpt2_config
 from textenv import TokenEnvConfig
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 
@@ -307,38 +303,11 @@ def test_reward_model_directory_with_the_policy_tokenizer_is_accepted(tokenizer,
 
 # --------------------------------------------------------------------------- 9. dropout rates kept as numbers
 def tiny_llama(dropout):
-    config = LlamaConfig(
-        vocab_size=446,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_dropout=dropout,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_causal_lm("llama", attention_dropout=dropout).train()
 
 
 def tiny_opt(dropout):
-    config = OPTConfig(
-        vocab_size=446,
-        hidden_size=16,
-        ffn_dim=32,
-        word_embed_proj_dim=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        dropout=dropout,
-        attention_dropout=dropout,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return OPTForCausalLM(config)
+    return tiny_causal_lm("opt", dropout=dropout, attention_dropout=dropout).train()
 
 
 def train_mode_logits(model):
