@@ -333,3 +333,18 @@ def test_frozen_reference_model_has_no_dropout_even_in_train_mode(build, fields,
         assert getattr(reference.config, field) == 0.0, field
     first, second = train_mode_logits(reference)
     assert torch.equal(first, second)
+
+
+# --------------------------------------------------------------------------- 10. a cache the core cannot step
+def test_a_model_without_a_dynamic_cache_is_refused_naming_the_cache_class(tokenizer, make_env):
+    from transformers import AutoModelForCausalLM
+
+    class TupleCacheLM(type(AutoModelForCausalLM.from_pretrained(POLICY_DIR))):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.past_key_values = tuple(out.past_key_values.layers)  # a legacy tuple, not a DynamicCache
+            return out
+
+    model = TupleCacheLM.from_pretrained(POLICY_DIR)
+    with pytest.raises(TypeError, match=r"reference model \(TupleCacheLM\) returns a tuple KV cache.*DynamicCache"):
+        make_env(reference_model=model, tokenizer=tokenizer)
