@@ -200,7 +200,7 @@ class CachedStepper:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, scores: bool = False):
         self.model, self.pad_token_id, self.scores = model, pad_token_id, scores
         self.device = next(model.parameters()).device
-        self.cache = None
+        self.cache, self._editable = None, False
         self.mask: Tensor | None = None  # (N, C) which cache positions are real tokens
         self.position: Tensor | None = None  # (N,) next position id of each row
         self.last: Tensor | None = None
@@ -208,7 +208,13 @@ class CachedStepper:
     @property
     def editable(self) -> bool:
         """Whether the cache's rows can be rewritten in place: every layer a full-attention ``DynamicLayer``."""
-        return self.cache is not None and all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return self._editable
+
+    def _set_cache(self, cache) -> None:
+        if cache is not self.cache:
+            self.cache = cache
+            layers = getattr(cache, "layers", None)  # the agent's cache is a (policy, critic) pair: never edited
+            self._editable = layers is not None and all(type(layer) is DynamicLayer for layer in layers)
 
     @torch.no_grad()
     def check_cache(self, token_id: int, name: str) -> None:
@@ -223,15 +229,16 @@ class CachedStepper:
             )
 
     def _forward(self, **inputs):
-        training = self.model.training
-        self.model.eval()  # a policy handed over mid-training steps without dropout, like the frozen models
-        try:
-            if self.scores:
-                with pooling_at_last_position(self.model):
-                    return self.model(**inputs, use_cache=True)
-            return self.model(**inputs, use_cache=True)
-        finally:
-            self.model.train(training)
+        if self.model.training:  # a policy handed over mid-training steps without dropout, like the frozen models
+            self.model.eval()
+            try:
+                return self._forward(**inputs)
+            finally:
+                self.model.train()
+        if self.scores:
+            with pooling_at_last_position(self.model):
+                return self.model(**inputs, use_cache=True)
+        return self.model(**inputs, use_cache=True)
 
     def rebuild(self, contexts: list[list[int]]) -> None:
         """Recompute every row's cache from its tokens (``contexts``, one list per row)."""
@@ -250,7 +257,8 @@ class CachedStepper:
     def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Make the left-padded prompts (N, W) the contexts of all N rows; returns ``last``."""
         out, mask = self._run_prompts(input_ids, attention_mask)
-        self.cache, self.mask, self.position = out.past_key_values, mask, mask.sum(-1)
+        self._set_cache(out.past_key_values)
+        self.mask, self.position = mask, mask.sum(-1)
         self.last = self._output(out)
         return self.last
 
@@ -266,7 +274,7 @@ class CachedStepper:
             position_ids=self.position[:, None],
             past_key_values=self.cache,
         )
-        self.cache = out.past_key_values
+        self._set_cache(out.past_key_values)
         keep = live if self.scores else live[:, None]
         self.last = torch.where(keep, self._output(out), self.last)  # a row that waited keeps its last output
         self.position = self.position + live.long()
