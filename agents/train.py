@@ -15,6 +15,8 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
@@ -156,11 +158,11 @@ def train(config: TrainConfig) -> Path:
     SIGINT (Ctrl-C) or SIGTERM ends the iteration in progress, writes a checkpoint and
     raises ``TrainingStopped``; ``--resume`` continues from there.
     """
-    t = Trainer(config)
-    ppo, run, temperature = config.ppo, config.run, config.env.temperature
-    group_size = ppo.group_size if not ppo.uses_critic else None
-    last = t.start - 1
-    with StopSignals() as stop:
+    with keep_torch_threads(), StopSignals() as stop:
+        t = Trainer(config)
+        ppo, run, temperature = config.ppo, config.run, config.env.temperature
+        group_size = ppo.group_size if not ppo.uses_critic else None
+        last = t.start - 1
         for iteration in t.progress_bar():
             if t.budget_spent():
                 break  # a resumed run that had already spent its budget
@@ -194,7 +196,17 @@ def train(config: TrainConfig) -> Path:
                 t.stop(stop.signal_name, iteration)
             if done:
                 break
-    return t.finish(last + 1)
+        return t.finish(last + 1)
+
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Give torch its thread count back afterwards: training sets its own (see ``default_threads``)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TrainingStopped(Exception):

@@ -7,6 +7,7 @@ env's own default: CUDA when available).
 
 import gymnasium as gym
 import pytest
+import torch
 from gymnasium.vector import AutoresetMode
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
@@ -45,3 +46,12 @@ def make_env():
 def make_vec():
     """``make_vec(num_envs=3, autoreset_mode="NextStep", **kwargs)``: a vector env, on CPU unless ``device`` given."""
     return new_vec
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Each test starts with the process's thread count: a script's ``main()`` run in-process sets its own, and
+    a later test comparing results computed here and in a subprocess needs both summed in the same order."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
