@@ -88,41 +88,41 @@ LLAMA_LIKE = dict(
 GEMMA_LIKE = dict(LLAMA_LIKE, query_pre_attn_scalar=8)
 
 
-def _gpt2(vocab_size: int, **overrides) -> GPT2Config:
-    settings = dict(n_embd=16, n_layer=2, n_head=2, n_inner=32, n_positions=128, **COMMON)
-    settings.update(resid_pdrop=DROPOUT, embd_pdrop=DROPOUT, attn_pdrop=DROPOUT, summary_first_dropout=DROPOUT)
-    return GPT2Config(vocab_size=vocab_size, **{**settings, **overrides})
-
-
-def _gpt_neox(vocab_size: int, **overrides) -> GPTNeoXConfig:
-    settings = dict(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=128,
-        attention_dropout=DROPOUT,
-        hidden_dropout=DROPOUT,
-        classifier_dropout=DROPOUT,
-        **COMMON,
-    )
-    return GPTNeoXConfig(vocab_size=vocab_size, **{**settings, **overrides})
-
-
-def _opt(vocab_size: int, **overrides) -> OPTConfig:
-    settings = dict(
-        hidden_size=16,
-        word_embed_proj_dim=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        ffn_dim=32,
-        max_position_embeddings=128,
-        dropout=DROPOUT,
-        attention_dropout=DROPOUT,
-        layerdrop=DROPOUT,
-        **COMMON,
-    )
-    return OPTConfig(vocab_size=vocab_size, **{**settings, **overrides})
+GPT2_LIKE = dict(
+    n_embd=16,
+    n_layer=2,
+    n_head=2,
+    n_inner=32,
+    n_positions=128,
+    resid_pdrop=DROPOUT,
+    embd_pdrop=DROPOUT,
+    attn_pdrop=DROPOUT,
+    summary_first_dropout=DROPOUT,
+    **COMMON,
+)
+GPT_NEOX_LIKE = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=128,
+    attention_dropout=DROPOUT,
+    hidden_dropout=DROPOUT,
+    classifier_dropout=DROPOUT,
+    **COMMON,
+)
+OPT_LIKE = dict(
+    hidden_size=16,
+    word_embed_proj_dim=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    ffn_dim=32,
+    max_position_embeddings=128,
+    dropout=DROPOUT,
+    attention_dropout=DROPOUT,
+    layerdrop=DROPOUT,
+    **COMMON,
+)
 
 
 def _with(config_class, base: dict, **fixed) -> Callable[..., PretrainedConfig]:
@@ -134,13 +134,18 @@ def _with(config_class, base: dict, **fixed) -> Callable[..., PretrainedConfig]:
 
 # family -> (config builder, causal LM class, sequence-classification class, default vocab size)
 ARCHITECTURES: dict[str, tuple[Callable[..., PretrainedConfig], type, type, int]] = {
-    "gpt2": (_gpt2, GPT2LMHeadModel, GPT2ForSequenceClassification, TOKENIZER_VOCAB),
+    "gpt2": (_with(GPT2Config, GPT2_LIKE), GPT2LMHeadModel, GPT2ForSequenceClassification, TOKENIZER_VOCAB),
     "llama": (_with(LlamaConfig, LLAMA_LIKE), LlamaForCausalLM, LlamaForSequenceClassification, TOKENIZER_VOCAB),
     # a vocabulary padded beyond the tokenizer's, as Qwen's checkpoints have
     "qwen2": (_with(Qwen2Config, LLAMA_LIKE), Qwen2ForCausalLM, Qwen2ForSequenceClassification, 512),
     "qwen3": (_with(Qwen3Config, LLAMA_LIKE), Qwen3ForCausalLM, Qwen3ForSequenceClassification, TOKENIZER_VOCAB),
-    "gpt_neox": (_gpt_neox, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, TOKENIZER_VOCAB),
-    "opt": (_opt, OPTForCausalLM, OPTForSequenceClassification, TOKENIZER_VOCAB),
+    "gpt_neox": (
+        _with(GPTNeoXConfig, GPT_NEOX_LIKE),
+        GPTNeoXForCausalLM,
+        GPTNeoXForSequenceClassification,
+        TOKENIZER_VOCAB,
+    ),
+    "opt": (_with(OPTConfig, OPT_LIKE), OPTForCausalLM, OPTForSequenceClassification, TOKENIZER_VOCAB),
     "gemma": (_with(GemmaConfig, GEMMA_LIKE), GemmaForCausalLM, GemmaForSequenceClassification, TOKENIZER_VOCAB),
     "gemma2": (
         _with(
