@@ -56,6 +56,10 @@ class AdaptersDisabled(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.peft_model.get_input_embeddings()
 
+    def get_base_model(self) -> nn.Module:
+        """The model under the adapters (whose forward's arguments the env's stepper reads)."""
+        return self.peft_model.get_base_model()
+
     def forward(self, **inputs):
         with self.peft_model.disable_adapter():
             return self.peft_model(**inputs)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from textenv.lm import disable_dropout
+from textenv.lm import cache_keyword, disable_dropout, output_cache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
@@ -110,18 +110,19 @@ class ActorCritic(nn.Module):
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
         out = self.policy(
             input_ids=input_ids,
-            past_key_values=None if cache is None else cache[0],
             output_hidden_states=self.share_backbone,
+            **{cache_keyword(self.policy): None if cache is None else cache[0]},
             **inputs,
         )
         critic_cache = None
         if self.share_backbone:
             hidden = out.hidden_states[-1]
         else:
-            critic_out = self.critic(input_ids=input_ids, past_key_values=None if cache is None else cache[1], **inputs)
-            hidden, critic_cache = critic_out.last_hidden_state, critic_out.past_key_values
+            critic_cache = None if cache is None else cache[1]
+            critic_out = self.critic(input_ids=input_ids, **{cache_keyword(self.critic): critic_cache}, **inputs)
+            hidden, critic_cache = critic_out.last_hidden_state, output_cache(critic_out)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return ActorCriticOutput(out.logits, values, (out.past_key_values, critic_cache) if use_cache else None)
+        return ActorCriticOutput(out.logits, values, (output_cache(out), critic_cache) if use_cache else None)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The policy as a Hugging Face model (or PEFT adapters), with the value head (and critic) beside it."""

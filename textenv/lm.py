@@ -14,7 +14,8 @@ means the same thing whether it is padded on the left or on the right.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -166,14 +167,30 @@ def sequence_scores_with_grad(reward_model: torch.nn.Module, input_ids: Tensor, 
 
 
 # ---------------------------------------------------------------- the cached stepper
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name of a model's KV-cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before
+    (and in this project's actor-critic). A PEFT model or a wrapper with ``get_base_model`` is read through it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        parameters = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name (``cache`` or ``past_key_values``)."""
+    cache = out.get("cache") if isinstance(out, Mapping) else None  # a transformers ModelOutput is a dict
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
 
 
 class CachedStepper:
     """A model stepped over N rows with one KV cache: prefill left-padded prompts, then one token per step.
 
     ``model`` is called like a Hugging Face model (``input_ids``, ``attention_mask``,
-    ``position_ids``, ``past_key_values``, ``use_cache``) and returns ``logits`` and
-    ``past_key_values``: a causal LM, the agent's actor-critic, or a sequence
+    ``position_ids``, ``cache`` or ``past_key_values``, ``use_cache``) and returns
+    ``logits`` and its cache: a causal LM, the agent's actor-critic, or a sequence
     classifier (``scores=True``). ``last`` holds each row's output at its latest
     position: next-token logits (N, V), or the score (N,) of a classifier.
 
@@ -200,6 +217,7 @@ class CachedStepper:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, scores: bool = False):
         self.model, self.pad_token_id, self.scores = model, pad_token_id, scores
         self.device = next(model.parameters()).device
+        self.cache_keyword = cache_keyword(model)
         self.cache, self._editable = None, False
         self.mask: Tensor | None = None  # (N, C) which cache positions are real tokens
         self.position: Tensor | None = None  # (N,) next position id of each row
@@ -221,9 +239,10 @@ class CachedStepper:
         """Run one token and refuse a model whose KV cache is not a ``DynamicCache`` (``name`` names the model)."""
         ids = torch.tensor([[token_id]], device=self.device)
         out = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids))
-        if not isinstance(out.past_key_values, DynamicCache):
+        cache = output_cache(out)
+        if not isinstance(cache, DynamicCache):
             raise TypeError(
-                f"the {name} ({type(self.model).__name__}) returns a {type(out.past_key_values).__name__} KV cache; "
+                f"the {name} ({type(self.model).__name__}) returns a {type(cache).__name__} KV cache; "
                 "textenv steps models whose cache is a transformers DynamicCache (full, sliding-window or mixed "
                 "layers). Load the model without a static or quantized cache implementation"
             )
@@ -257,7 +276,7 @@ class CachedStepper:
     def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Make the left-padded prompts (N, W) the contexts of all N rows; returns ``last``."""
         out, mask = self._run_prompts(input_ids, attention_mask)
-        self._set_cache(out.past_key_values)
+        self._set_cache(output_cache(out))
         self.mask, self.position = mask, mask.sum(-1)
         self.last = self._output(out)
         return self.last
@@ -272,9 +291,9 @@ class CachedStepper:
             input_ids=tokens[:, None],
             attention_mask=self.mask,
             position_ids=self.position[:, None],
-            past_key_values=self.cache,
+            **{self.cache_keyword: self.cache},
         )
-        self._set_cache(out.past_key_values)
+        self._set_cache(output_cache(out))
         keep = live if self.scores else live[:, None]
         self.last = torch.where(keep, self._output(out), self.last)  # a row that waited keeps its last output
         self.position = self.position + live.long()
@@ -295,7 +314,7 @@ class CachedStepper:
         out, mask = self._run_prompts(input_ids, attention_mask)
         self._pad_cache_left(mask.shape[1] - self.mask.shape[1])
         width, length = self.mask.shape[1], mask.shape[1]
-        for layer, new in zip(self.cache.layers, out.past_key_values.layers):
+        for layer, new in zip(self.cache.layers, output_cache(out).layers):
             for name in ("keys", "values"):
                 tensor = getattr(layer, name)
                 tensor[rows] = 0

@@ -342,7 +342,8 @@ def test_a_model_without_a_dynamic_cache_is_refused_naming_the_cache_class(token
     class TupleCacheLM(type(AutoModelForCausalLM.from_pretrained(POLICY_DIR))):
         def forward(self, *args, **kwargs):
             out = super().forward(*args, **kwargs)
-            out.past_key_values = tuple(out.past_key_values.layers)  # a legacy tuple, not a DynamicCache
+            key = "cache" if "cache" in out else "past_key_values"  # its name since transformers 5.24, and before
+            out[key] = tuple(out[key].layers)  # a legacy tuple, not a DynamicCache
             return out
 
     model = TupleCacheLM.from_pretrained(POLICY_DIR)
