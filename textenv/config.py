@@ -17,6 +17,9 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
+from textenv.reward_fns import RewardFnLike, RewardFnsLike
+from textenv.tasks import TaskName
+
 # On the command line a model, tokenizer or prompt file is a path or hub name;
 # from Python it may also be a loaded object.
 ModelLike = str | os.PathLike | torch.nn.Module
@@ -30,15 +33,30 @@ PromptTruncation = Literal["error", "left"]
 class TokenEnvConfig:
     """The task an env poses: models, prompts, episode limits and the reward."""
 
+    task: TaskName = "reviews"
+    """The embedded task the unset fields default to: 'reviews' (a reward model pays positive movie reviews) or
+    'arithmetic' (the reward function exact_match pays the right sum of '17+25=')."""
     reward_model: Annotated[ModelLike | None, AsPath] = None
-    """Reward model: a loaded sequence classifier with one label, a local directory or a hub name
-    (default: the embedded review-sentiment model). Frozen on ``device``."""
-    prompts: Annotated[Sequence[str | list[dict]] | str | os.PathLike | None, AsPath] = None
-    """Prompts: a list of strings or chat conversations; a text file (one a line), a JSON-lines file (field
-    prompt_column) or a saved ``datasets`` directory; or a ``datasets`` dataset (default: the embedded
-    task's train prompts)."""
+    """Reward model: a loaded sequence classifier with one label, a local directory or a hub name. Default: the
+    task's reward model when no reward_fns are given; with reward_fns, none (nothing is loaded)."""
+    reward_fns: Annotated[
+        RewardFnsLike, tyro.conf.arg(name="reward-fn", constructor=tuple[str, ...]), tyro.conf.UseAppendAction
+    ] = ()
+    """Reward functions, summed with the reward model's score: callables f(prompt, response, response_ids, row)
+    -> float, a {name: f} dict, or module:function text (--reward-fn, repeatable). Empty: the task's own."""
+    reward_weights: Annotated[Sequence[float], tyro.conf.arg(constructor=tuple[float, ...])] = ()
+    """One weight per reward function (default 1 each)."""
+    step_reward_fn: Annotated[RewardFnLike | None, AsPath] = None
+    """Process reward: f(prompt, response_ids, row) -> float, called on every step, added to that step's reward
+    (a callable or module:function text)."""
+    prompts: Annotated[Sequence[str | list[dict] | dict] | str | os.PathLike | None, AsPath] = None
+    """Prompts: a list of strings, chat conversations or data rows (dicts with a prompt_column key); a text file
+    (one a line), a JSON-lines file or a saved ``datasets`` directory; or a ``datasets`` dataset. A row's other
+    columns reach the reward functions and ``info["row"]``. Default: the task's prompts of ``split``."""
     prompt_column: str = "prompt"
-    """The column of a ``datasets`` dataset (or the field of a JSON-lines file) that holds the prompts."""
+    """The column of a ``datasets`` dataset (or the key of a JSON-lines or dict row) that holds the prompt."""
+    split: str = "train"
+    """The split of the task's prompts, or of a saved ``datasets`` dataset dict, to draw prompts from."""
     chat_template: bool = False
     """Apply the tokenizer's chat template (with the generation prompt) to string prompts, each as one user
     message. Prompts given as conversations (lists of {'role', 'content'} dicts) always go through it."""
@@ -91,6 +109,9 @@ class TokenEnvConfig:
                 ">= 0 (it is subtracted from the score)",
                 lambda p: p >= 0,
             )
+        check_choice("task", self.task, TaskName)
+        if not isinstance(self.split, str) or not self.split:
+            raise TypeError(f"split must be a split's name, e.g. 'train', got {self.split!r}")
         check_choice("reward_mode", self.reward_mode, RewardMode)
         check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
         if not isinstance(self.chat_template, bool):

@@ -27,10 +27,12 @@ from torch import Tensor
 from textenv.config import TokenEnvConfig
 from textenv.lm import CachedStepper, pad_batch, sequence_scores, token_logprobs
 from textenv.loading import Task
+from textenv.reward_fns import REWARD_MODEL_TERM
 from textenv.rewards import clip_score, non_score_reward, score_terms
 
 LOGPROB_TOLERANCE = 1e-4  # log_softmax can round a little above 0 (bf16); a probability is far above
 INFO_FLOATS = ("ref_logprob", "logprob", "kl", "non_score_reward", "score")
+REWARD_PREFIX = "reward/"  # info["reward/<name>"]: each paying term's raw value (the reward model, each function)
 
 
 Contexts = Callable[[], list[list[int]]]
@@ -72,6 +74,23 @@ class SparseScorer:
             score[rows] = sequence_scores(self.reward_model, ids, mask)
         clipped = clip_score(torch.where(ended, score, 0.0), self.config.score_clip)
         return score_terms(clipped, ended, truncated, self.config.missing_eos_penalty), score
+
+
+class NoModelScorer:
+    """No reward model: the score is the reward functions' alone (0 here), the missing-EOS penalty still applies."""
+
+    def __init__(self, config: TokenEnvConfig):
+        self.config = config
+
+    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
+        """Nothing to do: no prefix is scored."""
+
+    def step(
+        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
+    ) -> tuple[Tensor, Tensor]:
+        zero = torch.zeros(tokens.shape, device=tokens.device)
+        score = torch.where(ended, zero, torch.full_like(zero, float("nan")))
+        return score_terms(zero, ended, truncated, self.config.missing_eos_penalty), score
 
 
 class DenseScorer:
@@ -164,7 +183,8 @@ class StepResult:
         """Slot ``slot``'s info as a single env reports it: floats (None where unknown), the KL source,
         and on its last step the decoded response."""
         info: dict[str, Any] = {"kl_source": self.infos["kl_source"][slot]}
-        for key in INFO_FLOATS:
+        floats = [key for key in self.infos if key in INFO_FLOATS or key.startswith(REWARD_PREFIX)]
+        for key in floats + (["step_reward"] if "step_reward" in self.infos else []):
             value = float(self.infos[key][slot])
             info[key] = None if np.isnan(value) else value
         if self.terminated[slot] or self.truncated[slot]:
@@ -187,7 +207,14 @@ class TokenBatchCore:
         is_module = isinstance(config.policy, torch.nn.Module)
         self.policy = CachedStepper(config.policy, self.pad_token_id) if is_module else None
         self.policy_fn = None if is_module else config.policy
-        if task.reward_tokenizer is not None:
+        self.rows, self.reward_fns, self.step_reward_fn = task.rows, task.reward_fns, task.step_reward_fn
+        self.accuracy = task.accuracy  # the reward function that checks answers, where the task has one
+        self.term_names = ([REWARD_MODEL_TERM] if task.reward_model is not None else []) + [
+            fn.name for fn in self.reward_fns
+        ]
+        if task.reward_model is None:
+            self.scorer = NoModelScorer(config)
+        elif task.reward_tokenizer is not None:
             self.conversations = task.conversations or [None] * len(self.prompts)
             self.scorer = TextScorer(
                 self.reward_model, task.reward_tokenizer, config, num_slots, self.reward_text, self.device
@@ -303,6 +330,33 @@ class TokenBatchCore:
                 "a reward must be finite: check the reward model (its dtype, its inputs) before training on it"
             )
 
+    def _function_terms(self, ended: np.ndarray) -> dict[str, Tensor]:
+        """Each reward function's raw value for the episodes that ended this step (NaN elsewhere), (N,) each."""
+        rows = np.flatnonzero(ended)
+        values = {fn.name: torch.full((self.num_slots,), float("nan"), device=self.device) for fn in self.reward_fns}
+        if len(rows):
+            prompts = [self.prompt_text(r) for r in rows]
+            responses = [self.response_text(r) for r in rows]
+            ids = [list(self.responses[r]) for r in rows]
+            data = [self.rows[self.prompt_index[r]] for r in rows]
+            rows_t = torch.as_tensor(rows, device=self.device)
+            for fn in self.reward_fns:
+                values[fn.name][rows_t] = torch.as_tensor(fn(prompts, responses, ids, data), dtype=torch.float32)
+        return values
+
+    def _step_rewards(self, live: np.ndarray) -> Tensor | None:
+        """The step reward function's value for each live slot's newest token (NaN elsewhere), or None."""
+        if self.step_reward_fn is None:
+            return None
+        rows = np.flatnonzero(live)
+        values = torch.full((self.num_slots,), float("nan"), device=self.device)
+        if len(rows):
+            prompts = [self.prompt_text(r) for r in rows]
+            data = [self.rows[self.prompt_index[r]] for r in rows]
+            found = self.step_reward_fn(prompts, [list(self.responses[r]) for r in rows], data)
+            values[torch.as_tensor(rows, device=self.device)] = torch.as_tensor(found, dtype=torch.float32)
+        return values
+
     def _append(self, actions: np.ndarray, live: np.ndarray) -> None:
         """Append each live slot's action to its response; the window slides left by one token on live rows."""
         for row in np.flatnonzero(live):
@@ -356,6 +410,14 @@ class TokenBatchCore:
         )
         terms, score = self.scorer.step(actions_t, live_t, ended_t, truncated_t, self.sequence)
         self._check_scores(terms, score, live_t, ended_t)
+        paid = {REWARD_MODEL_TERM: score} if self.reward_model is not None else {}
+        if self.reward_fns:
+            paid |= self._function_terms(ended)
+            weighted = sum(fn.weight * torch.nan_to_num(paid[fn.name]) for fn in self.reward_fns)
+            terms, score = terms + weighted, score + weighted
+        step_reward = self._step_rewards(live)
+        if step_reward is not None:
+            terms = terms + torch.nan_to_num(step_reward)
 
         continuing = live_t & ~ended_t
         if continuing.any():
@@ -374,7 +436,10 @@ class TokenBatchCore:
             "kl": nan if kl is None else torch.where(live_t, kl, nan),
             "non_score_reward": torch.where(live_t, non_score, zero),
             "score": score,
+            **{REWARD_PREFIX + name: value for name, value in paid.items()},
         }
+        if step_reward is not None:
+            infos["step_reward"] = step_reward
         infos = {key: value.cpu().numpy().astype(np.float64) for key, value in infos.items()}
         infos["kl_source"] = np.array([source if alive else "" for alive in live], dtype=object)
         infos["response"] = np.array(

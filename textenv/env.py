@@ -116,11 +116,14 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
 
         r_t = -kl_coef * kl_t + score_term_t
 
-    ``score_term_t`` is the reward model's score of prompt + response on the last step
-    and 0 before (``reward_mode="sparse"``), or the change in score of consecutive
-    prefixes (``"dense"``: the terms sum to the final score minus the prompt's score).
-    Scores are clipped to ``±score_clip`` if set; an episode truncated without EOS
-    loses ``missing_eos_penalty`` if set. ``log pi(a_t|s_t)`` comes from, in order: the
+    ``score_term_t`` is the episode's score on the last step and 0 before
+    (``reward_mode="sparse"``). The score is the reward model's score of prompt +
+    response (clipped to ``±score_clip`` if set) plus each reward function's weighted
+    value (``reward_fns``, ``reward_weights``). With ``"dense"``, the reward model's
+    part is paid as the change in score of consecutive prefixes instead (the terms
+    sum to its final score minus the prompt's score). An episode truncated without
+    EOS loses ``missing_eos_penalty`` if set. A ``step_reward_fn`` adds its value for
+    each step's token to that step's reward. ``log pi(a_t|s_t)`` comes from, in order: the
     caller (``logprobs=`` on the vector env's ``step``), the ``policy`` given to the env,
     or nowhere: then ``r_t = kl_coef * log pi_ref(a_t|s_t) + score_term_t``, which an
     entropy bonus of ``kl_coef`` turns into the same KL-regularised objective.
@@ -139,22 +142,31 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
     ## Info
 
     Every step: ``ref_logprob``, ``logprob`` and ``kl`` (None when unknown),
-    ``non_score_reward``, ``kl_source``, ``score`` (the raw reward-model score on the
-    last step, else None). On the last step also ``response`` (decoded text). Reset:
-    ``prompt`` and ``prompt_index``.
+    ``non_score_reward``, ``kl_source``, ``score`` (on the last step the episode's score,
+    the reward model's unclipped, else None), and ``reward/<name>`` for each paying term
+    (``reward/reward_model`` and one per reward function: its raw, unweighted value on
+    the last step, else None); ``step_reward`` with a ``step_reward_fn``. On the last step
+    also ``response`` (decoded text). Reset: ``prompt``, ``prompt_index`` and ``row``
+    (the prompt's other data columns, e.g. ``answer``).
 
     ## Arguments
 
     ``config``, a ``textenv.TokenEnvConfig``, or its fields as keyword arguments
     (one or the other):
 
+    - ``task``: the embedded task the unset fields default to, ``"reviews"`` (default)
+      or ``"arithmetic"``; ``split`` (``"train"``) chooses its prompts.
     - ``reference_model``, ``reward_model``: loaded modules, local directories or hub
-      names (default: the embedded task). Both are frozen (eval mode, no grad) on
-      ``device`` (default CUDA when available, else CPU).
+      names (default: the task's; with ``reward_fns`` no reward model unless given).
+      Both are frozen (eval mode, no grad) on ``device`` (default CUDA when available,
+      else CPU).
+    - ``reward_fns``: callables ``f(prompt, response, response_ids, row) -> float`` (see
+      ``textenv.reward_fns``), ``reward_weights``, ``step_reward_fn``.
     - ``tokenizer``: tokenizer or its directory (default: the reference model's).
       PAD must exist and differ from EOS.
-    - ``prompts``: list of strings, text file (one per line), or a ``datasets`` dataset
-      with ``prompt_column``. Default: the embedded task's train prompts.
+    - ``prompts``: list of strings, conversations or data rows (dicts), a text file (one
+      per line), a JSON-lines file, or a ``datasets`` dataset with ``prompt_column``.
+      Default: the task's prompts of ``split``.
     - ``max_prompt_tokens`` (16), ``max_new_tokens`` (32); ``prompt_truncation``:
       ``"error"`` (default: longer prompts raise at construction) or ``"left"`` (keep
       each prompt's last ``max_prompt_tokens`` tokens).
@@ -188,7 +200,8 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
         self.core.reset(np.array([0]), np.array([index]))
         if self.render_mode == "human":
             self.render()
-        return self._observation(), {"prompt": self.core.prompts[index], "prompt_index": index}
+        info = {"prompt": self.core.prompts[index], "prompt_index": index, "row": dict(self.core.rows[index])}
+        return self._observation(), info
 
     def step(self, action: int):
         if self.core.done[0]:

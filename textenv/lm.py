@@ -184,7 +184,6 @@ def output_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-
 class CachedStepper:
     """A model stepped over N rows with one KV cache: prefill left-padded prompts, then one token per step.
 

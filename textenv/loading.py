@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,8 +26,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from textenv.config import ModelLike, TokenEnvConfig
-from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
+from textenv.default_task import load_prompts
 from textenv.lm import disable_dropout, sequence_scores
+from textenv.reward_fns import RewardFunction, StepRewardFunction, import_reward_fn, resolve_reward_fns
+from textenv.tasks import get_task
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -168,33 +170,73 @@ def is_conversation(prompt) -> bool:
 def read_prompts(
     prompts: Sequence[Prompt] | str | os.PathLike | None, prompt_column: str = "prompt", what: str = "prompts"
 ) -> list[Prompt]:
-    """Prompts from a list, a file or a ``datasets`` dataset; each prompt a string or a chat conversation.
-
-    Files: a UTF-8 text file (one prompt a line, blank lines skipped), a JSON-lines
-    file (``.jsonl``: one object a line, the prompt in ``prompt_column``), or a
-    directory saved with ``datasets``' ``save_to_disk``. ``what`` names the argument in errors.
-    """
+    """The prompts of ``read_prompt_rows`` without their rows; ``None``: the embedded review task's train prompts."""
     if prompts is None:
         return load_prompts("train")
+    return read_prompt_rows(prompts, prompt_column, what=what)[0]
+
+
+def read_prompt_rows(
+    prompts, prompt_column: str = "prompt", split: str = "train", what: str = "prompts"
+) -> tuple[list[Prompt], list[dict]]:
+    """Prompts and each one's data row (its other columns) from a list, a file or a ``datasets`` dataset.
+
+    A prompt is a string or a chat conversation; a list may also hold rows, dicts with
+    the prompt under ``prompt_column``. Files: a UTF-8 text file (one prompt a line,
+    blank lines skipped), a JSON-lines file (``.jsonl``: one row a line) or a directory
+    saved with ``datasets``' ``save_to_disk`` (a dataset dict gives its ``split``).
+    ``what`` names the argument in errors.
+    """
     if isinstance(prompts, str | os.PathLike):
         path = Path(prompts).expanduser()
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
+        if path.is_dir() and any((path / name).is_file() for name in DATASET_FILES):
             prompts = load_dataset_dir(path, what)
         elif path.suffix == ".jsonl":
-            return read_jsonl_prompts(path, prompt_column, what)
+            prompts = read_jsonl_rows(path, prompt_column, what)
         else:
-            return read_prompt_file(path, what)
+            return check_prompts(read_prompt_file(path, what), what), []
+    if hasattr(prompts, "column_names") and isinstance(prompts.column_names, Mapping):  # a datasets.DatasetDict
+        prompts = prompts[dataset_split(prompts, split, what)]
     if hasattr(prompts, "column_names"):  # a datasets.Dataset
         if prompt_column not in prompts.column_names:
             raise ValueError(
                 f"the dataset has no column {prompt_column!r} (it has {prompts.column_names}); pass prompt_column="
             )
-        prompts = prompts[prompt_column]
+        columns = {name: list(prompts[name]) for name in prompts.column_names}
+        prompts = [dict(zip(columns, values)) for values in zip(*columns.values())]
     prompts = list(prompts)
+    rows = [prompt for prompt in prompts if isinstance(prompt, Mapping)]
+    if not rows:
+        return check_prompts(prompts, what), []
+    if len(rows) != len(prompts):
+        raise ValueError(f"{what} mixes data rows (dicts) with plain prompts; give every prompt as a row, or none")
+    for number, row in enumerate(rows):
+        if prompt_column not in row:
+            raise ValueError(
+                f"{what} row {number} has no {prompt_column!r} key (it has {sorted(row)}); name the prompt's key "
+                "with prompt_column= (--prompt-column)"
+            )
+    texts = check_prompts([row[prompt_column] for row in rows], what)
+    return texts, [{k: v for k, v in row.items() if k != prompt_column} for row in rows]
+
+
+DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+SPLIT_ALIASES = {"eval": ("eval", "test", "validation"), "test": ("test", "eval", "validation")}
+
+
+def dataset_split(dataset_dict, split: str, what: str) -> str:
+    """The split of a dataset dict that ``split`` names ("eval" also finds "test" or "validation")."""
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        if name in dataset_dict:
+            return name
+    raise ValueError(f"{what}: the dataset has the splits {sorted(dataset_dict)}, not {split!r}; pass split=")
+
+
+def check_prompts(prompts: list, what: str) -> list[Prompt]:
     if not prompts or not all(isinstance(p, str) or is_conversation(p) for p in prompts):
         raise ValueError(
             f"{what} must be a non-empty list of strings (or of chat conversations, lists of "
-            "{'role': ..., 'content': ...} dicts)"
+            "{'role': ..., 'content': ...} dicts, or of data rows with the prompt under prompt_column)"
         )
     return prompts
 
@@ -207,8 +249,8 @@ def load_dataset_dir(path: Path, what: str):
     return datasets.load_from_disk(os.fspath(path))
 
 
-def read_jsonl_prompts(path: Path, column: str, what: str) -> list[Prompt]:
-    prompts = []
+def read_jsonl_rows(path: Path, column: str, what: str) -> list[dict]:
+    rows = []
     for number, line in enumerate(read_prompt_file(path, what), start=1):
         try:
             row = json.loads(line)
@@ -219,8 +261,8 @@ def read_jsonl_prompts(path: Path, column: str, what: str) -> list[Prompt]:
                 f"{what} file {os.fspath(path)!r}, line {number}, has no {column!r} field; name the prompt's "
                 "field with prompt_column= (--prompt-column)"
             )
-        prompts.append(row[column])
-    return read_prompts(prompts, what=what)
+        rows.append(row)
+    return rows
 
 
 def read_prompt_file(path: Path, what: str) -> list[str]:
@@ -245,22 +287,27 @@ def read_prompt_file(path: Path, what: str) -> list[str]:
 
 @dataclass
 class Task:
-    """What a ``TokenEnvConfig`` names, loaded and checked: the frozen models, the tokenizer, the prompts."""
+    """A ``TokenEnvConfig``, loaded and checked: frozen models, tokenizer, prompts and their rows, the reward."""
 
     tokenizer: PreTrainedTokenizerBase
     reference_model: PreTrainedModel
-    reward_model: PreTrainedModel
+    reward_model: PreTrainedModel | None  # None: only reward functions pay
     prompts: list[str]
     prompt_ids: list[list[int]]
     vocab_size: int  # the action space: the reference model's output vocabulary
     reward_tokenizer: PreTrainedTokenizerBase | None = None  # the reward model's own, when it is another
     conversations: list[list[dict[str, str]] | None] | None = None  # per prompt, its chat messages if it has them
+    rows: list[dict] = field(default_factory=list)  # per prompt, its other data columns ({} when it has none)
+    reward_fns: list[RewardFunction] = field(default_factory=list)
+    step_reward_fn: StepRewardFunction | None = None
+    accuracy: str | None = None  # the reward function that says whether an answer is right, if the task has one
 
 
 def load_task(config: TokenEnvConfig) -> Task:
-    """Load the config's models, tokenizer and prompts, and check that they fit together."""
+    """Load the config's models, tokenizer, prompts and reward functions, and check that they fit together."""
     device = resolve_device(config.device)
-    reference_source = POLICY_DIR if config.reference_model is None else config.reference_model
+    embedded = get_task(config.task)
+    reference_source = embedded.policy_dir if config.reference_model is None else config.reference_model
     tokenizer = config.tokenizer
     if tokenizer is None:
         if isinstance(reference_source, torch.nn.Module):
@@ -268,31 +315,63 @@ def load_task(config: TokenEnvConfig) -> Task:
         tokenizer = load_tokenizer(reference_source, what="reference model (and its tokenizer)")
     tokenizer = load_tokenizer(tokenizer)
     reference = load_causal_lm(reference_source, device)
-    reward_source = REWARD_MODEL_DIR if config.reward_model is None else config.reward_model
-    reward_model = load_reward_model(reward_source, device)
-    reward_tokenizer = reward_model_tokenizer(config.reward_tokenizer, reward_source, tokenizer)
+    reward_fns = resolve_reward_fns(config.reward_fns or embedded.reward_fns, config.reward_weights)
+    reward_source = config.reward_model
+    if reward_source is None and not config.reward_fns:
+        reward_source = embedded.reward_model_dir
+    if reward_source is None and not reward_fns:
+        raise ValueError("nothing pays a score: pass reward_model=, reward_fns= (--reward-fn) or both")
+    reward_model = reward_tokenizer = None
+    if reward_source is not None:
+        reward_model = load_reward_model(reward_source, device)
+        reward_tokenizer = reward_model_tokenizer(config.reward_tokenizer, reward_source, tokenizer)
     check_special_tokens(tokenizer)
-    vocab_size = check_vocabularies(
-        tokenizer, reference, reward_model if reward_tokenizer is None else None, config.policy
-    )
-    for name, model in (("reference model", reference), ("reward model", reward_model)):
-        limit = model_positions(model)
-        if limit is not None and config.context_length > limit and (model is reference or reward_tokenizer is None):
+    reads_ids = reward_model is not None and reward_tokenizer is None
+    vocab_size = check_vocabularies(tokenizer, reference, reward_model if reads_ids else None, config.policy)
+    for name, model in (("reference model", reference), ("reward model", reward_model if reads_ids else None)):
+        limit = None if model is None else model_positions(model)
+        if limit is not None and config.context_length > limit:
             raise ValueError(
                 f"max_prompt_tokens + max_new_tokens = {config.context_length} exceeds the {name}'s "
                 f"{limit} positions; lower one of them"
             )
-    scoring_tokenizer = tokenizer if reward_tokenizer is None else reward_tokenizer
-    if getattr(reward_model.config, "pad_token_id", None) is None:  # classifiers pool at the last non-pad token
-        reward_model.config.pad_token_id = scoring_tokenizer.pad_token_id
-    probe = torch.tensor([[scoring_tokenizer.eos_token_id or 0]], device=device)
-    sequence_scores(reward_model, probe, torch.ones_like(probe))  # a reward model without one scalar output raises
-    prompts = read_prompts(config.prompts, config.prompt_column)
+    if reward_model is not None:
+        check_reward_model_output(reward_model, tokenizer if reward_tokenizer is None else reward_tokenizer, device)
+    if config.prompts is None:
+        prompts, rows = read_prompt_rows(embedded.prompt_rows(config.split), "prompt", what=f"{config.task} prompts")
+    else:
+        prompts, rows = read_prompt_rows(config.prompts, config.prompt_column, config.split)
     texts, prompt_ids = tokenize_prompts(
         prompts, tokenizer, config.max_prompt_tokens, config.prompt_truncation, config.chat_template
     )
     conversations = [as_conversation(p) if config.chat_template or not isinstance(p, str) else None for p in prompts]
-    return Task(tokenizer, reference, reward_model, texts, prompt_ids, vocab_size, reward_tokenizer, conversations)
+    step_fn = config.step_reward_fn
+    if isinstance(step_fn, str):
+        step_fn = import_reward_fn(step_fn, "step_reward_fn")
+    elif step_fn is not None and not callable(step_fn):
+        raise TypeError(f"step_reward_fn must be a callable or module:function text, got {type(step_fn).__name__}")
+    return Task(
+        tokenizer,
+        reference,
+        reward_model,
+        texts,
+        prompt_ids,
+        vocab_size,
+        reward_tokenizer,
+        conversations,
+        rows=rows or [{} for _ in texts],
+        reward_fns=reward_fns,
+        step_reward_fn=None if step_fn is None else StepRewardFunction(step_fn),
+        accuracy=embedded.accuracy if not config.reward_fns else None,
+    )
+
+
+def check_reward_model_output(reward_model: torch.nn.Module, scoring_tokenizer, device: torch.device) -> None:
+    """A reward model without one scalar output per sequence raises; its PAD is the scoring tokenizer's."""
+    if getattr(reward_model.config, "pad_token_id", None) is None:  # classifiers pool at the last non-pad token
+        reward_model.config.pad_token_id = scoring_tokenizer.pad_token_id
+    probe = torch.tensor([[scoring_tokenizer.eos_token_id or 0]], device=device)
+    sequence_scores(reward_model, probe, torch.ones_like(probe))
 
 
 def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -28,6 +28,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textenv.config import TokenEnvConfig
+from textenv.core import REWARD_PREFIX
 from textenv.env import CoreView, check_render_mode, check_reset_options, make_core, observation_space
 
 
@@ -112,6 +113,7 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
         self._autoreset[rows] = False
         info = {"prompt": np.array([self.core.prompt_text(r) for r in range(self.num_envs)], dtype=object)}
         info["prompt_index"] = self.core.prompt_index.copy()
+        info["row"] = np.array([dict(self.core.rows[i]) for i in self.core.prompt_index], dtype=object)
         if self.render_mode == "human":
             self.render()
         return self.core.observation(), info
@@ -133,13 +135,21 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             self._autoreset = result.terminated | result.truncated
         infos = dict(result.infos)
-        infos["_score"] = ~np.isnan(infos["score"])
+        for key in [key for key in infos if key == "score" or key.startswith(REWARD_PREFIX)]:
+            infos["_" + key] = ~np.isnan(infos[key])
         infos["_response"] = result.terminated | result.truncated
         if restarting.any():
             infos["prompt"] = np.array(
                 [self.core.prompt_text(r) if restarting[r] else None for r in range(self.num_envs)], dtype=object
             )
-            infos["_prompt"] = restarting
+            infos["row"] = np.array(
+                [
+                    dict(self.core.rows[self.core.prompt_index[r]]) if restarting[r] else None
+                    for r in range(self.num_envs)
+                ],
+                dtype=object,
+            )
+            infos["_prompt"] = infos["_row"] = restarting
         if self.render_mode == "human":
             self.render()
         return self.core.observation(), result.rewards, result.terminated, result.truncated, infos

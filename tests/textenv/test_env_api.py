@@ -359,8 +359,9 @@ def test_max_new_tokens_truncates(short_env, tokenizer):
 
 def test_reset_info_keys(short_env):
     _, info = short_env.reset(seed=0)
-    assert set(info) == {"prompt", "prompt_index"}
+    assert set(info) == {"prompt", "prompt_index", "row"}
     assert isinstance(info["prompt"], str) and isinstance(info["prompt_index"], int)
+    assert info["row"] == {}  # the review prompts carry no other columns
 
 
 # --------------------------------------------------------------------------- 6. render

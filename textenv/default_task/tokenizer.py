@@ -20,11 +20,7 @@ PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer on ``texts`` and wrap it for ``transformers``.
-
-    Prompts are padded on the left (generation appends on the right), and
-    ``encode`` adds no special tokens: callers append ``eos_token_id`` themselves.
-    """
+    """Train a BPE tokenizer on ``texts`` and wrap it for ``transformers`` (see ``wrap_tokenizer``)."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation(behavior="isolated")]
@@ -32,6 +28,15 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, EOS], show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return wrap_tokenizer(tokenizer)
+
+
+def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tokenizer`` (whose vocabulary holds ``<pad>``, ``<unk>``, ``<eos>``) as a ``transformers`` tokenizer.
+
+    Prompts are padded on the left (generation appends on the right), and
+    ``encode`` adds no special tokens: callers append ``eos_token_id`` themselves.
+    """
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD,

@@ -77,9 +77,13 @@ def train_policy(
     lr: float,
     generator: torch.Generator,
     progress: bool = True,
+    labels: Tensor | None = None,
 ) -> list[float]:
-    """Next-token prediction on right-padded ``review + <eos>`` rows. Returns the loss per step."""
-    labels = input_ids.masked_fill(attention_mask == 0, -100)  # no loss on padding
+    """Next-token prediction on right-padded ``review + <eos>`` rows. Returns the loss per step.
+
+    ``labels`` (default: ``input_ids``) is -100 at positions without loss; padding never has a loss.
+    """
+    labels = (input_ids if labels is None else labels).masked_fill(attention_mask == 0, -100)
     optimizer, scheduler = _optimizer(model, lr, steps)
     model.train()
     losses = []

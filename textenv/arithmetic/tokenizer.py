@@ -1,0 +1,27 @@
+"""The arithmetic task's tokenizer: one token per character, saved in Hugging Face format.
+
+The vocabulary is fixed, not trained: ``<pad>`` (id 0), ``<unk>`` (id 1),
+``<eos>`` (id 2), then the digits 0-9, ``+`` and ``=``. Any other character
+encodes as ``<unk>``. Decoding joins the characters with nothing between them, so
+``decode(encode(s)) == s`` for every prompt and answer; PAD and EOS are distinct
+for the reasons given in ``textenv.default_task.tokenizer``.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from textenv.default_task.tokenizer import EOS, PAD, UNK, wrap_tokenizer
+
+CHARACTERS = "0123456789+="
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The character-level tokenizer (see the module docstring); the same for every build."""
+    vocab = {token: i for i, token in enumerate([PAD, UNK, EOS, *CHARACTERS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character a word
+    tokenizer.decoder = decoders.Fuse()  # join tokens without spaces
+    tokenizer.add_special_tokens([PAD, UNK, EOS])
+    return wrap_tokenizer(tokenizer)
