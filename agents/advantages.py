@@ -7,8 +7,12 @@ used for every mean, so no step after an episode's end leaks into a statistic.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
+
+GroupScaling = Literal["group", "batch", "none"]
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -94,8 +98,48 @@ def rloo_advantages(returns: Tensor, group_size: int) -> Tensor:
 
 def grpo_advantages(returns: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """Group-normalised advantages (GRPO, Shao et al. 2024): A_i = (R_i - mean R) / (std R + eps) per group."""
+    return scale_advantages(group_centered(returns, group_size), returns, group_size, "group", eps=eps)
+
+
+def group_centered(returns: Tensor, group_size: int) -> Tensor:
+    """Each return minus its group's mean, A_i = R_i - mean R: GRPO's advantage before its scaling. (B,) -> (B,)."""
     grouped = _groups(returns, group_size)
-    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)).reshape(-1)
+    return (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
+
+
+def scale_advantages(
+    advantages: Tensor,
+    returns: Tensor,
+    group_size: int,
+    scaling: GroupScaling,
+    valid: Tensor | None = None,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Divide episode advantages (B,) by a std (plus ``eps``), as ``scaling`` says.
+
+    'group' (GRPO): the unbiased std of the returns of the episode's group. 'batch'
+    (REINFORCE++, Hu 2025): the unbiased std of the advantages over the batch's
+    ``valid`` episodes (default all). 'none' (Dr. GRPO, Liu et al. 2025): no division.
+    """
+    if scaling == "group":
+        std = _groups(returns, group_size).std(1, keepdim=True)
+        return (_groups(advantages, group_size) / (std + eps)).reshape(-1)
+    if scaling == "batch":
+        valid = torch.ones_like(advantages, dtype=torch.bool) if valid is None else valid
+        return advantages / (masked_var(advantages, valid).sqrt() + eps)
+    if scaling == "none":
+        return advantages
+    raise ValueError(f"scaling must be one of {GroupScaling.__args__}, got {scaling!r}")
+
+
+def equal_groups(returns: Tensor, group_size: int, tol: float = 1e-6) -> Tensor:
+    """(B,) bool: True on the episodes of groups whose returns all lie within ``tol`` of each other.
+
+    Such a group carries no advantage, hence no gradient (DAPO's dynamic-sampling filter, Yu et al. 2025).
+    """
+    grouped = _groups(returns, group_size)
+    spread = grouped.max(1, keepdim=True).values - grouped.min(1, keepdim=True).values
+    return (spread <= tol).expand_as(grouped).reshape(-1)
 
 
 def _groups(returns: Tensor, group_size: int) -> Tensor:

@@ -6,9 +6,8 @@ in whether a critic is trained:
 - ``ppo``: GAE(gamma, lambda) from the critic's values; clipped value loss.
 - ``rloo``: the episode's return minus the mean return of the other episodes on the
   same prompt (leave-one-out baseline), on every token; no critic.
-- ``grpo``: the episode's return normalised within its group of episodes on the same
-  prompt; no critic. Unlike the GRPO paper, the KL penalty stays in the reward
-  (where the env puts it) instead of a separate loss term.
+- ``grpo``: the episode's return minus its group's mean, divided by the group's std
+  (``advantage_scaling`` picks another divisor); no critic.
 
 The algorithm picks its advantage function once (``ADVANTAGES``); the rest of
 the update is the same code for all three.
@@ -21,8 +20,17 @@ Where this departs from the textbook PPO (Schulman et al. 2017) and why:
   another order), and far less under bf16; re-scoring makes the first minibatch's
   ratio exactly 1. The sampling log-probs still feed the env's KL penalty.
 - the critic is a value head on the policy's trunk (or a separate trunk) and one
-  combined loss ``pg + vf_coef * vf - ent_coef * entropy`` trains both.
+  combined loss ``pg + vf_coef * vf - ent_coef * entropy (+ beta * KL)`` trains both.
 - advantages are whitened over valid tokens; rewards optionally scaled (no shift).
+- the per-token losses are a token mean over the minibatch by default
+  (``loss_aggregation``: per-sequence means, or Dr. GRPO's constant divisor);
+  micro-batches are weighted so that accumulation gives the minibatch's aggregate.
+- the ratio may be clipped asymmetrically (``clip_range_high``, DAPO's clip-higher).
+- by default the KL penalty stays in the reward, where the env puts it (k1 per
+  token), unlike the GRPO paper's loss term; ``kl_estimator`` swaps in k2 or k3 and
+  ``kl_penalty='loss'`` moves it into the loss (then the env's kl_coef must be 0).
+- rloo/grpo can drop the groups whose returns are all equal (``filter_equal_groups``,
+  DAPO's dynamic-sampling filter, without its resampling): they leave the mask.
 """
 
 from __future__ import annotations
@@ -36,20 +44,24 @@ import torch
 from torch import Tensor
 
 from agents.advantages import (
+    GroupScaling,
     compute_gae,
+    equal_groups,
     explained_variance,
-    grpo_advantages,
+    group_centered,
     masked_mean,
     masked_whiten,
     rloo_advantages,
+    scale_advantages,
 )
-from agents.losses import policy_loss, value_loss
+from agents.losses import Aggregation, KLEstimator, aggregate, aggregation_size, kl_estimate, policy_loss, value_loss
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
 from textenv.config import check_choice, check_float, check_int
 from textenv.lm import entropy_from_logits, position_ids_from_mask, token_logprobs
 
 Algo = Literal["ppo", "rloo", "grpo"]
+KLPenalty = Literal["reward", "loss"]
 
 
 @dataclass
@@ -74,18 +86,37 @@ class PPOConfig:
     """GAE lambda."""
     clip_range: float = 0.2
     """Epsilon of the clipped surrogate."""
+    clip_range_high: float | None = None
+    """Upper epsilon: the ratio is clipped to [1 - clip_range, 1 + clip_range_high] ("clip-higher", DAPO,
+    Yu et al. 2025). None: clip_range."""
     clip_range_value: float = 0.2
     """Epsilon of the clipped value loss."""
     vf_coef: float = 0.1
     """Weight of the value loss in the combined loss (small: the trunk is shared)."""
     ent_coef: float = 0.0
     """Weight of the entropy bonus."""
+    loss_aggregation: Aggregation = "token_mean"
+    """Per-token losses (policy, value, entropy, KL alike) to one: 'token_mean' (every token alike; DAPO),
+    'sequence_mean' (mean of sequence means; GRPO), 'constant' (sum / (sequences * max_new_tokens); Dr. GRPO)."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
     whiten_advantages: bool = True
     """Normalise advantages to mean 0, std 1 over the valid tokens of the rollout."""
     whiten_rewards: bool = False
     """Scale rewards to unit std over valid tokens (no mean shift) before GAE."""
+    advantage_scaling: GroupScaling | None = None
+    """rloo/grpo: divide advantages by the group's return std ('group', GRPO), the batch's advantage std ('batch',
+    REINFORCE++, Hu 2025) or nothing ('none', Dr. GRPO). None: grpo 'group', rloo 'none'. whiten_advantages runs
+    after and undoes any batch-wide scale, so 'batch' and 'none' differ only with it off."""
+    filter_equal_groups: bool = False
+    """rloo/grpo: drop groups whose returns are all equal (within 1e-6) from the loss and its denominators
+    (DAPO's dynamic-sampling filter, Yu et al. 2025, without resampling)."""
+    kl_estimator: KLEstimator = "k1"
+    """Per-token KL(pi || pi_ref) estimate, log r = log pi_ref - log pi: 'k1' -log r, 'k2' (log r)^2 / 2,
+    'k3' (r - 1) - log r (Schulman, "Approximating KL divergence"). Use 'k3' with kl_penalty 'loss'."""
+    kl_penalty: KLPenalty = "reward"
+    """Where beta * KL goes: 'reward' (each step's reward, from the env) or 'loss' (a loss term, as in GRPO,
+    Shao et al. 2024; the trainer then sets the env's kl_coef to 0)."""
 
     def __post_init__(self):
         self.validate()
@@ -93,6 +124,18 @@ class PPOConfig:
     def validate(self) -> None:
         """Raise on a setting out of range, of the wrong type or not finite, naming the field."""
         check_choice("algo", self.algo, Algo)
+        check_choice("loss_aggregation", self.loss_aggregation, Aggregation)
+        check_choice("kl_estimator", self.kl_estimator, KLEstimator)
+        check_choice("kl_penalty", self.kl_penalty, KLPenalty)
+        if self.advantage_scaling is not None:
+            check_choice("advantage_scaling", self.advantage_scaling, GroupScaling)
+        if self.clip_range_high is not None:
+            check_float("clip_range_high", self.clip_range_high, "> 0", lambda v: v > 0)
+        if not isinstance(self.filter_equal_groups, bool):
+            raise TypeError(f"filter_equal_groups must be a bool, got {self.filter_equal_groups!r}")
+        if self.uses_critic and (self.advantage_scaling is not None or self.filter_equal_groups):
+            name = "advantage_scaling" if self.advantage_scaling is not None else "filter_equal_groups"
+            raise ValueError(f"{name} applies to the group baselines (algo 'rloo' or 'grpo'), not to algo 'ppo'")
         for name in ("group_size", "epochs", "minibatch_size", "micro_batch_size"):
             check_int(name, getattr(self, name), minimum=1)
         check_float("learning_rate", self.learning_rate, "> 0", lambda v: v > 0)
@@ -111,6 +154,11 @@ class PPOConfig:
     @property
     def uses_critic(self) -> bool:
         return self.algo == "ppo"
+
+    @property
+    def group_scaling(self) -> GroupScaling:
+        """advantage_scaling, or the algorithm's own: 'group' for grpo, 'none' for rloo (and ppo, unused)."""
+        return self.advantage_scaling or ("group" if self.algo == "grpo" else "none")
 
 
 @dataclass
@@ -147,11 +195,17 @@ def gae(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, confi
 
 
 def group_baseline(baseline: Callable[[Tensor, int], Tensor]) -> AdvantageFn:
-    """RLOO/GRPO: each episode's undiscounted return against its group's, on every token; no returns."""
+    """RLOO/GRPO: each episode's undiscounted return against its group's, on every token; no returns.
+
+    The baselined returns are then scaled as ``config.group_scaling`` says; a 'batch' std
+    counts only the episodes with a valid step (filtered groups have none).
+    """
 
     def advantages(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, config: PPOConfig):
         episode_returns = (rewards * mask).sum(1)  # score - beta * KL of the episode
-        return baseline(episode_returns, config.group_size)[:, None] * mask, torch.zeros_like(rewards)
+        centered = baseline(episode_returns, config.group_size)
+        scaled = scale_advantages(centered, episode_returns, config.group_size, config.group_scaling, mask.any(1))
+        return scaled[:, None] * mask, torch.zeros_like(rewards)
 
     return advantages
 
@@ -159,8 +213,35 @@ def group_baseline(baseline: Callable[[Tensor, int], Tensor]) -> AdvantageFn:
 ADVANTAGES: dict[str, AdvantageFn] = {
     "ppo": gae,
     "rloo": group_baseline(rloo_advantages),
-    "grpo": group_baseline(grpo_advantages),
+    "grpo": group_baseline(group_centered),
 }
+
+
+def swap_kl_estimator(
+    rewards: Tensor, kl: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, estimator
+) -> Tensor:
+    """The env's rewards with their penalty -beta * k1 (``kl``) swapped for -beta * ``estimator`` on valid steps."""
+    swap = kl_coef * (kl - kl_estimate(logprobs, ref_logprobs, estimator))
+    return rewards + torch.where(mask, swap, torch.zeros_like(swap))
+
+
+def rollout_advantages(rollout: Rollout, old_values: Tensor, config: PPOConfig, kl_coef: float):
+    """Rewards (KL estimator swapped), advantages and returns (B, T), and the mask left after filtering groups."""
+    device = old_values.device
+    mask, rewards = rollout.mask.to(device), rollout.rewards.to(device)
+    if config.kl_penalty == "reward" and config.kl_estimator != "k1":
+        on_device = (t.to(device) for t in (rollout.kl, rollout.logprobs, rollout.ref_logprobs))
+        rewards = swap_kl_estimator(rewards, *on_device, mask, kl_coef, config.kl_estimator)
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    if config.filter_equal_groups:  # no advantage, no gradient: out of the mask and every denominator
+        mask = mask & ~equal_groups((rewards * mask).sum(1), config.group_size)[:, None]
+    advantages, returns = ADVANTAGES[config.algo](
+        rewards, old_values, rollout.terminated_steps.to(device), mask, config
+    )
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns, mask
 
 
 # ---------------------------------------------------------------- the update
@@ -182,48 +263,87 @@ class Targets:
 
     old_logprobs: Tensor
     old_values: Tensor
+    ref_logprobs: Tensor
     advantages: Tensor
     returns: Tensor
-    mask: Tensor
+    mask: Tensor  # the rollout's, less the filtered groups
+
+
+def micro_batch_loss(
+    scored: Scored, targets: Targets, rows: Tensor, config: PPOConfig, kl_coef: float, max_new_tokens: int | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The combined loss of the episodes ``rows`` (on the targets' device), aggregated as configured; its stats."""
+    mask = targets.mask[rows]
+    agg = {"aggregation": config.loss_aggregation, "max_new_tokens": max_new_tokens}
+    pg_loss, stats = policy_loss(
+        scored.logprobs,
+        targets.old_logprobs[rows],
+        targets.advantages[rows],
+        mask,
+        config.clip_range,
+        clip_range_high=config.clip_range_high,
+        **agg,
+    )
+    if config.uses_critic:
+        old_values = targets.old_values[rows, :-1]
+        vf_loss, vf_stats = value_loss(
+            scored.values[:, :-1], old_values, targets.returns[rows], mask, config.clip_range_value, **agg
+        )
+        stats |= vf_stats
+    else:  # no critic; the zero term gives the unused value head zero gradients (DDP needs one)
+        vf_loss = 0.0 * scored.values.sum()
+    entropy = aggregate(scored.entropy, mask, **agg)
+    loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+    if config.kl_penalty == "loss":  # GRPO's KL term, its gradient through the new log-probs
+        kl = aggregate(kl_estimate(scored.logprobs, targets.ref_logprobs[rows], config.kl_estimator), mask, **agg)
+        loss = loss + kl_coef * kl
+        stats |= {"loss/kl": kl.detach(), "ppo/kl_in_loss": kl_coef * kl.detach()}
+    stats |= {
+        "loss/policy": pg_loss.detach(),
+        "loss/value": vf_loss.detach(),
+        "loss/total": loss.detach(),
+        "policy/entropy": masked_mean(scored.entropy.detach(), mask),  # a token mean whatever the aggregation
+    }
+    return loss, stats
 
 
 def minibatch_step(
-    agent, optimizer, rollout: Rollout, minibatch: Tensor, targets: Targets, config: PPOConfig, temperature, autocast
+    agent,
+    optimizer,
+    rollout: Rollout,
+    minibatch: Tensor,
+    targets: Targets,
+    config: PPOConfig,
+    temperature,
+    autocast,
+    kl_coef: float = 0.0,
+    max_new_tokens: int | None = None,
 ) -> dict[str, list[float]]:
     """One optimizer step on ``minibatch``, accumulating gradients over its micro-batches; returns their stats."""
     stats: dict[str, list[float]] = defaultdict(list)
     device = targets.mask.device
     optimizer.zero_grad(set_to_none=True)
-    minibatch_tokens = targets.mask[minibatch.to(device)].sum().clamp(min=1)
+    minibatch_size = aggregation_size(targets.mask[minibatch.to(device)], config.loss_aggregation).clamp(min=1)
     for rows in minibatch.split(config.micro_batch_size):
         rows_d = rows.to(device)
-        mask = targets.mask[rows_d]
         scored = score_rollout(agent, rollout.select(rows), temperature, autocast)
-        pg_loss, pg_stats = policy_loss(
-            scored.logprobs, targets.old_logprobs[rows_d], targets.advantages[rows_d], mask, config.clip_range
-        )
-        if config.uses_critic:
-            old_values = targets.old_values[rows_d, :-1]
-            vf_loss, vf_stats = value_loss(
-                scored.values[:, :-1], old_values, targets.returns[rows_d], mask, config.clip_range_value
-            )
-        else:  # no critic; the zero term gives the unused value head zero gradients (DDP needs one)
-            vf_loss, vf_stats = 0.0 * scored.values.sum(), {}
-        entropy = masked_mean(scored.entropy, mask)
-        loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
-        # token-weighted, so accumulated micro-batches give the minibatch's token mean
-        (loss * mask.sum() / minibatch_tokens).backward()
-        for key, value in {**pg_stats, **vf_stats}.items():
+        loss, micro_stats = micro_batch_loss(scored, targets, rows_d, config, kl_coef, max_new_tokens)
+        # weighted by its share of the minibatch's tokens (or sequences): the accumulated gradient is the
+        # minibatch's aggregate (see losses.aggregation_size)
+        (loss * aggregation_size(targets.mask[rows_d], config.loss_aggregation) / minibatch_size).backward()
+        # every micro-batch logs every key (ranks must log the same ones): one of filtered groups only logs zeros
+        for key, value in micro_stats.items():
             stats[key].append(float(value))
-        stats["loss/policy"].append(pg_loss.item())
-        stats["loss/value"].append(vf_loss.item())
-        stats["loss/total"].append(loss.item())
-        stats["policy/entropy"].append(entropy.item())
     grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
-    if torch.isfinite(grad_norm):
+    # every token filtered out, on every rank (the norm is of the averaged gradient): nothing to learn from, and
+    # Adam would still move the weights on its momentum
+    idle = config.filter_equal_groups and bool(grad_norm == 0)
+    if torch.isfinite(grad_norm) and not idle:
         optimizer.step()
         stats["ppo/grad_norm"].append(float(grad_norm))
     stats["ppo/skipped_steps"].append(float(not torch.isfinite(grad_norm)))  # a NaN or inf gradient: no step
+    if config.filter_equal_groups:
+        stats["ppo/idle_steps"].append(float(idle))
     return stats
 
 
@@ -235,30 +355,32 @@ def ppo_update(
     temperature: float,
     generator: torch.Generator,
     autocast=None,
+    *,
+    kl_coef: float = 0.0,
+    max_new_tokens: int | None = None,
 ) -> dict[str, float]:
-    """K epochs of clipped PPO over ``rollout``; returns the update's metrics."""
-    device = next(agent.parameters()).device
+    """K epochs of clipped PPO over ``rollout``; returns the update's metrics.
+
+    ``kl_coef``: the beta of the KL penalty: the one the env's rewards were computed with
+    (kl_penalty 'reward'; needed to swap in k2 or k3), or the loss term's (kl_penalty 'loss',
+    the env's own kl_coef 0). ``max_new_tokens``: the env's, the constant L of loss_aggregation
+    'constant' (needed there).
+    """
+    check_update_arguments(rollout, config, kl_coef, max_new_tokens)
     permutations = [torch.randperm(len(rollout.actions), generator=generator) for _ in range(config.epochs)]
     first_epoch = [
         micro for mb in permutations[0].split(config.minibatch_size) for micro in mb.split(config.micro_batch_size)
     ]
     old_logprobs, old_values = rescore(agent, rollout, first_epoch, temperature, autocast)
-
-    mask, rewards = rollout.mask.to(device), rollout.rewards.to(device)
-    if config.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = ADVANTAGES[config.algo](
-        rewards, old_values, rollout.terminated_steps.to(device), mask, config
-    )
-    if config.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    targets = Targets(old_logprobs, old_values, advantages, returns, mask)
+    advantages, returns, mask = rollout_advantages(rollout, old_values, config, kl_coef)
+    ref_logprobs = rollout.ref_logprobs.to(mask.device)
+    targets = Targets(old_logprobs, old_values, ref_logprobs, advantages, returns, mask)
 
     stats: dict[str, list[float]] = defaultdict(list)
     for perm in permutations:
         for minibatch in perm.split(config.minibatch_size):
             for key, values in minibatch_step(
-                agent, optimizer, rollout, minibatch, targets, config, temperature, autocast
+                agent, optimizer, rollout, minibatch, targets, config, temperature, autocast, kl_coef, max_new_tokens
             ).items():
                 stats[key].extend(values)
 
@@ -267,8 +389,21 @@ def ppo_update(
     metrics["ppo/steps"] = len(stats["ppo/skipped_steps"])
     metrics["ppo/first_ratio_mean"] = stats["ppo/ratio_mean"][0]
     metrics["ppo/advantage_mean"] = float(masked_mean(advantages, mask))
+    if config.filter_equal_groups:  # a group is filtered when its episodes lost every step
+        metrics["ppo/filtered_groups"] = float((~mask.any(1)).float().mean())
+        metrics["ppo/idle_steps"] = sum(stats["ppo/idle_steps"])  # steps not taken: every token filtered
     if config.uses_critic:
         metrics["ppo/explained_variance"] = explained_variance(old_values[:, :-1], returns, mask)
         metrics["ppo/return_mean"] = float(masked_mean(returns, mask))
         metrics["ppo/value_mean"] = float(masked_mean(old_values[:, :-1], mask))
     return metrics
+
+
+def check_update_arguments(rollout: Rollout, config: PPOConfig, kl_coef: float, max_new_tokens: int | None) -> None:
+    """Raise on a ``ppo_update`` keyword that is missing, out of range or at odds with the rollout."""
+    check_float("kl_coef", kl_coef, ">= 0", lambda v: v >= 0)
+    if config.loss_aggregation != "constant":
+        return
+    if max_new_tokens is None:
+        raise ValueError("loss_aggregation 'constant' needs ppo_update(..., max_new_tokens=<the env's>)")
+    check_int("max_new_tokens", max_new_tokens, minimum=rollout.actions.shape[1])

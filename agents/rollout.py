@@ -27,6 +27,8 @@ from agents.policy import ActorCritic
 from textenv import TokenEnvConfig
 from textenv.lm import CachedStepper, crop_left_padding, sample_tokens
 
+REWARD_PREFIX = "reward/"  # the env's info keys of each paying term's raw value
+
 
 class Rollout(NamedTuple):
     prompt_ids: Tensor  # (B, W) left-padded
@@ -39,8 +41,10 @@ class Rollout(NamedTuple):
     truncated: Tensor  # (B,) bool: cut off at max_new_tokens
     scores: Tensor  # (B,) reward-model score of each response
     kl: Tensor  # (B, T) log pi - log pi_ref per step, 0 after the end
+    ref_logprobs: Tensor  # (B, T) the reference model's log-probs of the actions, 0 after the end
     prompts: list[str]
     responses: list[str]
+    reward_terms: dict[str, Tensor]  # per paying term (reward model, each reward function): (B,) its raw value
 
     @property
     def input_ids(self) -> Tensor:
@@ -52,8 +56,12 @@ class Rollout(NamedTuple):
 
     def select(self, rows: Tensor) -> Rollout:
         """The episodes ``rows`` (tensors indexed; text lists too)."""
-        picked = [t[rows] if isinstance(t, Tensor) else [t[i] for i in rows.tolist()] for t in self]
-        return Rollout(*picked)
+        picked = {
+            name: t[rows] if isinstance(t, Tensor) else [t[i] for i in rows.tolist()]
+            for name, t in self._asdict().items()
+            if name != "reward_terms"
+        }
+        return Rollout(**picked, reward_terms={name: t[rows] for name, t in self.reward_terms.items()})
 
     @property
     def terminated_steps(self) -> Tensor:
@@ -85,13 +93,16 @@ def collect_rollout(
     generator: torch.Generator,
     autocast: torch.autocast | None = None,
     group_size: int | None = None,
+    reset_options: dict | None = None,
 ) -> Rollout:
     """Run one lockstep batch of ``env.num_envs`` episodes with ``agent`` sampling every token.
 
     ``group_size`` k: consecutive groups of k episodes share one prompt (RLOO, GRPO).
+    ``reset_options``: passed to ``env.reset`` (e.g. ``{"prompt_index": indices}``).
     """
     device = agent.value_head.weight.device
-    observation, info = env.reset(seed=seed, options=None if group_size is None else {"group_size": group_size})
+    options = dict(reset_options or {}) | ({} if group_size is None else {"group_size": group_size})
+    observation, info = env.reset(seed=seed, options=options or None)
     prompt_ids, prompt_mask = crop_left_padding(
         torch.as_tensor(observation["input_ids"]), torch.as_tensor(observation["attention_mask"])
     )
@@ -100,25 +111,30 @@ def collect_rollout(
     with autocast or nullcontext():
         logits = stepper.prefill(prompt_ids, prompt_mask)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
-    steps: list[tuple[Tensor, ...]] = []  # per step: action, logprob, reward, alive, kl
+    steps: list[tuple[Tensor, ...]] = []  # per step: action, logprob, reward, alive, kl, ref_logprob
     scores, responses = torch.zeros(batch), [""] * batch
+    terms: dict[str, Tensor] = {}
     terminated, truncated = np.zeros(batch, dtype=bool), np.zeros(batch, dtype=bool)
     while alive.any():
         action, logprob = sample_tokens(logits, temperature, generator)
         _, reward, term, trunc, step_info = env.step(action.cpu().numpy(), logprobs=logprob.cpu().numpy())
-        kl = torch.as_tensor(np.nan_to_num(step_info["kl"]), dtype=torch.float32)
-        steps.append(
-            (action, torch.where(alive, logprob, 0.0), torch.as_tensor(reward, dtype=torch.float32), alive, kl)
+        kl, ref_logprob = (
+            torch.as_tensor(np.nan_to_num(step_info[key]), dtype=torch.float32) for key in ("kl", "ref_logprob")
         )
+        reward = torch.as_tensor(reward, dtype=torch.float32)
+        steps.append((action, torch.where(alive, logprob, 0.0), reward, alive, kl, ref_logprob))
         for row in np.flatnonzero(term | trunc):
             scores[row], responses[row] = float(step_info["score"][row]), step_info["response"][row]
+            for key in step_info:
+                if key.startswith(REWARD_PREFIX) and not key.startswith("_"):
+                    terms.setdefault(key[len(REWARD_PREFIX) :], torch.zeros(batch))[row] = float(step_info[key][row])
         terminated |= term
         truncated |= trunc
         alive = alive & ~torch.as_tensor(term | trunc, device=device)
         if alive.any():
             with autocast or nullcontext():
                 logits = stepper.advance(action, steps[-1][3])
-    actions, logprobs, rewards, masks, kls = (torch.stack(column, 1).cpu() for column in zip(*steps))
+    actions, logprobs, rewards, masks, kls, ref_logprobs = (torch.stack(column, 1).cpu() for column in zip(*steps))
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -130,6 +146,8 @@ def collect_rollout(
         truncated=torch.as_tensor(truncated),
         scores=scores,
         kl=kls,
+        ref_logprobs=ref_logprobs,
         prompts=list(info["prompt"]),
         responses=responses,
+        reward_terms=terms,
     )
