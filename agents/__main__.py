@@ -24,7 +24,7 @@ def main() -> None:
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
-    except (ValueError, TypeError, OSError) as error:  # bad settings or files: one line, no traceback
+    except (ValueError, TypeError, OSError, ImportError) as error:  # bad settings or files: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if os.environ.get("RANK", "0") != "0":

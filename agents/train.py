@@ -15,6 +15,7 @@ import json
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -37,8 +38,9 @@ from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_float, check_int
-from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR, load_prompts
 from textenv.loading import load_config, looks_like_path, read_prompts, resolve_device
+from textenv.reward_fns import describe, resolve_reward_fns
+from textenv.tasks import get_task
 
 
 @dataclass
@@ -51,7 +53,9 @@ class RunConfig:
     """The policy's tokenizer, a directory or hub name, when it is not saved with the policy."""
     eval_prompts: Annotated[str | None, AsPath] = None
     """Held-out prompts for evaluation: a text file, a JSON-lines file (field --prompt-column) or a saved
-    datasets directory (default: the embedded eval prompts)."""
+    datasets directory (default: the eval_split of the training prompts' source: the task's, or a dataset dict's)."""
+    eval_split: str = "eval"
+    """The split evaluated when --eval-prompts is not given ('eval' also finds a dataset's 'test' or 'validation')."""
     iterations: int = 60
     """PPO iterations (one rollout and one update each)."""
     token_budget: int | None = None
@@ -137,6 +141,8 @@ class TrainConfig:
         for name, path in (("prompts", self.env.prompts), ("eval_prompts", self.run.eval_prompts)):
             if isinstance(path, str):
                 read_prompts(path, self.env.prompt_column, what="--" + name.replace("_", "-"))
+        if self.env.reward_fns:  # import each --reward-fn and check the weights before loading anything
+            resolve_reward_fns(self.env.reward_fns, self.env.reward_weights)
 
     def validate_combination(self) -> None:
         ppo, run = self.ppo, self.run
@@ -168,7 +174,8 @@ def train(config: TrainConfig) -> Path:
                 break  # a resumed run that had already spent its budget
             began = time.perf_counter()
             metrics = t.evaluate(iteration) if iteration % run.eval_every == 0 else {}  # iteration 0: the SFT policy
-            t.env.kl_coef = t.kl_controller.value
+            beta = t.kl_controller.value
+            t.env.kl_coef = 0.0 if ppo.kl_penalty == "loss" else beta  # "loss": the KL is a loss term, not a reward
             t.agent.eval()
             rollout_began = time.perf_counter()
             rollout = collect_rollout(
@@ -176,7 +183,17 @@ def train(config: TrainConfig) -> Path:
             )
             metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / (time.perf_counter() - rollout_began)
             t.model.train()
-            metrics |= ppo_update(t.model, t.optimizer, rollout, ppo, temperature, t.shuffling, t.autocast)
+            metrics |= ppo_update(
+                t.model,
+                t.optimizer,
+                rollout,
+                ppo,
+                temperature,
+                t.shuffling,
+                t.autocast,
+                kl_coef=beta,
+                max_new_tokens=config.env.max_new_tokens,
+            )
             metrics |= rollout_metrics(rollout, "env")
             metrics["perf/iteration_s"] = time.perf_counter() - began
             metrics = t.gather_metrics(iteration, metrics)
@@ -285,7 +302,7 @@ class Trainer:
         self.skipped_updates = 0  # updates in a row whose every optimizer step had a non-finite gradient
         if dist.is_main:  # only now, with everything loaded: a failed start leaves no run directory behind
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2, default=str) + "\n")
+            write_atomically(self.run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2, default=describe) + "\n")
         dist.barrier()
         self.logger = RunLogger(self.run_dir, self.start) if dist.is_main else None
         self.raw_metrics = self.run_dir / f"metrics-rank{dist.rank}.jsonl" if dist.enabled else None
@@ -323,7 +340,10 @@ class Trainer:
 
     def evaluate(self, iteration: int) -> dict[str, float]:
         generator = torch.Generator(device=self.device).manual_seed(self.seed + 10**6 + iteration)
-        return evaluate(self.agent, self.eval_env, self.config.env.temperature, self.seed, generator, self.autocast)
+        episodes, accuracy = self.config.run.eval_episodes, self.eval_env.unwrapped.core.accuracy
+        return evaluate(
+            self.agent, self.eval_env, self.config.env.temperature, episodes, generator, self.autocast, accuracy
+        )
 
     def gather_metrics(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
         """This rank's metrics (kept raw under torchrun), averaged over ranks, plus the loop's own state."""
@@ -331,7 +351,8 @@ class Trainer:
             with self.raw_metrics.open("a") as f:
                 f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
         metrics = self.dist.mean_metrics(metrics)
-        metrics["env/non_score_reward"] = -self.kl_controller.value * metrics["env/kl"]
+        in_reward = self.config.ppo.kl_penalty == "reward"  # else the rewards hold no KL: it is a loss term
+        metrics["env/non_score_reward"] = -self.kl_controller.value * metrics["env/kl"] if in_reward else 0.0
         metrics["kl/coef"] = self.kl_controller.value
         metrics["perf/lr"] = self.scheduler.get_last_lr()[0]
         if not self.dist.fsdp:  # FSDP ranks hold different shards by design
@@ -430,7 +451,7 @@ RESUMABLE_CHANGES = {
 
 def flat_config(config: TrainConfig | dict) -> dict[str, object]:
     """``{"run.batch_size": 64, ...}``, as ``config.json`` stores it (paths and objects as text)."""
-    data = json.loads(json.dumps(asdict(config) if not isinstance(config, dict) else config, default=str))
+    data = json.loads(json.dumps(asdict(config) if not isinstance(config, dict) else config, default=describe))
     return {f"{part}.{key}": value for part, fields in data.items() for key, value in fields.items()}
 
 
@@ -481,11 +502,11 @@ def check_new_run_dir(run_dir: Path, checkpoints: Checkpoints, allow_existing: b
         )
 
 
-def policy_source(run: RunConfig) -> str:
+def policy_source(run: RunConfig, task: str) -> str:
     """The policy's directory as an absolute path (a LoRA run's adapters then name a base that loads from
     anywhere), or its hub name."""
     if run.policy is None:
-        return str(POLICY_DIR)
+        return str(get_task(task).policy_dir)
     path = Path(run.policy).expanduser()
     return str(path.resolve()) if path.is_dir() else run.policy
 
@@ -500,12 +521,17 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
     if saved is not None:
         agent = ActorCritic.from_pretrained(saved)
     else:
-        policy = AutoModelForCausalLM.from_pretrained(policy_source(run))
+        policy = AutoModelForCausalLM.from_pretrained(policy_source(run, config.env.task))
         if run.lora_rank:
             targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
             policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
-        reward_source = config.env.reward_model or REWARD_MODEL_DIR
-        same_trunk = load_config(reward_source, "reward model").model_type == policy.config.model_type
+        reward_source = config.env.reward_model
+        if reward_source is None and not config.env.reward_fns:
+            reward_source = get_task(config.env.task).reward_model_dir
+        same_trunk = (
+            reward_source is not None
+            and load_config(reward_source, "reward model").model_type == policy.config.model_type
+        )
         critic_init = reward_source if same_trunk and not run.share_backbone else None
         agent = ActorCritic.from_models(policy, share_backbone=run.share_backbone, critic_init=critic_init)
     agent.to(device).train()
@@ -520,19 +546,37 @@ def build_envs(config: TrainConfig, agent: ActorCritic, device: torch.device):
     The reference model is the starting policy (with LoRA: the policy's own base,
     adapters off, with no second copy of the weights).
     """
-    source = policy_source(config.run)
-    reference = AdaptersDisabled(agent.policy) if config.run.lora_rank else source
-    env_config = replace(config.env, reference_model=reference, tokenizer=config.run.tokenizer or source, device=device)
-    env = make_rollout_env(config.run.batch_size, env_config)
+    run = config.run
+    source = policy_source(run, config.env.task)
+    reference = AdaptersDisabled(agent.policy) if run.lora_rank else source
+    env_config = replace(config.env, reference_model=reference, tokenizer=run.tokenizer or source, device=device)
+    env = make_rollout_env(run.batch_size, env_config)
     frozen = env.unwrapped
     eval_config = replace(
         env_config,
-        prompts=config.run.eval_prompts or load_prompts("eval"),
+        prompts=run.eval_prompts or eval_prompt_source(config.env, run.eval_split),
+        split=run.eval_split,
         reference_model=frozen.reference_model,
         reward_model=frozen.reward_model,
         tokenizer=frozen.tokenizer,
     )
-    return env, make_rollout_env(config.run.eval_episodes, eval_config)
+    return env, make_rollout_env(run.eval_episodes, eval_config)
+
+
+def eval_prompt_source(env: TokenEnvConfig, split: str):
+    """Where the eval prompts come from without --eval-prompts: the task's split (prompts unset), a saved
+    dataset dict's split, or else the training prompts themselves (with a warning: nothing is held out)."""
+    prompts = env.prompts
+    if prompts is None:
+        return None
+    is_dataset_dir = isinstance(prompts, str | Path) and Path(prompts).expanduser().is_dir()
+    if is_dataset_dir or hasattr(prompts, "column_names"):
+        return prompts
+    warnings.warn(
+        "no --eval-prompts given and the prompts have no eval split: evaluating on the training prompts",
+        stacklevel=2,
+    )
+    return prompts
 
 
 def cli(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
