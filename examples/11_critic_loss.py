@@ -7,8 +7,12 @@ ratio: the new prediction is not rewarded for moving more than eps from the old 
     V_clip = V_old + clip(V - V_old, -eps, +eps)
     L_V    = 0.5 * mean_t max((V - return)^2, (V_clip - return)^2)     (agents.losses.value_loss)
 
-Where the max picks the clipped term, that token's gradient is 0. The script runs one
-real ppo_update, then evaluates the loss per token with the values after it.
+Where the max picks the clipped term, that token's gradient is 0: that happens only when V
+has moved more than eps from V_old in the target's direction and is still closer to the
+target than V_clip is (V_clip then stops at V_old + eps, short of the target). Everywhere
+else, including past eps away from the target, the loss is the plain squared error
+0.5 * (V - return)^2. The script runs one real ppo_update, then evaluates the loss per
+token with the values after it.
 
 Run:  python examples/11_critic_loss.py [--out DIR] [--seed N] [--episodes N]
 Writes: DIR/11_critic_loss.json, DIR/11_critic_loss.png (the clipped loss, and how far each value moved).
@@ -109,7 +113,11 @@ for v_old, target, color in ((0.0, 0.6, "tab:blue"), (0.0, -0.4, "tab:orange")):
 left.axvspan(-eps, eps, color="grey", alpha=0.1, label=f"V_old ± eps (eps = {eps})")
 left.set_xlabel("new value V")
 left.set_ylabel("loss")
-left.set_title("Past V_old ± eps the loss turns flat (toward the target) or steeper (away from it)")
+left.set_title(
+    "Past V_old ± eps toward the target the loss is flat (no gradient);\n"
+    "everywhere else it is the plain 0.5 (V - return)^2 (dotted)",
+    fontsize=10,
+)
 left.legend(fontsize=7)
 old_np, new_np, ret_np, clip_np = (x.numpy() for x in (old[mask], new[mask], returns[mask], is_clipped[mask]))
 right.scatter(ret_np - old_np, new_np - old_np, s=12, c=np.where(clip_np, "tab:red", "tab:blue"))

@@ -142,8 +142,14 @@ def test_05_kl_penalty(out):
         score = data["score"] if i == len(rows) - 1 else 0.0
         assert close(row["reward"], -beta * row["kl"] + score)
     assert close(data["batch_sequence_kl"][0], sum(r["kl"] for r in rows))
+    assert close(data["batch_exact_sequence_kl"][0], sum(r["exact_kl"] for r in rows))
+    # the sampled estimate can be negative, per token and per response; the exact KL never is
+    assert data["negative_sequences"] == sum(k < 0 for k in data["batch_sequence_kl"])
+    assert all(k >= -1e-5 for k in data["all_exact_kl"]) and any(k < 0 for k in data["all_kl"])
+    assert all(k >= -1e-5 for k in data["batch_exact_sequence_kl"])
     assert_png(out / "05_kl_per_token.png")
     assert_png(out / "05_kl_heatmap.png")
+    assert_png(out / "05_kl_per_response.png")
 
 
 def test_06_value_head(out):
@@ -176,12 +182,19 @@ def test_07_reward_on_last_token(out):
 def test_08_actor_loss(out):
     run(out, "08_actor_loss.py", "--episodes", "8")
     data = load(out, "08_actor_loss.json")
+    every, rows = data["all"], data["tokens"]
     assert data["grad_max"] > 0
     assert data["grad_max_difference"] <= 1e-6 * data["grad_max"]  # same gradient as -mean(A log pi) at ratio 1
-    assert abs(data["loss_ppo"] + sum(data["all_advantages"]) / len(data["all_advantages"])) < 1e-5  # -mean(A)
-    for row in data["tokens"]:
-        assert close(row["change"], row["log_pi_after"] - row["log_pi_before"])
-    gain = sum(a * c for a, c in zip(data["all_advantages"], data["all_changes"])) / len(data["all_changes"])
+    assert abs(data["loss_ppo"] + sum(every["advantages"]) / len(every["advantages"])) < 1e-5  # -mean(A) at ratio 1
+    for a, g, v in zip(every["advantages"], every["returns"], every["values"]):
+        assert close(a, g - v)  # actual minus predicted
+    # the table's episode: G_t recomputed from the rewards (the score on the last token, KL terms before)
+    assert all(close(r["A_t"], r["G_t"] - r["V_t"]) for r in rows)
+    up = sum(c > 0 for c in every["change_naive"]) / len(every["change_naive"])
+    assert close(up, data["up_fraction_naive"])
+    agree = sum((a > 0) == (c > 0) for a, c in zip(every["advantages"], every["change_advantage"]))
+    assert close(agree / len(every["advantages"]), data["sign_agreement"])
+    gain = sum(a * c for a, c in zip(every["advantages"], every["change_advantage"])) / len(every["advantages"])
     assert close(gain, data["mean_advantage_times_change"]) and gain > 0  # the step lowered the loss
     assert_png(out / "08_actor_loss.png")
 
@@ -237,8 +250,15 @@ def test_10_ppo_ratio_clipping(out):
     assert close(data["policy_loss"], -sum(objectives) / len(objectives))
     assert close(data["clipfrac"], sum(clipped) / len(clipped))
     for row in data["tokens"]:
-        assert close(row["r*A"], row["ratio"] * row["advantage"])
-        assert close(row["objective"], min(row["r*A"], row["clip(r)*A"]))
+        assert close(row["rho*A"], row["ratio"] * row["advantage"])
+        assert close(row["objective"], min(row["rho*A"], row["clip(rho)*A"]))
+    # approx_kl = mean((rho - 1) - log rho) over the tokens, recomputed from the ratios
+    ratios = every["ratio"]
+    assert close(data["approx_kl"], sum((r - 1) - math.log(r) for r in ratios) / len(ratios), 1e-3)
+    # the typical update (warm optimizer) moves the policy less than the atypical one (fresh optimizer)
+    fresh = data["fresh_optimizer"]
+    assert data["update_metrics"]["ppo/approx_kl"] < fresh["update_metrics"]["ppo/approx_kl"]
+    assert data["lr"] < fresh["lr"]
     assert_png(out / "10_ppo_ratio_clipping.png")
 
 
@@ -267,7 +287,7 @@ def test_11_critic_loss(out):
 
 @pytest.mark.slow
 def test_12_train_end_to_end(out):
-    run(out, "12_train_end_to_end.py", "--iterations", "2", "--batch-size", "8", "--eval-episodes", "8",
+    run(out, "12_train_end_to_end.py", "--iterations", "3", "--batch-size", "8", "--eval-episodes", "8",
         "--samples", "2")  # fmt: skip
     data = load(out, "12_train_end_to_end.json")
     samples = data["samples"]
@@ -275,7 +295,15 @@ def test_12_train_end_to_end(out):
     assert close(data["positive_before"], sum(s["before_score"] > 0 for s in samples) / 8)
     assert close(data["positive_after"], sum(s["after_score"] > 0 for s in samples) / 8)
     assert close(data["score_after"], sum(s["after_score"] for s in samples) / 8)
-    assert [m["iteration"] for m in data["metrics"] if "env/score" in m] == [0, 1]
+    train_rows = [m for m in data["metrics"] if "env/score" in m]
+    assert [m["iteration"] for m in train_rows] == [0, 1, 2]
+    for m in train_rows:  # the panels of the learning curve are all logged
+        for key in ("ppo/explained_variance", "ppo/approx_kl", "ppo/clipfrac", "kl/coef", "loss/value"):
+            assert math.isfinite(m[key]), key
+    # beta follows the adaptive controller: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * episodes / horizon
+    for before, after in zip(train_rows, train_rows[1:]):
+        error = min(max(before["env/kl"] / data["kl_target"] - 1, -0.2), 0.2)
+        assert close(after["kl/coef"], before["kl/coef"] * (1 + error * data["batch_size"] / data["kl_horizon"]))
     assert (out / "12_run" / "final" / "model.safetensors").exists()
     assert_png(out / "12_learning_curve.png")
     assert_png(out / "12_scores_before_after.png")
