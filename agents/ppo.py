@@ -190,8 +190,41 @@ AdvantageFn = Callable[[Tensor, Tensor, Tensor, Tensor, PPOConfig], tuple[Tensor
 
 
 def gae(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, config: PPOConfig) -> tuple[Tensor, Tensor]:
-    """PPO: GAE(gamma, lambda) from the critic's values V(s_0) .. V(s_T). Returns (advantages, returns)."""
-    return compute_gae(rewards, values[:, :-1], values[:, 1:], terminated, mask, config.gamma, config.lam)
+    """PPO: GAE(gamma, lambda) from the critic's values V(s_0) .. V(s_T). Returns (advantages, returns).
+
+    The recursion runs over the agent's steps only (``mask``): in an episode of several
+    turns the environment's tokens sit between them, and the next state of a turn's last
+    token is the state before the agent's next token, after the reply (``agent_steps``).
+    """
+    order, next_columns, steps = agent_steps(mask)
+    advantages, returns = compute_gae(
+        rewards.gather(1, order),
+        values.gather(1, order),
+        values.gather(1, next_columns),
+        terminated.gather(1, order),
+        steps,
+        config.gamma,
+        config.lam,
+    )
+    back = torch.zeros_like(rewards)
+    return back.scatter(1, order, advantages), back.scatter(1, order, returns)
+
+
+def agent_steps(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's agent columns first, in order: (order (B, T), next column of each (B, T), compacted mask (B, T)).
+
+    ``order`` is a permutation of the columns (gather with it compacts, scatter restores). The
+    next column of an agent step is the row's next agent column, or the column after it for
+    its last step (V(s_{T}) for a truncated episode's bootstrap). With no environment tokens
+    the permutation is the identity and this is ordinary GAE.
+    """
+    columns = mask.shape[1]
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    count = mask.sum(1, keepdim=True)
+    position = torch.arange(columns, device=mask.device).expand_as(order)
+    following = torch.cat([order[:, 1:], order[:, -1:] + 1], dim=1)
+    next_columns = torch.where(position + 1 < count, following, order + 1).clamp(max=columns)
+    return order, next_columns, position < count
 
 
 def group_baseline(baseline: Callable[[Tensor, int], Tensor]) -> AdvantageFn:

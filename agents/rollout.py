@@ -45,6 +45,9 @@ class Rollout(NamedTuple):
     prompts: list[str]
     responses: list[str]
     reward_terms: dict[str, Tensor]  # per paying term (reward model, each reward function): (B,) its raw value
+    # episodes of several turns: (B, T) True on the environment's tokens. Their columns sit between the agent's
+    # (``actions`` holds every token after the prompt); they are context, never steps: ``mask`` is False there
+    env_mask: Tensor | None = None
 
     @property
     def input_ids(self) -> Tensor:
@@ -52,21 +55,24 @@ class Rollout(NamedTuple):
 
     @property
     def attention_mask(self) -> Tensor:
-        return torch.cat([self.prompt_mask, self.mask.long()], dim=1)
+        context = self.mask if self.env_mask is None else self.mask | self.env_mask
+        return torch.cat([self.prompt_mask, context.long()], dim=1)
 
     def select(self, rows: Tensor) -> Rollout:
         """The episodes ``rows`` (tensors indexed; text lists too)."""
         picked = {
             name: t[rows] if isinstance(t, Tensor) else [t[i] for i in rows.tolist()]
             for name, t in self._asdict().items()
-            if name != "reward_terms"
+            if name not in ("reward_terms", "env_mask")
         }
-        return Rollout(**picked, reward_terms={name: t[rows] for name, t in self.reward_terms.items()})
+        env_mask = None if self.env_mask is None else self.env_mask[rows]
+        return Rollout(**picked, reward_terms={n: t[rows] for n, t in self.reward_terms.items()}, env_mask=env_mask)
 
     @property
     def terminated_steps(self) -> Tensor:
         """(B, T) True at the last step of the episodes that ended with EOS."""
-        last = self.mask.long().sum(1) - 1
+        columns = torch.arange(self.mask.shape[1])
+        last = torch.where(self.mask, columns, -1).max(1).values  # the last agent column of each row
         steps = torch.zeros_like(self.mask)
         steps[torch.arange(len(last)), last.clamp(min=0)] = True
         return steps & self.terminated[:, None]
@@ -115,6 +121,7 @@ def collect_rollout(
     scores, responses = torch.zeros(batch), [""] * batch
     terms: dict[str, Tensor] = {}
     terminated, truncated = np.zeros(batch, dtype=bool), np.zeros(batch, dtype=bool)
+    replies_after: list[dict[int, list[int]]] = []  # per step: the environment's tokens appended after it, by row
     while alive.any():
         action, logprob = sample_tokens(logits, temperature, generator)
         _, reward, term, trunc, step_info = env.step(action.cpu().numpy(), logprobs=logprob.cpu().numpy())
@@ -131,23 +138,75 @@ def collect_rollout(
         terminated |= term
         truncated |= trunc
         alive = alive & ~torch.as_tensor(term | trunc, device=device)
+        replies = {row: list(ids) for row, ids in enumerate(step_info.get("env_tokens", ())) if len(ids)}
+        replies_after.append(replies)
         if alive.any():
             with autocast or nullcontext():
                 logits = stepper.advance(action, steps[-1][3])
-    actions, logprobs, rewards, masks, kls, ref_logprobs = (torch.stack(column, 1).cpu() for column in zip(*steps))
+                if replies:  # the environment's tokens enter the agent's cache as they entered the env's
+                    logits = feed_replies(stepper, replies, batch, device)
+    columns = dict(zip(("actions", "logprobs", "rewards", "mask", "kl", "ref_logprobs"), zip(*steps)))
+    columns = {name: torch.stack(column, 1).cpu() for name, column in columns.items()}
+    env_mask = None
+    if any(replies_after):
+        columns, env_mask = interleave(columns, replies_after)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
-        actions=actions,
-        logprobs=logprobs,
-        rewards=rewards,
-        mask=masks,
+        **columns,
         terminated=torch.as_tensor(terminated),
         truncated=torch.as_tensor(truncated),
         scores=scores,
-        kl=kls,
-        ref_logprobs=ref_logprobs,
         prompts=list(info["prompt"]),
         responses=responses,
         reward_terms=terms,
+        env_mask=env_mask,
     )
+
+
+def feed_replies(stepper: CachedStepper, replies: dict[int, list[int]], batch: int, device) -> Tensor:
+    """Advance the agent's cache over each row's reply tokens, a column at a time; returns the next logits."""
+    logits = stepper.last
+    for column in range(max(len(ids) for ids in replies.values())):
+        tokens = torch.zeros(batch, dtype=torch.long)
+        has = torch.zeros(batch, dtype=torch.bool)
+        for row, ids in replies.items():
+            if column < len(ids):
+                tokens[row], has[row] = ids[column], True
+        logits = stepper.advance(tokens.to(device), has.to(device))
+    return logits
+
+
+def interleave(columns: dict[str, Tensor], replies_after: list[dict[int, list[int]]]):
+    """Per-step columns (B, T) and the replies after each step -> each row's tokens in context order (B, T').
+
+    A reply's tokens become columns of their own after the step that ended the turn: the
+    token in ``actions``, 0 in every other tensor, False in ``mask`` and True in the
+    returned ``env_mask``.
+    """
+    batch = columns["mask"].shape[0]
+    rows: list[dict[str, list]] = []
+    for row in range(batch):
+        out = {name: [] for name in [*columns, "env"]}
+        for step in range(columns["mask"].shape[1]):
+            if not columns["mask"][row, step]:
+                continue
+            for name, values in columns.items():
+                out[name].append(values[row, step])
+            out["env"].append(False)
+            for token in replies_after[step].get(row, ()):
+                for name, values in columns.items():
+                    out[name].append(torch.tensor(token) if name == "actions" else torch.zeros((), dtype=values.dtype))
+                out["env"].append(True)
+        rows.append(out)
+    width = max(len(out["env"]) for out in rows)
+    laid = {}
+    for name, values in columns.items():
+        laid[name] = torch.zeros(batch, width, dtype=values.dtype)
+        for row, out in enumerate(rows):
+            if out[name]:
+                laid[name][row, : len(out[name])] = torch.stack(out[name])
+    env_mask = torch.zeros(batch, width, dtype=torch.bool)
+    for row, out in enumerate(rows):
+        env_mask[row, : len(out["env"])] = torch.tensor(out["env"])
+    return laid, env_mask

@@ -19,6 +19,7 @@ import tyro
 
 from textenv.reward_fns import RewardFnLike, RewardFnsLike
 from textenv.tasks import TaskName
+from textenv.turns import Interaction
 
 # On the command line a model, tokenizer or prompt file is a path or hub name;
 # from Python it may also be a loaded object.
@@ -76,6 +77,17 @@ class TokenEnvConfig:
     """Subtracted from the score of an episode truncated without EOS (None: no penalty)."""
     temperature: float = 1.0
     """Every log-prob (policy and reference) is of softmax(logits / temperature)."""
+    interaction: Annotated[Interaction | str | None, AsPath] = None
+    """Multi-turn episodes: an object whose respond(turn) answers each turn the agent ends (textenv.turns), or
+    module:name text (a class is instantiated). Default: the task's (the calculator task has one), else none."""
+    end_of_turn_token: int | str | None = None
+    """With an interaction: the token (id or text) that ends an agent turn (default: EOS). EOS always ends it."""
+    stop_strings: Sequence[str] = ()
+    """With an interaction: a turn also ends when its text ends with one of these."""
+    max_turns: int = 4
+    """With an interaction: the most agent turns in an episode (a reply after the last one truncates it)."""
+    max_env_tokens: int = 16
+    """With an interaction: the longest reply, in tokens."""
     reference_model: Annotated[ModelLike | None, tyro.conf.Suppress] = None
     """Reference model: a loaded causal LM, a local directory or a hub name (default: the embedded SFT
     policy). Frozen on ``device``; its output vocabulary is the action space."""
@@ -113,6 +125,10 @@ class TokenEnvConfig:
         if not isinstance(self.split, str) or not self.split:
             raise TypeError(f"split must be a split's name, e.g. 'train', got {self.split!r}")
         check_choice("reward_mode", self.reward_mode, RewardMode)
+        check_int("max_turns", self.max_turns, minimum=1)
+        check_int("max_env_tokens", self.max_env_tokens, minimum=1)
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise TypeError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
         check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
         if not isinstance(self.chat_template, bool):
             raise TypeError(f"chat_template must be True or False, got {self.chat_template!r}")
@@ -121,10 +137,20 @@ class TokenEnvConfig:
         if self.policy is not None and not (isinstance(self.policy, torch.nn.Module) or callable(self.policy)):
             raise TypeError(f"policy must be a torch module or a callable, got {type(self.policy).__name__}")
 
+    def window(self, turns: bool) -> int:
+        """Length of the observation window: the longest prompt plus the longest response, or with ``turns`` the
+        longest prompt, ``max_turns`` agent turns and the replies between them."""
+        if not turns:
+            return self.max_prompt_tokens + self.max_new_tokens
+        return (
+            self.max_prompt_tokens + self.max_turns * self.max_new_tokens + (self.max_turns - 1) * self.max_env_tokens
+        )
+
     @property
     def context_length(self) -> int:
-        """Length of the observation window: the longest prompt plus the longest response."""
-        return self.max_prompt_tokens + self.max_new_tokens
+        """Length of the observation window of a single-turn episode: the longest prompt plus the longest
+        response (see ``window`` for episodes of several turns)."""
+        return self.window(turns=False)
 
     @classmethod
     def from_kwargs(cls, config: TokenEnvConfig | None, kwargs: dict) -> TokenEnvConfig:

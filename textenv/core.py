@@ -29,6 +29,7 @@ from textenv.lm import CachedStepper, pad_batch, sequence_scores, token_logprobs
 from textenv.loading import Task
 from textenv.reward_fns import REWARD_MODEL_TERM
 from textenv.rewards import clip_score, non_score_reward, score_terms
+from textenv.turns import Turns
 
 LOGPROB_TOLERANCE = 1e-4  # log_softmax can round a little above 0 (bf16); a probability is far above
 INFO_FLOATS = ("ref_logprob", "logprob", "kl", "non_score_reward", "score")
@@ -189,6 +190,10 @@ class StepResult:
             info[key] = None if np.isnan(value) else value
         if self.terminated[slot] or self.truncated[slot]:
             info["response"] = self.infos["response"][slot]
+        if "env_tokens" in self.infos:
+            value = float(self.infos["turn_reward"][slot])
+            info["turn_reward"] = None if np.isnan(value) else value
+            info["env_tokens"] = list(self.infos["env_tokens"][slot])
         return info
 
 
@@ -225,12 +230,13 @@ class TokenBatchCore:
             self.scorer = SparseScorer(self.reward_model, self.pad_token_id, config)
         for name, stepper in self.named_steppers():
             stepper.check_cache(self.eos_token_id, name)
-        self.context_length = config.context_length
+        self.context_length = task.context_length or config.context_length
         self.input_ids = np.full((num_slots, self.context_length), self.pad_token_id, dtype=np.int64)
         self.attention_mask = np.zeros((num_slots, self.context_length), dtype=np.int64)
         self.prompt_index = np.zeros(num_slots, dtype=np.int64)
-        self.responses: list[list[int]] = [[] for _ in range(num_slots)]
+        self.responses: list[list[int]] = [[] for _ in range(num_slots)]  # every token after the prompt
         self.done = np.ones(num_slots, dtype=bool)  # every slot needs a reset first
+        self.turns = Turns(task, config, self.tokenizer, num_slots) if task.interaction is not None else None
 
     @property
     def steppers(self) -> list[CachedStepper]:
@@ -260,6 +266,8 @@ class TokenBatchCore:
         for row, index, prompt in zip(rows, prompt_index, prompts):
             self.prompt_index[row] = index
             self.responses[row] = []
+            if self.turns is not None:
+                self.turns.reset(row)
             self.done[row] = False
             self.input_ids[row] = self.pad_token_id
             self.attention_mask[row] = 0
@@ -273,8 +281,12 @@ class TokenBatchCore:
         self.scorer.start(rows_t, ids, mask, contexts)
 
     def observation(self) -> dict[str, np.ndarray]:
-        """The context of every slot, right-aligned (left-padded) in a window of ``context_length``."""
-        return {"input_ids": self.input_ids.copy(), "attention_mask": self.attention_mask.copy()}
+        """The context of every slot, right-aligned (left-padded) in a window of ``context_length``; with an
+        interaction also ``agent_mask``, 1 on the tokens the agent wrote."""
+        observation = {"input_ids": self.input_ids.copy(), "attention_mask": self.attention_mask.copy()}
+        if self.turns is not None:
+            observation["agent_mask"] = self.turns.agent_mask.copy()
+        return observation
 
     # ---------------------------------------------------------------- step
     def check_actions(self, actions) -> np.ndarray:
@@ -363,6 +375,26 @@ class TokenBatchCore:
             self.responses[row].append(int(actions[row]))
         self.input_ids[live, :-1], self.input_ids[live, -1] = self.input_ids[live, 1:], actions[live]
         self.attention_mask[live, :-1], self.attention_mask[live, -1] = self.attention_mask[live, 1:], 1
+        if self.turns is not None:
+            mask = self.turns.agent_mask
+            mask[live, :-1], mask[live, -1] = mask[live, 1:], 1
+
+    def _append_replies(self, replies: dict[int, list[int]]) -> None:
+        """Append each reply's tokens to its slot's context and to every KV cache, one column at a time (a
+        slot without a token in a column gets a masked pad there, as a slot that waits a step does)."""
+        for row, ids in replies.items():
+            self.responses[row].extend(ids)
+            self.turns.append_context(self, row, ids)
+        width = max(len(ids) for ids in replies.values())
+        for column in range(width):
+            tokens = torch.full((self.num_slots,), self.pad_token_id, dtype=torch.long)
+            has = torch.zeros(self.num_slots, dtype=torch.bool)
+            for row, ids in replies.items():
+                if column < len(ids):
+                    tokens[row], has[row] = ids[column], True
+            tokens, has = tokens.to(self.device), has.to(self.device)
+            for stepper in self.steppers:
+                stepper.advance(tokens, has)
 
     def response_text(self, row: int) -> str:
         """The response so far, decoded without special tokens. It is decoded after its prompt, so that a
@@ -400,9 +432,13 @@ class TokenBatchCore:
         non_score, kl = non_score_reward(ref_lp, lp, self.kl_coef)
 
         self._append(actions, live)
-        lengths = np.array([len(r) for r in self.responses])
-        terminated = live & (actions == self.eos_token_id)
-        truncated = live & ~terminated & (lengths >= self.config.max_new_tokens)
+        if self.turns is None:
+            lengths = np.array([len(r) for r in self.responses])
+            terminated = live & (actions == self.eos_token_id)
+            truncated = live & ~terminated & (lengths >= self.config.max_new_tokens)
+            replies, turn_reward = {}, None
+        else:
+            terminated, truncated, replies, turn_reward = self.turns.step(self, actions, live)
         ended = terminated | truncated
         ended_t, truncated_t = (
             torch.as_tensor(ended, device=self.device),
@@ -423,13 +459,18 @@ class TokenBatchCore:
         if continuing.any():
             for stepper in self.steppers:
                 stepper.advance(actions_t, continuing)
+        if replies:
+            self._append_replies(replies)
         waited = ~live & ~self.done  # rows that sat this step out and go on (restarted ones, on NEXT_STEP)
         self.done |= ended
-        if waited.any():
+        if waited.any() or replies:  # replies: the rows without one waited while they were appended
             self._rebuild_windowed_caches()
 
         zero, nan = torch.zeros_like(non_score), torch.full_like(non_score, float("nan"))
         rewards = torch.where(live_t, non_score + terms, zero)
+        if turn_reward is not None:
+            turn_reward = torch.as_tensor(turn_reward, device=self.device, dtype=torch.float32)
+            rewards = rewards + torch.nan_to_num(turn_reward)
         infos = {
             "ref_logprob": torch.where(live_t, ref_lp, nan),
             "logprob": nan if lp is None else torch.where(live_t, lp, nan),
@@ -440,7 +481,11 @@ class TokenBatchCore:
         }
         if step_reward is not None:
             infos["step_reward"] = step_reward
+        if turn_reward is not None:
+            infos["turn_reward"] = turn_reward
         infos = {key: value.cpu().numpy().astype(np.float64) for key, value in infos.items()}
+        if self.turns is not None:
+            infos["env_tokens"] = np.array([replies.get(r, []) for r in range(self.num_slots)] + [None], object)[:-1]
         infos["kl_source"] = np.array([source if alive else "" for alive in live], dtype=object)
         infos["response"] = np.array(
             [

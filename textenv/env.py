@@ -22,12 +22,13 @@ def make_core(config: TokenEnvConfig, num_slots: int) -> TokenBatchCore:
 def observation_space(core: TokenBatchCore) -> spaces.Dict:
     """One slot's observation: token ids and attention mask, left-padded to ``context_length``."""
     shape = (core.context_length,)
-    return spaces.Dict(
-        {
-            "input_ids": spaces.Box(0, core.vocab_size - 1, shape=shape, dtype=np.int64),
-            "attention_mask": spaces.Box(0, 1, shape=shape, dtype=np.int64),
-        }
-    )
+    keys = {
+        "input_ids": spaces.Box(0, core.vocab_size - 1, shape=shape, dtype=np.int64),
+        "attention_mask": spaces.Box(0, 1, shape=shape, dtype=np.int64),
+    }
+    if core.turns is not None:  # episodes of several turns: which tokens the agent wrote
+        keys["agent_mask"] = spaces.Box(0, 1, shape=shape, dtype=np.int64)
+    return spaces.Dict(keys)
 
 
 def check_render_mode(render_mode: str | None, metadata: dict) -> None:

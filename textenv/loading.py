@@ -30,6 +30,7 @@ from textenv.default_task import load_prompts
 from textenv.lm import disable_dropout, sequence_scores
 from textenv.reward_fns import RewardFunction, StepRewardFunction, import_reward_fn, resolve_reward_fns
 from textenv.tasks import get_task
+from textenv.turns import Interaction
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -301,6 +302,9 @@ class Task:
     reward_fns: list[RewardFunction] = field(default_factory=list)
     step_reward_fn: StepRewardFunction | None = None
     accuracy: str | None = None  # the reward function that says whether an answer is right, if the task has one
+    interaction: Interaction | None = None  # multi-turn episodes: what answers each agent turn
+    end_of_turn_id: int | None = None  # with an interaction: the token that ends an agent turn
+    context_length: int = 0  # the observation window
 
 
 def load_task(config: TokenEnvConfig) -> Task:
@@ -316,11 +320,13 @@ def load_task(config: TokenEnvConfig) -> Task:
     tokenizer = load_tokenizer(tokenizer)
     reference = load_causal_lm(reference_source, device)
     reward_fns = resolve_reward_fns(config.reward_fns or embedded.reward_fns, config.reward_weights)
+    interaction = load_interaction(config, embedded)
     reward_source = config.reward_model
     if reward_source is None and not config.reward_fns:
         reward_source = embedded.reward_model_dir
-    if reward_source is None and not reward_fns:
+    if reward_source is None and not reward_fns and interaction is None:
         raise ValueError("nothing pays a score: pass reward_model=, reward_fns= (--reward-fn) or both")
+    context_length = config.window(turns=interaction is not None)
     reward_model = reward_tokenizer = None
     if reward_source is not None:
         reward_model = load_reward_model(reward_source, device)
@@ -330,11 +336,13 @@ def load_task(config: TokenEnvConfig) -> Task:
     vocab_size = check_vocabularies(tokenizer, reference, reward_model if reads_ids else None, config.policy)
     for name, model in (("reference model", reference), ("reward model", reward_model if reads_ids else None)):
         limit = None if model is None else model_positions(model)
-        if limit is not None and config.context_length > limit:
-            raise ValueError(
-                f"max_prompt_tokens + max_new_tokens = {config.context_length} exceeds the {name}'s "
-                f"{limit} positions; lower one of them"
+        if limit is not None and context_length > limit:
+            what = (
+                "max_prompt_tokens + max_new_tokens"
+                if interaction is None
+                else ("max_prompt_tokens + max_turns * max_new_tokens + (max_turns - 1) * max_env_tokens")
             )
+            raise ValueError(f"{what} = {context_length} exceeds the {name}'s {limit} positions; lower one of them")
     if reward_model is not None:
         check_reward_model_output(reward_model, tokenizer if reward_tokenizer is None else reward_tokenizer, device)
     if config.prompts is None:
@@ -363,7 +371,43 @@ def load_task(config: TokenEnvConfig) -> Task:
         reward_fns=reward_fns,
         step_reward_fn=None if step_fn is None else StepRewardFunction(step_fn),
         accuracy=embedded.accuracy if not config.reward_fns else None,
+        interaction=interaction,
+        end_of_turn_id=None if interaction is None else end_of_turn_id(config.end_of_turn_token, tokenizer),
+        context_length=context_length,
     )
+
+
+def load_interaction(config: TokenEnvConfig, embedded) -> Interaction | None:
+    """The config's interaction (an object, or module:name text; a class is instantiated), else the task's."""
+    interaction = config.interaction
+    if interaction is None and embedded.interaction is not None:
+        interaction = embedded.interaction()
+    if interaction is None:
+        return None
+    if isinstance(interaction, str):
+        found = import_reward_fn(interaction, "interaction")
+        interaction = found() if isinstance(found, type) else found
+    if not callable(getattr(interaction, "respond", None)):
+        raise TypeError(
+            f"interaction must have a respond(turn) method (see textenv.turns), got {type(interaction).__name__}"
+        )
+    if config.reward_mode == "dense":
+        raise ValueError("reward_mode='dense' with an interaction is not supported; use 'sparse'")
+    return interaction
+
+
+def end_of_turn_id(token: int | str | None, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of the end-of-turn token (default EOS); an unknown token is an error."""
+    if token is None:
+        return tokenizer.eos_token_id
+    if isinstance(token, str):
+        ids = tokenizer.convert_tokens_to_ids([token])
+        if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+            raise ValueError(f"end_of_turn_token {token!r} is not a token of the tokenizer; give its text or id")
+        return int(ids[0])
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < len(tokenizer):
+        raise ValueError(f"end_of_turn_token must be a token id in 0..{len(tokenizer) - 1} or a token's text")
+    return token
 
 
 def check_reward_model_output(reward_model: torch.nn.Module, scoring_tokenizer, device: torch.device) -> None:

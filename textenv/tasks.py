@@ -31,6 +31,7 @@ class EmbeddedTask:
     rows: Callable[[str], list[dict]]  # split -> rows, each {"prompt": ..., other columns}
     reward_fns: dict[str, Callable] = field(default_factory=dict)
     accuracy: str | None = None  # the reward function that says whether an answer is right (pass@k), if any
+    interaction: Callable[[], object] | None = None  # builds the task's interaction, for tasks of several turns
 
     def prompt_rows(self, split: str) -> list[dict]:
         if split not in SPLITS:

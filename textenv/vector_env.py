@@ -135,8 +135,10 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             self._autoreset = result.terminated | result.truncated
         infos = dict(result.infos)
-        for key in [key for key in infos if key == "score" or key.startswith(REWARD_PREFIX)]:
+        for key in [key for key in infos if key in ("score", "turn_reward") or key.startswith(REWARD_PREFIX)]:
             infos["_" + key] = ~np.isnan(infos[key])
+        if "env_tokens" in infos:
+            infos["_env_tokens"] = np.array([len(tokens) > 0 for tokens in infos["env_tokens"]])
         infos["_response"] = result.terminated | result.truncated
         if restarting.any():
             infos["prompt"] = np.array(

@@ -1,0 +1,185 @@
+"""Episodes of several turns: the agent writes, the environment answers, the agent writes again.
+
+An ``interaction`` object (``TokenEnvConfig.interaction``) has one method::
+
+    def respond(self, turn: Turn) -> Reply: ...
+
+The env calls it whenever the agent ends a turn: it emits an end-of-turn token
+(``end_of_turn_token``, EOS by default) or its turn's text ends with one of
+``stop_strings``. ``Turn`` holds the conversation so far; the ``Reply`` says what
+the environment appends (a tool's output, a user's reply, feedback), as text or
+as exact token ids, with an optional reward for this turn, or that the episode is
+over (``done``).
+
+What the env does with a reply:
+
+- its tokens join the context exactly (no retokenisation of what came before) and
+  every KV cache the env holds (reference, policy); they are not actions: no KL
+  term, no step of their own, and the observation's ``agent_mask`` is 0 on them;
+- its ``reward`` is added to the reward of the step that ended the turn (the
+  agent's last token of the turn); ``info["turn_reward"]`` reports it there;
+- ``info["env_tokens"]`` on that step lists the appended token ids, so a learner
+  can feed them to its own KV cache.
+
+Limits: ``max_new_tokens`` is per agent turn, ``max_turns`` counts agent turns,
+``max_env_tokens`` bounds one reply. A turn that reaches ``max_new_tokens`` without
+ending, or a reply after the last allowed turn, truncates the episode (a limit
+outside the task); ``Reply(done=True)`` terminates it. A reply longer than
+``max_env_tokens`` is an error that names the interaction.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What the interaction sees when the agent ends a turn."""
+
+    prompt: str
+    """The prompt's text."""
+    row: dict
+    """The prompt's other data columns ({} when it has none)."""
+    context_ids: list[int]
+    """Every token so far: the prompt, the agent's turns and the environment's replies, this turn last."""
+    turn_ids: list[int]
+    """The agent's tokens of the turn that just ended (its end-of-turn token included)."""
+    turn_text: str
+    """``turn_ids`` decoded, special tokens skipped."""
+    index: int
+    """0 for the agent's first turn, 1 for its second, ..."""
+    history: list[tuple[str, str]] = field(default_factory=list)
+    """The turns before this one as (speaker, text) pairs, speaker 'agent' or 'env'."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the environment answers; with ``done`` the episode is over and nothing is appended."""
+
+    text: str | None = None
+    """Appended after the agent's turn, tokenized as text (special tokens' text stays text)."""
+    token_ids: list[int] | None = None
+    """Or exact token ids (e.g. a chat template's control tokens); not both."""
+    reward: float = 0.0
+    """Added to the reward of the agent's last token of this turn."""
+    done: bool = False
+    """The episode ends here (terminated)."""
+
+
+@runtime_checkable
+class Interaction(Protocol):
+    """The environment's side of a multi-turn episode."""
+
+    def respond(self, turn: Turn) -> Reply: ...
+
+
+def check_reply(reply, name: str) -> Reply:
+    """The interaction's reply, checked; anything else is an error that names the interaction."""
+    if not isinstance(reply, Reply):
+        raise TypeError(f"interaction {name} returned {reply!r}; respond() must return a textenv.turns.Reply")
+    if reply.text is not None and reply.token_ids is not None:
+        raise ValueError(f"interaction {name} returned a Reply with both text and token_ids; give one")
+    reward = reply.reward
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+        raise ValueError(f"interaction {name} returned the turn reward {reward!r}; it must be a finite number")
+    if reply.token_ids is not None and not all(isinstance(t, numbers.Integral) for t in reply.token_ids):
+        raise TypeError(f"interaction {name} returned token_ids that are not all ints: {reply.token_ids!r}")
+    return reply
+
+
+class Turns:
+    """The turn state of N slots: where each agent turn began, how many have ended, which tokens are the agent's.
+
+    The core calls ``step`` after appending the agent's tokens: it finds the turns
+    that ended, asks the interaction, and says which episodes ended and what to append.
+    """
+
+    def __init__(self, task, config, tokenizer, num_slots: int):
+        self.interaction, self.end_of_turn_id = task.interaction, task.end_of_turn_id
+        self.name = type(self.interaction).__name__
+        self.tokenizer, self.config, self.vocab_size = tokenizer, config, task.vocab_size
+        self.agent_mask = np.zeros((num_slots, task.context_length), dtype=np.int64)  # 1: the agent wrote it
+        self.turn_start = np.zeros(num_slots, dtype=np.int64)  # index in the response where the turn began
+        self.turn_index = np.zeros(num_slots, dtype=np.int64)  # agent turns ended so far
+        self.segments: list[list[tuple[str, list[int]]]] = [[] for _ in range(num_slots)]  # earlier turns
+
+    def reset(self, row: int) -> None:
+        self.agent_mask[row] = 0
+        self.turn_start[row] = self.turn_index[row] = 0
+        self.segments[row] = []
+
+    def _ends_turn(self, core, row: int, action: int) -> bool:
+        if action in (self.end_of_turn_id, core.eos_token_id):
+            return True
+        if not self.config.stop_strings:
+            return False
+        text = self.tokenizer.decode(core.responses[row][self.turn_start[row] :], skip_special_tokens=True)
+        return text.endswith(tuple(self.config.stop_strings))
+
+    def _turn(self, core, row: int) -> Turn:
+        ids = core.responses[row][self.turn_start[row] :]
+        history = [(who, self.tokenizer.decode(tokens, skip_special_tokens=True)) for who, tokens in self.segments[row]]
+        return Turn(
+            prompt=core.prompt_text(row),
+            row=dict(core.rows[core.prompt_index[row]]),
+            context_ids=core.sequence(row),
+            turn_ids=list(ids),
+            turn_text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            index=int(self.turn_index[row]),
+            history=history,
+        )
+
+    def step(self, core, actions: np.ndarray, live: np.ndarray):
+        """(terminated, truncated, {row: reply token ids}, turn rewards (NaN where no turn ended)) of this step."""
+        terminated, truncated = np.zeros_like(live), np.zeros_like(live)
+        replies: dict[int, list[int]] = {}
+        turn_reward = np.full(len(live), np.nan)
+        for row in np.flatnonzero(live):
+            if not self._ends_turn(core, row, int(actions[row])):
+                turn_length = len(core.responses[row]) - self.turn_start[row]
+                truncated[row] = turn_length >= self.config.max_new_tokens
+                continue
+            reply = check_reply(self.interaction.respond(self._turn(core, row)), self.name)
+            turn_reward[row] = reply.reward
+            self.segments[row].append(("agent", core.responses[row][self.turn_start[row] :]))
+            self.turn_index[row] += 1
+            if reply.done:
+                terminated[row] = True
+            elif self.turn_index[row] >= self.config.max_turns:
+                truncated[row] = True  # the interaction would go on: a limit outside the task ends it
+            else:
+                replies[row] = self._reply_ids(reply)
+                self.segments[row].append(("env", replies[row]))
+                self.turn_start[row] = len(core.responses[row]) + len(replies[row])
+        return terminated, truncated, replies, turn_reward
+
+    def _reply_ids(self, reply: Reply) -> list[int]:
+        if reply.token_ids is not None:
+            ids = [int(t) for t in reply.token_ids]
+        elif reply.text:
+            ids = self.tokenizer(reply.text, split_special_tokens=True, add_special_tokens=False)["input_ids"]
+        else:
+            ids = []
+        if len(ids) > self.config.max_env_tokens:
+            raise ValueError(
+                f"interaction {self.name} replied with {len(ids)} tokens, more than max_env_tokens="
+                f"{self.config.max_env_tokens}; raise max_env_tokens or shorten the reply"
+            )
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"interaction {self.name} replied with token ids outside 0..{self.vocab_size - 1}: {ids}")
+        return ids
+
+    def append_context(self, core, row: int, ids: list[int]) -> None:
+        """Slide slot ``row``'s window left by ``len(ids)`` and put the reply's tokens at its end (agent_mask 0)."""
+        k = len(ids)
+        if k == 0:
+            return
+        for window, values in ((core.input_ids, ids), (core.attention_mask, 1), (self.agent_mask, 0)):
+            window[row, :-k] = window[row, k:].copy()
+            window[row, -k:] = values
