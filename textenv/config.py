@@ -35,8 +35,9 @@ class TokenEnvConfig:
     """The task an env poses: models, prompts, episode limits and the reward."""
 
     task: TaskName = "reviews"
-    """The embedded task the unset fields default to: 'reviews' (a reward model pays positive movie reviews) or
-    'arithmetic' (the reward function exact_match pays the right sum of '17+25=')."""
+    """The embedded task the unset fields default to: 'reviews' (a reward model pays positive movie reviews),
+    'arithmetic' (the reward function exact_match pays the right sum of '17+25=') or 'calculator' (the same, with a
+    calculator the agent may call in a turn of its own)."""
     reward_model: Annotated[ModelLike | None, AsPath] = None
     """Reward model: a loaded sequence classifier with one label, a local directory or a hub name. Default: the
     task's reward model when no reward_fns are given; with reward_fns, none (nothing is loaded)."""

@@ -203,4 +203,6 @@ def describe(value) -> str:
     """How a config file records a function: ``module:qualname`` (stable across runs, unlike its repr)."""
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{value.__module__}:{value.__qualname__}"
+    if callable(getattr(value, "respond", None)):  # an interaction: its class, built again on --resume
+        return f"{type(value).__module__}:{type(value).__qualname__}"
     return str(value)

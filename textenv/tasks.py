@@ -4,6 +4,9 @@
   preference pairs pays positive sentiment (``textenv.default_task``).
 - ``arithmetic``: answer ``17+25=`` with the digits and EOS; the reward function
   ``exact_match`` pays 1 for the right answer, 0 otherwise (``textenv.arithmetic``).
+- ``calculator``: the same problems, in episodes of several turns: the agent may call
+  a calculator (``?<eos>``), which appends the result, before it answers; the reward
+  function ``final_answer`` pays the right answer (``textenv.calculator``).
 
 A task gives the defaults of the config fields left unset: the policy (and
 reference model), the reward model or reward functions, and the prompts of each
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-TaskName = Literal["reviews", "arithmetic"]
+TaskName = Literal["reviews", "arithmetic", "calculator"]
 SPLITS = ("train", "eval")
 
 
@@ -60,7 +63,25 @@ def _arithmetic() -> EmbeddedTask:
     )
 
 
-TASKS: dict[str, Callable[[], EmbeddedTask]] = {"reviews": _reviews, "arithmetic": _arithmetic}
+def _calculator() -> EmbeddedTask:
+    from textenv import calculator
+
+    return EmbeddedTask(
+        "calculator",
+        calculator.POLICY_DIR,
+        None,
+        calculator.load_rows,
+        {"final_answer": calculator.final_answer},
+        accuracy="final_answer",
+        interaction=calculator.Calculator,
+    )
+
+
+TASKS: dict[str, Callable[[], EmbeddedTask]] = {
+    "reviews": _reviews,
+    "arithmetic": _arithmetic,
+    "calculator": _calculator,
+}
 
 
 def get_task(name: str) -> EmbeddedTask:

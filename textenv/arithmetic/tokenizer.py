@@ -17,9 +17,15 @@ from textenv.default_task.tokenizer import EOS, PAD, UNK, wrap_tokenizer
 CHARACTERS = "0123456789+="
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The character-level tokenizer (see the module docstring); the same for every build."""
-    vocab = {token: i for i, token in enumerate([PAD, UNK, EOS, *CHARACTERS])}
+def build_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
+    """The character-level tokenizer (see the module docstring); the same for every build.
+
+    ``characters`` (default: the arithmetic task's) get ids 3, 4, ... in order; a
+    task that adds characters (``textenv.calculator``) appends them.
+    """
+    if len(set(characters)) != len(characters):
+        raise ValueError(f"characters must be distinct, got {characters!r}")
+    vocab = {token: i for i, token in enumerate([PAD, UNK, EOS, *characters])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character a word
     tokenizer.decoder = decoders.Fuse()  # join tokens without spaces
