@@ -60,7 +60,17 @@ def rollout_metrics(rollout: Rollout, prefix: str) -> dict[str, float]:
     metrics = episode_metrics(rollout.scores, rollout.kl.sum(1), rollout.mask.sum(1), rollout.terminated, prefix)
     for name, values in rollout.reward_terms.items():
         metrics[f"{prefix}/reward/{name}"] = float(values.mean())
+    if rollout.env_mask is not None:
+        metrics[f"{prefix}/replies"] = float(replies(rollout).float().mean())
     return metrics
+
+
+def replies(rollout: Rollout) -> Tensor:
+    """(B,) how many times the environment answered in each episode (0 for episodes of one turn)."""
+    if rollout.env_mask is None:
+        return torch.zeros(len(rollout.actions), dtype=torch.long)
+    env = rollout.env_mask
+    return (env[:, 1:] & ~env[:, :-1]).sum(1) + env[:, 0].long()
 
 
 def pass_at_k(correct: Tensor, k: int) -> float:
@@ -84,6 +94,8 @@ def concatenate(rollouts: list[Rollout]) -> dict[str, Tensor]:
     }
     for name in rollouts[0].reward_terms:
         data["reward/" + name] = torch.cat([r.reward_terms[name] for r in rollouts])
+    if any(r.env_mask is not None for r in rollouts):
+        data["replies"] = torch.cat([replies(r) for r in rollouts])
     return data
 
 
@@ -91,8 +103,8 @@ def summarize(data: dict[str, Tensor], prefix: str, k: int = 1, accuracy: str | 
     """The metrics of per-episode figures (``concatenate``): means, the score's quantiles, accuracy and pass@k."""
     metrics = episode_metrics(data["score"], data["kl"], data["length"], data["terminated"], prefix)
     for key, values in data.items():
-        if key.startswith("reward/"):
-            metrics[f"{prefix}/{key}"] = float(values.mean())
+        if key.startswith("reward/") or key == "replies":
+            metrics[f"{prefix}/{key}"] = float(values.float().mean())
     for q, value in zip(QUANTILES, torch.quantile(data["score"].float(), torch.tensor(QUANTILES)).tolist()):
         metrics[f"{prefix}/score_q{int(q * 100):02d}"] = value
     if accuracy is not None:

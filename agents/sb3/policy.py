@@ -73,11 +73,11 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
     """
 
     def __init__(self, observation_space: spaces.Dict, lm: str | os.PathLike | nn.Module | None = None):
-        if not isinstance(observation_space, spaces.Dict) or set(observation_space.spaces) != {
-            "input_ids",
-            "attention_mask",
-        }:
-            raise ValueError(f"expected TokenRLHF-v0's Dict(input_ids, attention_mask) space, got {observation_space}")
+        keys = set(observation_space.spaces) if isinstance(observation_space, spaces.Dict) else set()
+        if not {"input_ids", "attention_mask"} <= keys <= {"input_ids", "attention_mask", "agent_mask"}:
+            raise ValueError(
+                f"expected TokenRLHF-v0's Dict(input_ids, attention_mask[, agent_mask]) space, got {observation_space}"
+            )
         lm = _load_lm(lm)
         super().__init__(observation_space, features_dim=lm.get_output_embeddings().in_features)
         self.lm = lm

@@ -473,3 +473,32 @@ def test_example_ppo_mlp_beats_random(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "sb3_ppo_mlp.json").read_text())["results"]
     trained = results["SB3 PPO MultiInputPolicy, 16384 steps"]
     assert trained["return"] > results["uniform random"]["return"] + 3
+
+
+# --------------------------------------------------------------------------- episodes of several turns
+class TwoTurns:
+    """Replies " and" after the agent's first turn, pays 0.5 there, and ends the episode after its second."""
+
+    def respond(self, turn):
+        from textenv.turns import Reply
+
+        return Reply(text=" and", reward=0.5) if turn.index == 0 else Reply(done=True, reward=1.0)
+
+
+def test_sb3_ppo_with_the_lm_policy_runs_episodes_of_several_turns():
+    """SB3 sees the environment's tokens in its observations (agent_mask 0 there) and the turn rewards in the
+    rewards of the steps that ended turns; the LM policy reads the whole context, replies included."""
+    lm = fresh_lm()
+    kl = SB3PolicyLogprobs()
+    venv = TokenVecEnv(num_envs=4, max_new_tokens=3, max_turns=2, max_env_tokens=2, interaction=TwoTurns(), policy=kl)
+    assert set(venv.observation_space.spaces) == {"input_ids", "attention_mask", "agent_mask"}
+    model = PPO(LMActorCriticPolicy, venv, n_steps=8, batch_size=16, n_epochs=1, seed=0, policy_kwargs={"lm": lm})
+    kl.policy = model.policy
+    model.learn(32)
+    buffer = model.rollout_buffer
+    observations = {key: value.reshape(-1, value.shape[-1]) for key, value in buffer.observations.items()}
+    agent, real = observations["agent_mask"].astype(bool), observations["attention_mask"].astype(bool)
+    reply_after_agent = agent[:, :-1] & ~agent[:, 1:] & real[:, 1:]  # a real token not the agent's, after its own
+    assert reply_after_agent.any()  # some observations held the environment's reply
+    turn_rewards = [info["turn_reward"] for info in venv.step(np.full(4, 2))[3] if info["turn_reward"] is not None]
+    assert turn_rewards and set(turn_rewards) <= {0.5, 1.0}

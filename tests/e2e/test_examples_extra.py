@@ -71,3 +71,27 @@ def test_13_what_goes_wrong(out):
     probes = {p["what"]: p["score"] for p in data["probes"]}
     assert probes["a plain positive review"] > 0 > probes["a plain negative review"]
     assert_png(out / "13_what_goes_wrong.png")
+
+
+def test_15_multi_turn(out):
+    run(out, "15_multi_turn.py", "--iterations", "2", "--episodes", "16")
+    data = load(out, "15_multi_turn.json")
+    assert_png(out / "15_multi_turn.png")
+    tokens = data["tokens"]
+    agent = [t for t in tokens if t["whose"] == "agent"]
+    calculator = [t for t in tokens if t["whose"] == "calculator"]
+    # the calculator's tokens are context only: no reward, KL, value or advantage of their own
+    assert all(t[key] is None for t in calculator for key in ("reward", "kl", "value", "advantage"))
+    if calculator:  # the episode called the tool: '?', EOS, then the reply, then the answer
+        assert [t["token"] for t in tokens[:2]] == ["?", "<eos>"] and calculator[-1]["token"] == ":"
+    # each agent reward is the KL penalty, plus the score on the last step (no turn rewards in this task)
+    for t in agent[:-1]:
+        assert close(t["reward"], -data["kl_coef"] * t["kl"])
+    assert close(agent[-1]["reward"], -data["kl_coef"] * agent[-1]["kl"] + data["score"])
+    # GAE over the agent's steps only, the environment's tokens skipped, bootstrapped if truncated
+    rewards, values = [t["reward"] for t in agent], [t["value"] for t in agent]
+    next_values = values[1:] + [data["bootstrap_value"]]
+    terminated = [False] * (len(agent) - 1) + [data["terminated"]]
+    _, expected = gae(rewards, values, next_values, terminated, data["gamma"], data["lam"])
+    assert all(close(t["advantage"], e) for t, e in zip(agent, expected))
+    assert all(close(t["return"], t["advantage"] + t["value"]) for t in agent)
