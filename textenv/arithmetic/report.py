@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from textenv.arithmetic import exact_match
+from textenv.default_task.report import figure_lines
 from textenv.lm import pad_batch, position_ids_from_mask, sample_tokens
 
 NUMBER = re.compile(r"0|[1-9][0-9]{0,2}")
@@ -111,8 +112,4 @@ def format_report(report: dict) -> str:
         mark = "right" if s["response"] == s["answer"] else f"wrong (answer {s['answer']})"
         lines.append(f"  {s['prompt']}{s['response']}{'' if s['ended_with_eos'] else ' [no EOS]'}  {mark}")
     lines.append("")
-    width = max(len(k) for k in report if k != "samples")
-    for key, value in report.items():
-        if key != "samples":
-            lines.append(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    return "\n".join(lines)
+    return "\n".join(lines + figure_lines(report))

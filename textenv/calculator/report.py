@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from textenv.calculator import CALL, MAX_NEW_TOKENS, MAX_TURNS, SEPARATOR, Calculator, final_answer
+from textenv.default_task.report import figure_lines
 from textenv.lm import pad_batch, position_ids_from_mask, sample_tokens
 from textenv.turns import Interaction, Turn, check_reply
 
@@ -204,8 +205,4 @@ def format_report(report: dict) -> str:
         mark = "right" if s["reward"] == 1.0 else f"wrong (answer {s['answer']})"
         lines.append(f"  {s['prompt']}{s['response']}{' [truncated]' if s['truncated'] else ''}  {mark}")
     lines.append("")
-    width = max(len(k) for k in report if k != "samples")
-    for key, value in report.items():
-        if key != "samples":
-            lines.append(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    return "\n".join(lines)
+    return "\n".join(lines + figure_lines(report))

@@ -136,8 +136,14 @@ def format_report(report: dict) -> str:
     for s in report["samples"]:
         lines.append(f"  {s['score']:+6.2f}  {s['text']}{'' if s['ended_with_eos'] else '  [no EOS]'}")
     lines.append("")
+    return "\n".join(lines + figure_lines(report))
+
+
+def figure_lines(report: dict) -> list[str]:
+    """A report's figures (every key but ``samples``), one aligned line each; the tasks' reports share it."""
     width = max(len(k) for k in report if k != "samples")
-    for key, value in report.items():
-        if key != "samples":
-            lines.append(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    return "\n".join(lines)
+    return [
+        f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}"
+        for key, value in report.items()
+        if key != "samples"
+    ]
