@@ -42,6 +42,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from agents.advantages import (
     GroupScaling,
@@ -58,7 +59,7 @@ from agents.losses import Aggregation, KLEstimator, aggregate, aggregation_size,
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
 from textenv.config import check_choice, check_float, check_int
-from textenv.lm import entropy_from_logits, position_ids_from_mask, token_logprobs
+from textenv.lm import crop_left_padding, logprobs_from_logits, position_ids_from_mask
 
 Algo = Literal["ppo", "rloo", "grpo"]
 KLPenalty = Literal["reward", "loss"]
@@ -170,18 +171,68 @@ class Scored:
     entropy: Tensor  # (B, T)
 
 
+class EntropyOfLogprobs(torch.autograd.Function):
+    """``-(exp(logprobs) * logprobs).sum(-1)``, (..., V) -> (...), as ``textenv.lm.entropy_from_logits`` computes it.
+
+    Its backward is autograd's gradient of that same expression, except that it is skipped
+    (no gradient, exactly what a zero gradient would add) when every incoming gradient is
+    zero: with ``ent_coef`` 0 the entropy is only logged, and its (..., V) backward was a
+    sixth of a GPT-2-sized update's backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logprobs: Tensor) -> Tensor:
+        ctx.save_for_backward(logprobs)  # log_softmax keeps this tensor for its own backward anyway
+        return -(logprobs.exp() * logprobs).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor | None:
+        if not bool(grad.any()):
+            return None
+        (logprobs,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = logprobs.detach().requires_grad_()
+            return torch.autograd.grad(-(x.exp() * x).sum(-1), x, grad)[0]
+
+
+def crop_to_episodes(rollout: Rollout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The episodes cropped to their own longest prompt and response: (ids, attention mask, actions, mask).
+
+    A micro-batch drawn from the rollout carries the whole rollout's padding (its widest
+    prompt, its longest episode); none of it changes an output that is used.
+    """
+    prompt_ids, prompt_mask = crop_left_padding(rollout.prompt_ids, rollout.prompt_mask)
+    context = rollout.attention_mask[:, rollout.prompt_ids.shape[1] :]  # agent and environment tokens
+    taken = int(context.any(0).nonzero().max()) + 1 if context.any() else 1  # last column any row used
+    actions, mask = rollout.actions[:, :taken], rollout.mask[:, :taken]
+    return torch.cat([prompt_ids, actions], 1), torch.cat([prompt_mask, context[:, :taken]], 1), actions, mask
+
+
 def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, autocast=None) -> Scored:
-    """One forward over prompt + response: log-probs of the taken actions, values, entropies."""
+    """One forward over prompt + response: log-probs of the taken actions, values, entropies.
+
+    The forward runs on the episodes cropped to their own longest prompt and response
+    (``crop_to_episodes``), and the LM head only at the positions that predict a taken
+    action (``ActorCritic.forward``'s ``logits_at``), never over the prompt or padding.
+    Log-probs and entropies are 0 on steps the episode did not take; values are 0 past the
+    episodes' longest (the losses and GAE read neither).
+    """
     device = next(agent.parameters()).device
-    ids, mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
+    batch, steps = rollout.actions.shape
+    ids, attention, actions, mask = (t.to(device) for t in crop_to_episodes(rollout))
+    width, taken = ids.shape[1] - actions.shape[1], actions.shape[1]
+    # position p predicts token p + 1: step t's action is predicted at width - 1 + t
+    logits_at = torch.cat([mask.new_zeros(batch, width - 1), mask, mask.new_zeros(batch, 1)], 1)
     with autocast or torch.autocast(device.type, enabled=False):
-        out = agent(ids, mask, position_ids_from_mask(mask))
-    width, steps = rollout.prompt_ids.shape[1], rollout.actions.shape[1]
-    logits = out.logits[:, width - 1 : width - 1 + steps]  # position p predicts token p + 1
+        out = agent(ids, attention, position_ids_from_mask(attention), logits_at=logits_at)
+    logprobs = logprobs_from_logits(out.logits, temperature)  # (N, V), N taken steps
+    full = torch.zeros(batch, steps, dtype=torch.bool, device=device)
+    full[:, :taken] = mask
+    zeros = torch.zeros(batch, steps, device=device, dtype=logprobs.dtype)
     return Scored(
-        logprobs=token_logprobs(logits, rollout.actions.to(device), temperature),
-        values=out.values[:, width - 1 : width + steps],
-        entropy=entropy_from_logits(logits, temperature),
+        logprobs=zeros.masked_scatter(full, logprobs.gather(-1, actions[mask][:, None])[:, 0]),
+        values=F.pad(out.values[:, width - 1 :], (0, steps - taken)),
+        entropy=zeros.masked_scatter(full, EntropyOfLogprobs.apply(logprobs)),
     )
 
 

@@ -67,7 +67,8 @@ def test_kl_as_a_loss_term_leaves_the_rewards_without_kl(tmp_path):
     )
     train(config)
     first, second = [r for r in rows(tmp_path / "run") if "env/score" in r]
-    # the first rollout's policy is the reference (KL 0); after one update the KL is measured but paid in the loss
-    assert first["env/kl"] == 0.0 and second["env/kl"] != 0.0
+    # the first rollout's policy is the reference (KL 0, to the 1e-7 by which the agent's fused GELU differs from
+    # the reference's); after one update the KL is measured, but paid in the loss
+    assert abs(first["env/kl"]) < 1e-6 and abs(second["env/kl"]) > 1e-3
     assert first["env/non_score_reward"] == second["env/non_score_reward"] == 0.0
     assert first["loss/kl"] > 0.0 and second["loss/kl"] > 0.0
