@@ -1,14 +1,17 @@
 """Collect a batch of episodes: the agent samples tokens with its own KV cache and steps the env.
 
 The env runs in lockstep (``AutoresetMode.DISABLED``): one ``reset`` starts all B
-episodes, and the rollout steps until every one has ended. The agent's KV cache
-is its recurrent state, started from the reset's observation; each step it passes
-its log-probs of the chosen tokens to the env (the fast path: the env then needs
-no policy forward of its own for the KL penalty).
+episodes, and the rollout steps until every one has ended. The policy's KV cache
+is the agent's recurrent state, started from the reset's observation (only the
+actor is stepped: the update's forward gives the values); each step it passes its
+log-probs of the chosen tokens to the env (the fast path: the env then needs no
+policy forward of its own for the KL penalty). In episodes of several turns the
+environment's replies (``info["env_tokens"]``) enter the same cache.
 
 The layout the update re-scores is exactly the rollout's: the prompt block as the
 env showed it (left-padded, cropped to its widest prompt) followed by one column
-per step, masked where the episode had already ended.
+per token (the agent's steps, and the replies after the steps that ended turns),
+masked where the episode had already ended.
 """
 
 from __future__ import annotations
@@ -113,7 +116,9 @@ def collect_rollout(
         torch.as_tensor(observation["input_ids"]), torch.as_tensor(observation["attention_mask"])
     )
     batch = len(prompt_ids)
-    stepper = CachedStepper(agent, env.unwrapped.tokenizer.pad_token_id)
+    # sampling needs only the actor: the policy alone is stepped (a separate critic's trunk would run on every
+    # token for values nobody reads; the update computes them), and its logits are the actor-critic's
+    stepper = CachedStepper(agent.policy, env.unwrapped.tokenizer.pad_token_id)
     with autocast or nullcontext():
         logits = stepper.prefill(prompt_ids, prompt_mask)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
