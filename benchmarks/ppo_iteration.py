@@ -210,13 +210,18 @@ def run_textenv(spec: dict) -> None:
             return original_forward(self, **inputs)
         finally:
             seconds = time.perf_counter() - start
-            if isinstance(self.model, ActorCritic):
+            if isinstance(self, AgentStepper) or isinstance(self.model, ActorCritic):  # the rollout's own sampling
                 clock.add("policy", seconds)
             else:
                 clock.add("reward model" if self.scores else "reference", seconds)
                 env_forward["policy"] += seconds
 
     textenv.lm.CachedStepper._forward = stepper_forward
+
+    class AgentStepper(textenv.lm.CachedStepper):
+        """The stepper the rollout samples with (it steps the agent's policy, a plain causal LM like the env's)."""
+
+    agents.rollout.CachedStepper = AgentStepper
     original_scores = textenv.lm.sequence_scores
 
     def scores(*a, **kw):
