@@ -116,9 +116,7 @@ def collect_rollout(
         torch.as_tensor(observation["input_ids"]), torch.as_tensor(observation["attention_mask"])
     )
     batch = len(prompt_ids)
-    # sampling needs only the actor: the policy alone is stepped (a separate critic's trunk would run on every
-    # token for values nobody reads; the update computes them), and its logits are the actor-critic's
-    stepper = CachedStepper(agent.policy, env.unwrapped.tokenizer.pad_token_id)
+    stepper = CachedStepper(sampling_model(agent), env.unwrapped.tokenizer.pad_token_id)
     with autocast or nullcontext():
         logits = stepper.prefill(prompt_ids, prompt_mask)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
@@ -167,6 +165,17 @@ def collect_rollout(
         reward_terms=terms,
         env_mask=env_mask,
     )
+
+
+def sampling_model(agent: ActorCritic) -> torch.nn.Module:
+    """What the rollout steps: the policy alone, since sampling needs only the actor (a separate critic's trunk
+    would run on every token for values nobody reads; the update computes them). Under FSDP the whole agent,
+    whose own forward gathers the sharded parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return agent.policy
+    return agent if isinstance(agent, FSDPModule) else agent.policy
 
 
 def feed_replies(stepper: CachedStepper, replies: dict[int, list[int]], batch: int, device) -> Tensor:
