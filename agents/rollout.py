@@ -28,9 +28,8 @@ from torch import Tensor
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
 from agents.policy import ActorCritic
 from textenv import TokenEnvConfig
+from textenv.core import REWARD_PREFIX  # the env's info keys of each paying term's raw value
 from textenv.lm import CachedStepper, crop_left_padding, sample_tokens
-
-REWARD_PREFIX = "reward/"  # the env's info keys of each paying term's raw value
 
 
 class Rollout(NamedTuple):
@@ -147,7 +146,7 @@ def collect_rollout(
             with autocast or nullcontext():
                 logits = stepper.advance(action, steps[-1][3])
                 if replies:  # the environment's tokens enter the agent's cache as they entered the env's
-                    logits = feed_replies(stepper, replies, batch, device)
+                    logits = stepper.extend(replies)
     columns = dict(zip(("actions", "logprobs", "rewards", "mask", "kl", "ref_logprobs"), zip(*steps)))
     columns = {name: torch.stack(column, 1).cpu() for name, column in columns.items()}
     env_mask = None
@@ -176,19 +175,6 @@ def sampling_model(agent: ActorCritic) -> torch.nn.Module:
     except ImportError:  # a torch without distributed support
         return agent.policy
     return agent if isinstance(agent, FSDPModule) else agent.policy
-
-
-def feed_replies(stepper: CachedStepper, replies: dict[int, list[int]], batch: int, device) -> Tensor:
-    """Advance the agent's cache over each row's reply tokens, a column at a time; returns the next logits."""
-    logits = stepper.last
-    for column in range(max(len(ids) for ids in replies.values())):
-        tokens = torch.zeros(batch, dtype=torch.long)
-        has = torch.zeros(batch, dtype=torch.bool)
-        for row, ids in replies.items():
-            if column < len(ids):
-                tokens[row], has[row] = ids[column], True
-        logits = stepper.advance(tokens.to(device), has.to(device))
-    return logits
 
 
 def interleave(columns: dict[str, Tensor], replies_after: list[dict[int, list[int]]]):

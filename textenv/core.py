@@ -214,9 +214,6 @@ class TokenBatchCore:
         self.policy_fn = None if is_module else config.policy
         self.rows, self.reward_fns, self.step_reward_fn = task.rows, task.reward_fns, task.step_reward_fn
         self.accuracy = task.accuracy  # the reward function that checks answers, where the task has one
-        self.term_names = ([REWARD_MODEL_TERM] if task.reward_model is not None else []) + [
-            fn.name for fn in self.reward_fns
-        ]
         if task.reward_model is None:
             self.scorer = NoModelScorer(config)
         elif task.reward_tokenizer is not None:
@@ -380,21 +377,12 @@ class TokenBatchCore:
             mask[live, :-1], mask[live, -1] = mask[live, 1:], 1
 
     def _append_replies(self, replies: dict[int, list[int]]) -> None:
-        """Append each reply's tokens to its slot's context and to every KV cache, one column at a time (a
-        slot without a token in a column gets a masked pad there, as a slot that waits a step does)."""
+        """Append each reply's tokens to its slot's context and to every KV cache (``CachedStepper.extend``)."""
         for row, ids in replies.items():
             self.responses[row].extend(ids)
             self.turns.append_context(self, row, ids)
-        width = max(len(ids) for ids in replies.values())
-        for column in range(width):
-            tokens = torch.full((self.num_slots,), self.pad_token_id, dtype=torch.long)
-            has = torch.zeros(self.num_slots, dtype=torch.bool)
-            for row, ids in replies.items():
-                if column < len(ids):
-                    tokens[row], has[row] = ids[column], True
-            tokens, has = tokens.to(self.device), has.to(self.device)
-            for stepper in self.steppers:
-                stepper.advance(tokens, has)
+        for stepper in self.steppers:
+            stepper.extend(replies)
 
     def response_text(self, row: int) -> str:
         """The response so far, decoded without special tokens. It is decoded after its prompt, so that a

@@ -299,6 +299,22 @@ class CachedStepper:
         self._trim()
         return self.last
 
+    def extend(self, tokens_by_row: dict[int, list[int]]) -> Tensor:
+        """Append each row's ``tokens_by_row[row]`` (other rows: nothing), one column at a time; returns ``last``.
+
+        A row without a token in a column gets a masked pad there, as a row that waits a step does
+        (the env rebuilds a cache that cannot take such a column; see the class docstring).
+        """
+        rows = self.mask.shape[0]
+        for column in range(max((len(ids) for ids in tokens_by_row.values()), default=0)):
+            tokens = torch.full((rows,), self.pad_token_id, dtype=torch.long)
+            has = torch.zeros(rows, dtype=torch.bool)
+            for row, ids in tokens_by_row.items():
+                if column < len(ids):
+                    tokens[row], has[row] = ids[column], True
+            self.advance(tokens.to(self.device), has.to(self.device))
+        return self.last
+
     def start_rows(
         self, rows: Tensor, input_ids: Tensor, attention_mask: Tensor, contexts: Callable[[], list[list[int]]]
     ) -> None:
