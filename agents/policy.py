@@ -139,7 +139,7 @@ class ActorCritic(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor,
+        attention_mask: Tensor | None,
         position_ids: Tensor,
         past_key_values: tuple | None = None,
         use_cache: bool = False,

@@ -56,6 +56,7 @@ from agents.advantages import (
     scale_advantages,
 )
 from agents.losses import Aggregation, KLEstimator, aggregate, aggregation_size, kl_estimate, policy_loss, value_loss
+from agents.packing import packing_works, plan_packing
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
 from textenv.config import check_choice, check_float, check_int
@@ -79,6 +80,9 @@ class PPOConfig:
     """Episodes per optimizer step."""
     micro_batch_size: int = 16
     """Episodes per forward/backward; gradients accumulate up to ``minibatch_size``."""
+    pack_episodes: bool = True
+    """Pack a micro-batch's episodes several to a row (no padding between them) where that saves work; the same
+    numbers to float rounding (``agents.packing``). Off: one episode per padded row."""
     learning_rate: float = 3e-4
     """Adam learning rate at the start; it decays linearly to 0 over the run."""
     gamma: float = 1.0
@@ -132,8 +136,9 @@ class PPOConfig:
             check_choice("advantage_scaling", self.advantage_scaling, GroupScaling)
         if self.clip_range_high is not None:
             check_float("clip_range_high", self.clip_range_high, "> 0", lambda v: v > 0)
-        if not isinstance(self.filter_equal_groups, bool):
-            raise TypeError(f"filter_equal_groups must be a bool, got {self.filter_equal_groups!r}")
+        for name in ("filter_equal_groups", "pack_episodes"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.uses_critic and (self.advantage_scaling is not None or self.filter_equal_groups):
             name = "advantage_scaling" if self.advantage_scaling is not None else "filter_equal_groups"
             raise ValueError(f"{name} applies to the group baselines (algo 'rloo' or 'grpo'), not to algo 'ppo'")
@@ -208,14 +213,15 @@ def crop_to_episodes(rollout: Rollout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return torch.cat([prompt_ids, actions], 1), torch.cat([prompt_mask, context[:, :taken]], 1), actions, mask
 
 
-def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, autocast=None) -> Scored:
+def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, autocast=None, pack: bool = True) -> Scored:
     """One forward over prompt + response: log-probs of the taken actions, values, entropies.
 
     The forward runs on the episodes cropped to their own longest prompt and response
-    (``crop_to_episodes``), and the LM head only at the positions that predict a taken
+    (``crop_to_episodes``), packed several to a row where that saves cells (``pack``,
+    ``agents.packing``), and the LM head only at the positions that predict a taken
     action (``ActorCritic.forward``'s ``logits_at``), never over the prompt or padding.
     Log-probs and entropies are 0 on steps the episode did not take; values are 0 past the
-    episodes' longest (the losses and GAE read neither).
+    episodes' longest (the losses and GAE read neither) and, when packed, at padding.
     """
     device = next(agent.parameters()).device
     batch, steps = rollout.actions.shape
@@ -223,15 +229,21 @@ def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, auto
     width, taken = ids.shape[1] - actions.shape[1], actions.shape[1]
     # position p predicts token p + 1: step t's action is predicted at width - 1 + t
     logits_at = torch.cat([mask.new_zeros(batch, width - 1), mask, mask.new_zeros(batch, 1)], 1)
+    packing = plan_packing(ids, attention) if pack and packing_works(agent) else None
     with autocast or torch.autocast(device.type, enabled=False):
-        out = agent(ids, attention, position_ids_from_mask(attention), logits_at=logits_at)
-    logprobs = logprobs_from_logits(out.logits, temperature)  # (N, V), N taken steps
+        if packing is None:
+            out = agent(ids, attention, position_ids_from_mask(attention), logits_at=logits_at)
+            logits, values = out.logits, out.values
+        else:  # no attention mask: the position ids' restarts keep the episodes apart
+            out = agent(packing.ids, None, packing.position_ids, logits_at=packing.packed_positions(logits_at))
+            logits, values = out.logits[packing.reorder(logits_at)], packing.unpack(out.values)
+    logprobs = logprobs_from_logits(logits, temperature)  # (N, V), N taken steps
     full = torch.zeros(batch, steps, dtype=torch.bool, device=device)
     full[:, :taken] = mask
     zeros = torch.zeros(batch, steps, device=device, dtype=logprobs.dtype)
     return Scored(
         logprobs=zeros.masked_scatter(full, logprobs.gather(-1, actions[mask][:, None])[:, 0]),
-        values=F.pad(out.values[:, width - 1 :], (0, steps - taken)),
+        values=F.pad(values[:, width - 1 :], (0, steps - taken)),
         entropy=zeros.masked_scatter(full, EntropyOfLogprobs.apply(logprobs)),
     )
 
@@ -329,14 +341,16 @@ def rollout_advantages(rollout: Rollout, old_values: Tensor, config: PPOConfig, 
 
 
 # ---------------------------------------------------------------- the update
-def rescore(agent: ActorCritic, rollout: Rollout, micro_batches: list[Tensor], temperature: float, autocast):
+def rescore(
+    agent: ActorCritic, rollout: Rollout, micro_batches: list[Tensor], temperature: float, autocast, pack: bool = True
+):
     """Old log-probs (B, T) and values (B, T + 1), no-grad, in the micro-batches of the first epoch."""
     device = next(agent.parameters()).device
     batch, steps = rollout.actions.shape
     logprobs, values = torch.zeros(batch, steps, device=device), torch.zeros(batch, steps + 1, device=device)
     with torch.no_grad():
         for rows in micro_batches:
-            scored = score_rollout(agent, rollout.select(rows), temperature, autocast)
+            scored = score_rollout(agent, rollout.select(rows), temperature, autocast, pack)
             logprobs[rows.to(device)], values[rows.to(device)] = scored.logprobs, scored.values
     return logprobs, values
 
@@ -410,7 +424,7 @@ def minibatch_step(
     minibatch_size = aggregation_size(targets.mask[minibatch.to(device)], config.loss_aggregation).clamp(min=1)
     for rows in minibatch.split(config.micro_batch_size):
         rows_d = rows.to(device)
-        scored = score_rollout(agent, rollout.select(rows), temperature, autocast)
+        scored = score_rollout(agent, rollout.select(rows), temperature, autocast, config.pack_episodes)
         loss, micro_stats = micro_batch_loss(scored, targets, rows_d, config, kl_coef, max_new_tokens)
         # weighted by its share of the minibatch's tokens (or sequences): the accumulated gradient is the
         # minibatch's aggregate (see losses.aggregation_size)
@@ -455,7 +469,7 @@ def ppo_update(
     first_epoch = [
         micro for mb in permutations[0].split(config.minibatch_size) for micro in mb.split(config.micro_batch_size)
     ]
-    old_logprobs, old_values = rescore(agent, rollout, first_epoch, temperature, autocast)
+    old_logprobs, old_values = rescore(agent, rollout, first_epoch, temperature, autocast, config.pack_episodes)
     advantages, returns, mask = rollout_advantages(rollout, old_values, config, kl_coef)
     ref_logprobs = rollout.ref_logprobs.to(mask.device)
     targets = Targets(old_logprobs, old_values, ref_logprobs, advantages, returns, mask)

@@ -33,8 +33,8 @@ def poison_updates(monkeypatch, iterations: set[int], steps_per_iteration: int):
     calls = {"n": 0}
     per_update = steps_per_iteration + 1  # the no-grad re-score, then one forward per step
 
-    def score_rollout(agent, rollout, temperature, autocast=None):
-        scored = real(agent, rollout, temperature, autocast)
+    def score_rollout(agent, rollout, temperature, autocast=None, pack=True):
+        scored = real(agent, rollout, temperature, autocast, pack)
         calls["n"] += 1
         iteration, position = divmod(calls["n"] - 1, per_update)
         if iteration in iterations and position > 0 and torch.is_grad_enabled():
