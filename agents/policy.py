@@ -12,6 +12,8 @@ agent with ``textenv.lm.CachedStepper``); the update re-scores whole episodes wi
 one teacher-forced forward (``agents.ppo.score_rollout``), asking for the logits only
 at the positions that predict an action (``logits_at``): never over the prompt or
 padding, where the LM head (vocabulary x width) would be most of a small model's work.
+That forward may pack several episodes into one row (``agents.packing``): then it gets
+no attention mask, and position ids that restart at 0 for each episode.
 
 GPT-2's ``gelu_new`` (transformers' ``NewGELUActivation``, six tensor ops in Python)
 is swapped for torch's fused ``gelu(approximate="tanh")``: the same formula, equal in
@@ -28,6 +30,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -82,6 +85,59 @@ def fuse_gelu(model: nn.Module) -> int:
     return len(swaps)
 
 
+class _RowsIntoGradient(torch.autograd.Function):
+    """An embedding lookup whose backward adds the looked-up rows' gradients into ``weight.grad`` itself.
+
+    Autograd's own backward of a lookup is a dense (vocabulary x width) tensor, zeros but for
+    the rows looked up, which is then added to the gradient the tied LM head gives the same
+    matrix: two passes over a vocabulary-sized matrix for a few hundred rows. This adds the
+    rows in place and gives autograd no gradient for the weight on this path.
+    """
+
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        weight, ids, rows = ctx.weight, ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, ids, rows.to(weight.grad.dtype))
+        return None, None, None
+
+
+def _rows_into_gradient(module: nn.Embedding, args: tuple, output: Tensor) -> Tensor | None:
+    weight = module.weight
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (torch.is_grad_enabled() and weight.requires_grad) or distributed:
+        return None  # nothing to train, or DDP/FSDP, which reduce or shard the gradient autograd accumulates
+    return _RowsIntoGradient.apply(args[0], weight, module.padding_idx)
+
+
+def add_embedding_rows_in_place(model: PreTrainedModel) -> bool:
+    """Give a tied input embedding (a plain ``nn.Embedding``) the in-place backward of ``_RowsIntoGradient``.
+
+    Returns whether it did. At GPT-2-small size (vocabulary 50,257) this saves about a
+    tenth of a second and a vocabulary-sized temporary per micro-batch on a CPU thread.
+    Not done for embeddings that scale or renormalise (a subclass, ``max_norm``,
+    ``scale_grad_by_freq``, ``sparse``) nor for untied ones (no dense sum to save); under
+    DDP or FSDP, and without gradients, the lookup is autograd's own.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    plain = type(embedding) is nn.Embedding and embedding.max_norm is None
+    plain = plain and not embedding.scale_grad_by_freq and not embedding.sparse
+    if not plain or head is None or head.weight is not embedding.weight:
+        return False
+    embedding.register_forward_hook(_rows_into_gradient)
+    return True
+
+
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether a causal LM's forward takes ``logits_to_keep`` (transformers' models do; a PEFT model passes it on)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -134,6 +190,7 @@ class ActorCritic(nn.Module):
         agent = cls(policy, critic)
         disable_dropout(agent)
         fuse_gelu(agent)
+        add_embedding_rows_in_place(policy)
         return agent
 
     def forward(
@@ -195,4 +252,5 @@ class ActorCritic(nn.Module):
         load_value_head(agent.value_head, directory)
         disable_dropout(agent)
         fuse_gelu(agent)
+        add_embedding_rows_in_place(policy)
         return agent

@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM
 from transformers.activations import NewGELUActivation
 
 from agents.logger import RunLogger
-from agents.policy import ActorCritic, TanhGELU, fuse_gelu
+from agents.policy import ActorCritic, TanhGELU, add_embedding_rows_in_place, fuse_gelu
 from agents.ppo import EntropyOfLogprobs, score_rollout
 from agents.rollout import collect_rollout
+from tests.models import tiny_causal_lm
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 from textenv.lm import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, token_logprobs
 
@@ -119,3 +120,49 @@ def test_background_plot_writes_the_curve_and_close_waits_for_it(tmp_path):
     logger.close()
     png = (tmp_path / "learning_curve.png").read_bytes()
     assert png.startswith(b"\x89PNG") and not list(tmp_path.glob(".*.partial"))
+
+
+def lookup_backward(model) -> list[str]:
+    """The grad_fn names of the input embedding's outputs, recorded after every other forward hook."""
+    names = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: names.append(type(out.grad_fn).__name__ if out.grad_fn else None)
+    )
+    return names
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+def test_tied_embedding_rows_added_in_place_give_autograds_gradient(family):
+    overrides = {} if family == "gpt2" else {"tie_word_embeddings": True}
+    plain, fast = (tiny_causal_lm(family, **overrides).eval() for _ in range(2))  # eval: dropout off
+    assert add_embedding_rows_in_place(fast) and lookup_backward(fast) == []
+    names = lookup_backward(fast)
+    generator = torch.Generator().manual_seed(3)
+    # repeated ids and the padding id 0 (Llama's embedding has padding_idx 0: that row gets no gradient)
+    ids = torch.cat([torch.tensor([[0, 5, 5, 7, 0, 9]]), torch.randint(0, 20, (3, 6), generator=generator)])
+    weights = torch.randn(4, 6, plain.config.vocab_size, generator=generator)
+    for model in (plain, fast):
+        for _ in range(2):  # two micro-batches accumulate into .grad
+            (model(input_ids=ids).logits * weights).sum().backward()
+    assert names == ["_RowsIntoGradientBackward"] * 2
+    grads = dict(plain.named_parameters())
+    for name, parameter in fast.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        fast(input_ids=ids)
+    assert names[-1] is None  # no gradient, no custom lookup
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_untied_or_scaled_embeddings_keep_autograds_lookup(family):
+    # Llama unties by default; Gemma's embedding is a subclass that scales its output
+    assert not add_embedding_rows_in_place(tiny_causal_lm(family))
+
+
+def test_a_frozen_tied_embedding_keeps_autograds_lookup():
+    model = tiny_causal_lm("gpt2")
+    assert add_embedding_rows_in_place(model)
+    names = lookup_backward(model)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
+    assert names == [None] and model.get_input_embeddings().weight.grad is None
