@@ -71,14 +71,16 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def plan_packing(ids: Tensor, attention: Tensor, filler: int = 0) -> Packing | None:
+def plan_packing(ids: Tensor, attention: Tensor, filler: int | None = None) -> Packing | None:
     """The packing of ``ids`` (B, L) with fewer cells than B x L, or None when packing saves nothing.
 
     Rows are ``WIDTHS`` x L wide (first-fit decreasing; the width with the fewest cells);
     the cells after a row's last episode hold ``filler`` with positions 0, 1, ..., a
-    sequence of its own that no episode attends to (attention is causal).
+    sequence of its own that no episode attends to (attention is causal). None: the batch's
+    first real token, not the pad token (transformers warns of padding without a mask).
     """
     real = attention.bool()
+    filler = int(ids[real][0]) if filler is None else filler
     lengths = real.sum(1).tolist()
     batch, width = real.shape
     best = None
