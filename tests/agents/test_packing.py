@@ -1,12 +1,14 @@
 """Packed micro-batches: the plan by hand, and packed forwards equal to padded ones in every family."""
 
+import copy
+
 import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 
 from agents.packing import first_fit_decreasing, packing_works, plan_packing
 from agents.policy import ActorCritic
-from agents.ppo import score_rollout
+from agents.ppo import PPOConfig, crop_to_episodes, ppo_update, score_rollout
 from agents.rollout import collect_rollout
 from tests.models import FAMILIES, tiny_causal_lm
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
@@ -111,8 +113,6 @@ def rollout_and_agent(make_vec):
 
 def test_packed_scores_and_gradients_equal_the_padded_ones(rollout_and_agent):
     rollout, agent = rollout_and_agent
-    from agents.ppo import crop_to_episodes
-
     ids, attention, _, _ = crop_to_episodes(rollout)
     assert plan_packing(ids, attention) is not None  # this rollout does pack
     results = {}
@@ -154,3 +154,20 @@ def test_a_model_that_mixes_packed_sequences_is_detected_and_runs_padded(rollout
             score_rollout(agent, rollout, 1.0, pack=True).logprobs,
             score_rollout(agent, rollout, 1.0, pack=False).logprobs,
         )
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_a_packed_update_ends_at_the_padded_updates_weights(rollout_and_agent, algo):
+    rollout, agent = rollout_and_agent
+    start = copy.deepcopy(agent.state_dict())
+    weights = {}
+    for pack in (True, False):
+        agent.load_state_dict(start)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=3e-4, eps=1e-5)
+        config = PPOConfig(algo=algo, minibatch_size=8, micro_batch_size=4, pack_episodes=pack)
+        ppo_update(agent.train(), optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0), kl_coef=0.05)
+        weights[pack] = {name: value.clone() for name, value in agent.state_dict().items()}
+    agent.load_state_dict(start)
+    moved = max(float((weights[True][k] - start[k]).abs().max()) for k in start)
+    apart = max(float((weights[True][k] - weights[False][k]).abs().max()) for k in start)
+    assert moved > 1e-4 and apart < 1e-3 * moved  # 16 Adam steps apart by float rounding only
