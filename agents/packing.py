@@ -80,7 +80,6 @@ def plan_packing(ids: Tensor, attention: Tensor, filler: int | None = None) -> P
     first real token, not the pad token (transformers warns of padding without a mask).
     """
     real = attention.bool()
-    filler = int(ids[real][0]) if filler is None else filler
     lengths = real.sum(1).tolist()
     batch, width = real.shape
     best = None
@@ -105,8 +104,9 @@ def plan_packing(ids: Tensor, attention: Tensor, filler: int | None = None) -> P
     columns = torch.arange(capacity, device=device)
     packed_positions = (columns - used.to(device)[:, None]).clamp(min=0).flatten()  # the filler: 0, 1, ...
     packed_positions[index[real]] = positions[real]
-    packed_ids = torch.full((len(rows) * capacity,), filler, dtype=ids.dtype, device=device)
-    packed_ids[index[real]] = ids[real]
+    tokens = ids[real]
+    packed_ids = ids.new_empty(len(rows) * capacity).fill_(tokens[0] if filler is None else filler)  # no host sync
+    packed_ids[index[real]] = tokens
     shape = (len(rows), capacity)
     return Packing(packed_ids.view(shape), packed_positions.view(shape), index, real)
 

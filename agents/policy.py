@@ -143,7 +143,8 @@ def add_embedding_rows_in_place(model: PreTrainedModel) -> bool:
     plain = plain and not embedding.scale_grad_by_freq and not embedding.sparse
     if not plain or head is None or head.weight is not embedding.weight:
         return False
-    embedding.register_forward_hook(_rows_into_gradient)
+    if _rows_into_gradient not in embedding._forward_hooks.values():  # a policy wrapped twice keeps one hook
+        embedding.register_forward_hook(_rows_into_gradient)
     return True
 
 
@@ -169,6 +170,13 @@ class ActorCritic(nn.Module):
         self.critic = critic
         self.value_head = value_head((critic or policy).config.hidden_size)
         self._logits_to_keep = accepts_logits_to_keep(policy)
+
+    def prepared(self) -> ActorCritic:
+        """This agent as the builders return it: dropout off, GELU fused, tied embedding rows added in place."""
+        disable_dropout(self)
+        fuse_gelu(self)
+        add_embedding_rows_in_place(self.policy)
+        return self
 
     @property
     def share_backbone(self) -> bool:
@@ -196,11 +204,7 @@ class ActorCritic(nn.Module):
                 critic.load_state_dict(source.base_model.state_dict())
             else:
                 critic = AutoModel.from_pretrained(source)
-        agent = cls(policy, critic)
-        disable_dropout(agent)
-        fuse_gelu(agent)
-        add_embedding_rows_in_place(policy)
-        return agent
+        return cls(policy, critic).prepared()
 
     def forward(
         self,
@@ -259,7 +263,4 @@ class ActorCritic(nn.Module):
         critic = AutoModel.from_pretrained(directory / CRITIC_DIR) if (directory / CRITIC_DIR).is_dir() else None
         agent = cls(policy, critic)
         load_value_head(agent.value_head, directory)
-        disable_dropout(agent)
-        fuse_gelu(agent)
-        add_embedding_rows_in_place(policy)
-        return agent
+        return agent.prepared()

@@ -162,6 +162,13 @@ def test_untied_or_scaled_embeddings_keep_autograds_lookup(family):
     assert not add_embedding_rows_in_place(tiny_causal_lm(family))
 
 
+def test_a_policy_prepared_twice_keeps_one_in_place_lookup():
+    model = tiny_causal_lm("gpt2")
+    assert add_embedding_rows_in_place(model) and add_embedding_rows_in_place(model)
+    ActorCritic.from_models(model)  # wraps the same module again
+    assert len(model.get_input_embeddings()._forward_hooks) == 1
+
+
 def test_a_frozen_tied_embedding_keeps_autograds_lookup():
     model = tiny_causal_lm("gpt2")
     assert add_embedding_rows_in_place(model)
