@@ -166,6 +166,37 @@ class PhaseClock:
         setattr(owner, name, timed)
 
 
+def train_config(spec: dict, run_dir: Path):
+    """The ``TrainConfig`` of a textenv run of the benchmark (``textenv_spec``): the shape TRL runs too."""
+    from agents.ppo import PPOConfig
+    from agents.train import RunConfig, TrainConfig
+    from textenv import TokenEnvConfig
+
+    env = TokenEnvConfig(  # the default task: no models or prompts named, the task's own
+        score_clip=5.0,
+        reward_model=spec["reward"],
+        prompts=spec["prompts"],
+        prompt_truncation="left",
+        max_new_tokens=32,
+        kl_coef=0.05,
+    )
+    ppo = PPOConfig(minibatch_size=spec["minibatch_size"], micro_batch_size=spec["minibatch_size"], learning_rate=3e-4)
+    run = RunConfig(
+        policy=spec["policy"],
+        iterations=spec["updates"],
+        batch_size=spec["batch_size"],
+        share_backbone=spec["critic"] == "shared",
+        seed=spec["seed"],
+        run_dir=run_dir,
+        checkpoint_every=10**6,
+        eval_every=10**6,
+        eval_episodes=1,  # iteration 0 evaluates (untimed): keep it short
+        progress=False,
+        threads=spec["threads"],
+    )
+    return TrainConfig(env=env, ppo=ppo, run=run)
+
+
 def run_textenv(spec: dict) -> None:
     """Train ``spec["updates"]`` iterations with ``agents.train.train``, printing one JSON line per iteration."""
     import torch
@@ -175,9 +206,6 @@ def run_textenv(spec: dict) -> None:
     import agents.train
     import textenv.lm
     from agents.policy import ActorCritic
-    from agents.ppo import PPOConfig
-    from agents.train import RunConfig, TrainConfig
-    from textenv import TokenEnvConfig
 
     clock = PhaseClock()
     original_collect = agents.train.collect_rollout
@@ -269,30 +297,8 @@ def run_textenv(spec: dict) -> None:
     agents.train.make_rollout_env = make_env
 
     run_dir = Path(tempfile.mkdtemp(prefix="ppo_iteration_")) / "run"
-    env = TokenEnvConfig(  # the default task: no models or prompts named, the task's own
-        score_clip=5.0,
-        reward_model=spec["reward"],
-        prompts=spec["prompts"],
-        prompt_truncation="left",
-        max_new_tokens=32,
-        kl_coef=0.05,
-    )
-    ppo = PPOConfig(minibatch_size=spec["minibatch_size"], micro_batch_size=spec["minibatch_size"], learning_rate=3e-4)
-    run = RunConfig(
-        policy=spec["policy"],
-        iterations=spec["updates"],
-        batch_size=spec["batch_size"],
-        share_backbone=spec["critic"] == "shared",
-        seed=spec["seed"],
-        run_dir=run_dir,
-        checkpoint_every=10**6,
-        eval_every=10**6,
-        eval_episodes=1,  # iteration 0 evaluates (untimed): keep it short
-        progress=False,
-        threads=spec["threads"],
-    )
     try:
-        agents.train.train(TrainConfig(env=env, ppo=ppo, run=run))
+        agents.train.train(train_config(spec, run_dir))
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     finally:
         shutil.rmtree(run_dir.parent, ignore_errors=True)
@@ -352,8 +358,14 @@ def run_process(command: list[str], side: str, checkout: Path = REPO) -> Result:
 
 
 def textenv_command(task: Task, critic: str, args: BenchmarkArgs) -> list[str]:
+    spec = textenv_spec(task, critic, args)
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+
+
+def textenv_spec(task: Task, critic: str, args: BenchmarkArgs) -> dict:
+    """What a textenv run is given (JSON, for the worker process); ``train_config`` makes its config."""
     embedded = task.policy == default_task(args).policy  # textenv runs the default task as `python -m agents` does
-    spec = dict(
+    return dict(
         policy=None if embedded else task.policy,
         reward=None if embedded else task.reward,
         prompts=None if embedded else task.prompts,
@@ -364,7 +376,6 @@ def textenv_command(task: Task, critic: str, args: BenchmarkArgs) -> list[str]:
         seed=args.seed,
         threads=args.threads,
     )
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
 
 
 def trl_command(task: Task, args: BenchmarkArgs) -> list[str]:

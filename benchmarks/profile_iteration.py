@@ -43,38 +43,21 @@ class ProfileArgs:
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(ProfileArgs, args=argv, description=__doc__)
     import torch
-    from ppo_iteration import BenchmarkArgs, build_gpt2_small, default_task
+    from ppo_iteration import BenchmarkArgs, build_gpt2_small, default_task, textenv_spec, train_config
     from torch.profiler import ProfilerActivity, profile
 
-    from agents.ppo import PPOConfig, ppo_update
+    from agents.ppo import ppo_update
     from agents.rollout import collect_rollout
-    from agents.train import RunConfig, TrainConfig, Trainer
-    from textenv import TokenEnvConfig
+    from agents.train import Trainer
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="profile_iteration_") as tmp:
-        embedded = args.shape == "default"  # the default task's own models and prompts, as `python -m agents`
-        task = default_task(BenchmarkArgs()) if embedded else build_gpt2_small(Path(tmp), args.seed)
-        env = TokenEnvConfig(
-            score_clip=5.0,
-            reward_model=None if embedded else task.reward,
-            prompts=None if embedded else task.prompts,
-            prompt_truncation="left",
-            max_new_tokens=32,
-            kl_coef=0.05,
-        )
-        ppo = PPOConfig(minibatch_size=task.minibatch_size, micro_batch_size=task.minibatch_size)
-        run = RunConfig(
-            policy=None if embedded else task.policy,
-            iterations=10,
-            batch_size=task.batch_size,
-            share_backbone=args.critic == "shared",
-            seed=args.seed,
-            run_dir=Path(tmp) / "run",
-            progress=False,
-            threads=args.threads,
-        )
-        trainer = Trainer(TrainConfig(env=env, ppo=ppo, run=run))
+        benchmark = BenchmarkArgs(seed=args.seed, threads=args.threads)
+        task = default_task(benchmark) if args.shape == "default" else build_gpt2_small(Path(tmp), args.seed)
+        spec = textenv_spec(task, args.critic, benchmark) | {"updates": 10}  # ppo_iteration.py's run, unlooped
+        config = train_config(spec, Path(tmp) / "run")
+        trainer = Trainer(config)
+        ppo = config.ppo
 
         def rollout(iteration: int):
             trainer.agent.eval()
