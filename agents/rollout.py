@@ -28,7 +28,7 @@ from torch import Tensor
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
 from agents.policy import ActorCritic
 from textenv import TokenEnvConfig
-from textenv.core import REWARD_PREFIX  # the env's info keys of each paying term's raw value
+from textenv.info import REWARD_PREFIX  # the env's info keys of each paying term's raw value
 from textenv.lm import CachedStepper, crop_left_padding, sample_tokens
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from textenv.config import TokenEnvConfig
+from textenv.info import REWARD_PREFIX, slot_info
 from textenv.lm import CachedStepper, pad_batch, sequence_scores, token_logprobs
 from textenv.loading import Task
 from textenv.reward_fns import REWARD_MODEL_TERM
@@ -32,8 +33,6 @@ from textenv.rewards import clip_score, non_score_reward, score_terms
 from textenv.turns import Turns
 
 LOGPROB_TOLERANCE = 1e-4  # log_softmax can round a little above 0 (bf16); a probability is far above
-INFO_FLOATS = ("ref_logprob", "logprob", "kl", "non_score_reward", "score")
-REWARD_PREFIX = "reward/"  # info["reward/<name>"]: each paying term's raw value (the reward model, each function)
 
 
 Contexts = Callable[[], list[list[int]]]
@@ -181,20 +180,8 @@ class StepResult:
     infos: dict[str, np.ndarray]
 
     def slot_info(self, slot: int) -> dict[str, Any]:
-        """Slot ``slot``'s info as a single env reports it: floats (None where unknown), the KL source,
-        and on its last step the decoded response."""
-        info: dict[str, Any] = {"kl_source": self.infos["kl_source"][slot]}
-        floats = [key for key in self.infos if key in INFO_FLOATS or key.startswith(REWARD_PREFIX)]
-        for key in floats + (["step_reward"] if "step_reward" in self.infos else []):
-            value = float(self.infos[key][slot])
-            info[key] = None if np.isnan(value) else value
-        if self.terminated[slot] or self.truncated[slot]:
-            info["response"] = self.infos["response"][slot]
-        if "env_tokens" in self.infos:
-            value = float(self.infos["turn_reward"][slot])
-            info["turn_reward"] = None if np.isnan(value) else value
-            info["env_tokens"] = list(self.infos["env_tokens"][slot])
-        return info
+        """Slot ``slot``'s info as a single env reports it (``textenv.info.slot_info``)."""
+        return slot_info(self.infos, self.terminated, self.truncated, slot)
 
 
 class TokenBatchCore:

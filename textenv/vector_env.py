@@ -28,8 +28,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textenv.config import TokenEnvConfig
-from textenv.core import REWARD_PREFIX
 from textenv.env import CoreView, check_render_mode, check_reset_options, make_core, observation_space
+from textenv.info import REWARD_PREFIX
 
 
 class TokenGenerationVectorEnv(CoreView, VectorEnv):

@@ -17,7 +17,7 @@ from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from textenv.core import StepResult
+from textenv.info import slot_info
 from textenv.vector_env import TokenGenerationVectorEnv
 
 __all__ = ["TokenVecEnv"]
@@ -91,11 +91,9 @@ class TokenVecEnv(VecEnv):
             actions = actions.astype(np.int64)  # whole-number floats (numpy arithmetic) are token ids too
         observation, rewards, terminated, truncated, info = self.env.step(actions)
         dones = terminated | truncated
-        # the env core's own per-slot view, so these infos match the single env's key for key
-        result = StepResult(rewards, terminated, truncated, info)
         infos: list[dict[str, Any]] = []
         for i in range(self.num_envs):
-            slot = result.slot_info(i)
+            slot = slot_info(info, terminated, truncated, i)  # the single env's info, key for key
             if dones[i]:
                 slot["terminal_observation"] = {key: value[i].copy() for key, value in observation.items()}
                 slot["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
