@@ -1,22 +1,28 @@
 """The batched core of TokenRLHF-v0: N token-generation episodes stepped together.
 
 Both public envs are thin views of this class (``TokenGenerationEnv`` holds one
-slot, ``TokenGenerationVectorEnv`` N), so the dynamics are written once.
+slot, ``TokenGenerationVectorEnv`` N), so the dynamics are written once, in
+``TokenBatchCore.step``:
 
-Per slot the core keeps the prompt, the response so far and the observation
-window. Per frozen model it keeps one KV cache shared by all slots
+1. the KL term of each live slot's action, from the acting policy's and the
+   reference model's log-probs;
+2. the action joins the slot's tokens (``textenv.slots.Slots``);
+3. the turn machinery (``textenv.turns.Turns``) says which turns and episodes
+   ended and what the environment appends; a single-turn episode is the case of
+   an interaction whose first reply ends it, so there is one end-of-episode path;
+4. the score of the episodes that ended: the reward model's (a
+   ``textenv.scorers.Scorer``), the missing-EOS penalty, the reward functions
+   (``textenv.reward_fns``) and a step reward;
+5. every KV cache takes the tokens of the episodes that go on, and the replies.
+
+Per frozen model the core keeps one KV cache shared by all slots
 (``textenv.lm.CachedStepper``): a step runs one forward over the N new tokens,
 never the whole context. A slot that starts a new prompt while others go on has
 its row of every cache recomputed and left-padded to the cache's current length.
-
-The score part of the reward comes from a scorer: ``SparseScorer`` (the reward
-model reads each finished episode once) or ``DenseScorer`` (it steps with the
-episodes and pays the change of score of every prefix).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,93 +32,15 @@ from torch import Tensor
 
 from textenv.config import TokenEnvConfig
 from textenv.info import REWARD_PREFIX, slot_info
-from textenv.lm import CachedStepper, pad_batch, sequence_scores, token_logprobs
+from textenv.lm import CachedStepper, pad_batch, token_logprobs
 from textenv.loading import Task
-from textenv.reward_fns import REWARD_MODEL_TERM
-from textenv.rewards import clip_score, non_score_reward, score_terms
-from textenv.turns import Turns
+from textenv.reward_fns import REWARD_MODEL_TERM, function_terms, step_rewards, weighted_sum
+from textenv.rewards import missing_eos_terms, non_score_reward
+from textenv.scorers import DenseScorer, build_scorer
+from textenv.slots import Slots
+from textenv.turns import Ends, SingleTurn, Turns
 
 LOGPROB_TOLERANCE = 1e-4  # log_softmax can round a little above 0 (bf16); a probability is far above
-
-
-Contexts = Callable[[], list[list[int]]]
-
-
-def start_rows(stepper: CachedStepper, num_slots: int, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts):
-    """Start ``rows`` of ``stepper`` on the left-padded prompts ``ids`` (K, W); all rows at the first start.
-
-    ``contexts()`` gives every slot's tokens (new prompts included), for caches rebuilt whole.
-    """
-    if stepper.cache is None or len(rows) == num_slots:
-        if len(rows) != num_slots:
-            raise RuntimeError("the first start of a stepper must cover every slot")
-        order = torch.argsort(rows.cpu())
-        stepper.prefill(ids[order], mask[order])
-    else:
-        stepper.start_rows(rows, ids, mask, contexts)
-
-
-class SparseScorer:
-    """The reward model reads prompt + response once, on the step the episode ends."""
-
-    def __init__(self, reward_model: torch.nn.Module, pad_token_id: int, config: TokenEnvConfig):
-        self.reward_model, self.pad_token_id, self.config = reward_model, pad_token_id, config
-
-    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
-        """Nothing to do: no prefix is scored."""
-
-    def step(
-        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
-    ) -> tuple[Tensor, Tensor]:
-        """(score term of this step's reward, raw score where an episode ended and NaN elsewhere), each (N,)."""
-        score = torch.full(tokens.shape, float("nan"), device=tokens.device)
-        rows = ended.nonzero()[:, 0]
-        if len(rows):
-            ids, mask = (
-                t.to(tokens.device) for t in pad_batch([sequence(r) for r in rows.tolist()], self.pad_token_id)
-            )
-            score[rows] = sequence_scores(self.reward_model, ids, mask)
-        clipped = clip_score(torch.where(ended, score, 0.0), self.config.score_clip)
-        return score_terms(clipped, ended, truncated, self.config.missing_eos_penalty), score
-
-
-class NoModelScorer:
-    """No reward model: the score is the reward functions' alone (0 here), the missing-EOS penalty still applies."""
-
-    def __init__(self, config: TokenEnvConfig):
-        self.config = config
-
-    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
-        """Nothing to do: no prefix is scored."""
-
-    def step(
-        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
-    ) -> tuple[Tensor, Tensor]:
-        zero = torch.zeros(tokens.shape, device=tokens.device)
-        score = torch.where(ended, zero, torch.full_like(zero, float("nan")))
-        return score_terms(zero, ended, truncated, self.config.missing_eos_penalty), score
-
-
-class DenseScorer:
-    """The reward model steps with the episodes (its own KV cache) and pays each prefix's change of score."""
-
-    def __init__(self, reward_model: torch.nn.Module, pad_token_id: int, config: TokenEnvConfig, num_slots: int):
-        self.stepper = CachedStepper(reward_model, pad_token_id, scores=True)
-        self.config, self.num_slots = config, num_slots
-        self.previous = torch.zeros(num_slots, device=self.stepper.device)  # clipped score of each slot's prefix
-
-    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
-        start_rows(self.stepper, self.num_slots, rows, ids, mask, contexts)
-        self.previous[rows] = clip_score(self.stepper.last[rows], self.config.score_clip)
-
-    def step(
-        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
-    ) -> tuple[Tensor, Tensor]:
-        current = self.stepper.advance(tokens, live)
-        clipped = clip_score(current, self.config.score_clip)
-        terms = score_terms(clipped, ended, truncated, self.config.missing_eos_penalty, previous=self.previous)
-        self.previous = torch.where(live, clipped, self.previous)
-        return terms, torch.where(ended, current, torch.full_like(current, float("nan")))
 
 
 def check_logprob_values(logprobs: Tensor, live: Tensor, what: str) -> Tensor:
@@ -126,48 +54,6 @@ def check_logprob_values(logprobs: Tensor, live: Tensor, what: str) -> Tensor:
             "logits instead of log-probs?)"
         )
     return logprobs
-
-
-class TextScorer:
-    """A reward model with its own tokenizer reads text: the prompt as given, then the decoded response.
-
-    Re-tokenized with the reward model's tokenizer (its own special tokens added as it
-    adds them) and scored by a plain forward: sparse on the step an episode ends, dense
-    on every step for every live episode (no KV cache: the tokens of a growing text
-    need not extend the previous tokens).
-    """
-
-    def __init__(self, reward_model, reward_tokenizer, config: TokenEnvConfig, num_slots: int, text, device):
-        self.reward_model, self.reward_tokenizer, self.config, self.text = reward_model, reward_tokenizer, config, text
-        self.dense = config.reward_mode == "dense"
-        self.previous = torch.zeros(num_slots, device=device)
-
-    def scores(self, rows: Tensor) -> Tensor:
-        """The reward model's score of each row's text, (K,)."""
-        texts = [self.text(row) for row in rows.tolist()]
-        encoded = [self.reward_tokenizer(text)["input_ids"] for text in texts]
-        pad = self.reward_tokenizer.pad_token_id if self.reward_tokenizer.pad_token_id is not None else 0
-        ids, mask = (t.to(rows.device) for t in pad_batch(encoded, pad))
-        return sequence_scores(self.reward_model, ids, mask)
-
-    def start(self, rows: Tensor, ids: Tensor, mask: Tensor, contexts: Contexts) -> None:
-        if self.dense:
-            self.previous[rows] = clip_score(self.scores(rows), self.config.score_clip)
-
-    def step(
-        self, tokens: Tensor, live: Tensor, ended: Tensor, truncated: Tensor, sequence: Callable[[int], list[int]]
-    ) -> tuple[Tensor, Tensor]:
-        score = torch.full(tokens.shape, float("nan"), device=tokens.device)
-        rows = (live if self.dense else ended).nonzero()[:, 0]
-        if len(rows):
-            score[rows] = self.scores(rows)
-        if not self.dense:
-            clipped = clip_score(torch.where(ended, score, 0.0), self.config.score_clip)
-            return score_terms(clipped, ended, truncated, self.config.missing_eos_penalty), score
-        current = torch.where(live, clip_score(score, self.config.score_clip), self.previous)
-        terms = score_terms(current, ended, truncated, self.config.missing_eos_penalty, previous=self.previous)
-        self.previous = current
-        return terms, torch.where(ended, score, torch.full_like(score, float("nan")))
 
 
 @dataclass
@@ -190,6 +76,7 @@ class TokenBatchCore:
     def __init__(self, config: TokenEnvConfig, task: Task, num_slots: int):
         self.config, self.num_slots = config, num_slots
         self.tokenizer, self.prompts, self.prompt_ids = task.tokenizer, task.prompts, task.prompt_ids
+        self.rows = task.rows
         self.reward_model, self.vocab_size = task.reward_model, task.vocab_size
         self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self.kl_coef = config.kl_coef
@@ -199,42 +86,27 @@ class TokenBatchCore:
         is_module = isinstance(config.policy, torch.nn.Module)
         self.policy = CachedStepper(config.policy, self.pad_token_id) if is_module else None
         self.policy_fn = None if is_module else config.policy
-        self.rows, self.reward_fns, self.step_reward_fn = task.rows, task.reward_fns, task.step_reward_fn
+        self.reward_fns, self.step_reward_fn = task.reward_fns, task.step_reward_fn
         self.accuracy = task.accuracy  # the reward function that checks answers, where the task has one
-        if task.reward_model is None:
-            self.scorer = NoModelScorer(config)
-        elif task.reward_tokenizer is not None:
-            self.conversations = task.conversations or [None] * len(self.prompts)
-            self.scorer = TextScorer(
-                self.reward_model, task.reward_tokenizer, config, num_slots, self.reward_text, self.device
-            )
-        elif config.reward_mode == "dense":
-            self.scorer = DenseScorer(self.reward_model, self.pad_token_id, config, num_slots)
-        else:
-            self.scorer = SparseScorer(self.reward_model, self.pad_token_id, config)
+        self.context_length = task.context_length or config.context_length
+        self.slots = Slots(self.tokenizer, self.prompts, self.prompt_ids, self.rows, num_slots, self.context_length)
+        self.multi_turn = task.interaction is not None
+        end_ids = (self.eos_token_id,) if task.end_of_turn_id is None else (task.end_of_turn_id, self.eos_token_id)
+        self.turns = Turns(task.interaction or SingleTurn(), end_ids, self.slots, config, self.vocab_size)
+        self.scorer = build_scorer(task, config, self.slots)
         for name, stepper in self.named_steppers():
             stepper.check_cache(self.eos_token_id, name)
-        self.context_length = task.context_length or config.context_length
-        self.input_ids = np.full((num_slots, self.context_length), self.pad_token_id, dtype=np.int64)
-        self.attention_mask = np.zeros((num_slots, self.context_length), dtype=np.int64)
-        self.prompt_index = np.zeros(num_slots, dtype=np.int64)
-        self.responses: list[list[int]] = [[] for _ in range(num_slots)]  # every token after the prompt
         self.done = np.ones(num_slots, dtype=bool)  # every slot needs a reset first
-        self.turns = Turns(task, config, self.tokenizer, num_slots) if task.interaction is not None else None
+
+    @property
+    def prompt_index(self) -> np.ndarray:
+        """(N,) the prompt each slot is on."""
+        return self.slots.prompt_index
 
     @property
     def steppers(self) -> list[CachedStepper]:
         """The causal LMs stepped with the context: the reference and, if given as a module, the policy."""
         return [self.reference] if self.policy is None else [self.reference, self.policy]
-
-    def _rebuild_windowed_caches(self) -> None:
-        """Caches that cannot be edited in place (sliding windows) are recomputed from every slot's tokens: the
-        masked column of a row that waited would otherwise take a real token's place in its window."""
-        stale = [stepper for _, stepper in self.named_steppers() if not stepper.editable]
-        if stale:
-            contexts = [self.sequence(row) for row in range(self.num_slots)]
-            for stepper in stale:
-                stepper.rebuild(contexts)
 
     def named_steppers(self) -> list[tuple[str, CachedStepper]]:
         """Every model the core steps with a KV cache, with the name of its argument."""
@@ -246,33 +118,123 @@ class TokenBatchCore:
     # ---------------------------------------------------------------- reset
     def reset(self, rows: np.ndarray, prompt_index: np.ndarray) -> None:
         """Start slots ``rows`` on prompts ``prompt_index`` (both (K,), K <= N)."""
-        prompts = [self.prompt_ids[i] for i in prompt_index]
-        for row, index, prompt in zip(rows, prompt_index, prompts):
-            self.prompt_index[row] = index
-            self.responses[row] = []
-            if self.turns is not None:
-                self.turns.reset(row)
+        for row, index in zip(rows, prompt_index):
+            self.slots.start(row, index)
+            self.turns.reset(row)
             self.done[row] = False
-            self.input_ids[row] = self.pad_token_id
-            self.attention_mask[row] = 0
-            self.input_ids[row, -len(prompt) :] = prompt
-            self.attention_mask[row, -len(prompt) :] = 1
         rows_t = torch.as_tensor(rows, device=self.device)
-        ids, mask = pad_batch(prompts, self.pad_token_id, side="left")
-        contexts = lambda: [self.sequence(row) for row in range(self.num_slots)]  # noqa: E731
+        ids, mask = pad_batch([self.prompt_ids[i] for i in prompt_index], self.pad_token_id, side="left")
         for stepper in self.steppers:
-            start_rows(stepper, self.num_slots, rows_t, ids, mask, contexts)
-        self.scorer.start(rows_t, ids, mask, contexts)
+            stepper.start(rows_t, ids, mask, self.slots.contexts)
+        self.scorer.start(rows_t, ids, mask)
 
     def observation(self) -> dict[str, np.ndarray]:
-        """The context of every slot, right-aligned (left-padded) in a window of ``context_length``; with an
-        interaction also ``agent_mask``, 1 on the tokens the agent wrote."""
-        observation = {"input_ids": self.input_ids.copy(), "attention_mask": self.attention_mask.copy()}
-        if self.turns is not None:
-            observation["agent_mask"] = self.turns.agent_mask.copy()
+        """The context of every slot, right-aligned (left-padded) in a window of ``context_length``; in episodes
+        of several turns also ``agent_mask``, 1 on the tokens the agent wrote."""
+        observation = {"input_ids": self.slots.input_ids.copy(), "attention_mask": self.slots.attention_mask.copy()}
+        if self.multi_turn:
+            observation["agent_mask"] = self.slots.agent_mask.copy()
         return observation
 
     # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, actions, logprobs=None, active: np.ndarray | None = None) -> StepResult:
+        """Advance every slot that has not ended (and is ``active``) by its action.
+
+        Other slots ignore their action, earn 0 and keep their state.
+        """
+        actions = self.check_actions(actions)
+        live = ~self.done if active is None else ~self.done & active
+        actions_t, live_t = torch.as_tensor(actions, device=self.device), torch.as_tensor(live, device=self.device)
+        logprobs, source = self._policy_logprobs(logprobs, actions_t, live_t)
+        ref_logprobs = token_logprobs(self.reference.last, actions_t, self.config.temperature)
+        non_score, kl = non_score_reward(ref_logprobs, logprobs, self.kl_coef)
+
+        self.slots.append(actions, live)
+        ends = self.turns.step(actions, live)
+        responses = {row: self.slots.response_text(row) for row in np.flatnonzero(ends.ended)}
+        terms, scored = self._score(actions_t, live_t, ends, responses)
+        self._advance_caches(actions_t, live, ends)
+
+        rewards = torch.where(live_t, non_score + terms, torch.zeros_like(non_score))
+        nan = torch.full_like(non_score, float("nan"))
+        infos = {
+            "ref_logprob": torch.where(live_t, ref_logprobs, nan),
+            "logprob": nan if logprobs is None else torch.where(live_t, logprobs, nan),
+            "kl": nan if kl is None else torch.where(live_t, kl, nan),
+            "non_score_reward": torch.where(live_t, non_score, torch.zeros_like(non_score)),
+            **scored,
+        }
+        if self.multi_turn:
+            infos["turn_reward"] = torch.as_tensor(ends.turn_reward, device=self.device, dtype=torch.float32)
+            rewards = rewards + torch.nan_to_num(infos["turn_reward"])
+        return StepResult(
+            rewards.cpu().numpy().astype(np.float64),
+            ends.terminated,
+            ends.truncated,
+            self._host_infos(infos, live, source, ends, responses),
+        )
+
+    def _score(
+        self, tokens: Tensor, live: Tensor, ends: Ends, responses: dict[int, str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """This step's score terms (N,), and the infos of the score: ``score``, each paying term's raw value
+        (``reward/<name>``) and the step reward."""
+        ended = torch.as_tensor(ends.ended, device=self.device)
+        terms, score = self.scorer.step(tokens, live, ended)
+        self._check_scores(terms, score, live, ended)
+        cut_off = torch.as_tensor(ends.cut_off, device=self.device)
+        terms = missing_eos_terms(terms, cut_off, self.config.missing_eos_penalty)
+        paid = {REWARD_MODEL_TERM: score} if self.reward_model is not None else {}
+        if self.reward_fns:
+            rows = np.flatnonzero(ends.ended)
+            paid |= function_terms(self.reward_fns, self.slots, rows, [responses[r] for r in rows], self.device)
+            weighted = weighted_sum(self.reward_fns, paid)
+            terms, score = terms + weighted, score + weighted
+        scored = {"score": score, **{REWARD_PREFIX + name: value for name, value in paid.items()}}
+        if self.step_reward_fn is not None:
+            scored["step_reward"] = step_rewards(self.step_reward_fn, self.slots, ends.live, self.device)
+            terms = terms + torch.nan_to_num(scored["step_reward"])
+        return terms, scored
+
+    def _advance_caches(self, tokens: Tensor, live: np.ndarray, ends: Ends) -> None:
+        """Every KV cache takes this step's tokens of the episodes that go on, then the environment's replies."""
+        continuing = torch.as_tensor(live & ~ends.ended, device=self.device)
+        if continuing.any():
+            for stepper in self.steppers:
+                stepper.advance(tokens, continuing)
+        for row, ids in ends.replies.items():
+            self.slots.append_reply(row, ids)
+        if ends.replies:
+            for stepper in self.steppers:
+                stepper.extend(ends.replies)
+        waited = ~live & ~self.done  # rows that sat this step out and go on (restarted ones, on NEXT_STEP)
+        self.done |= ends.ended
+        if waited.any() or ends.replies:  # replies: the rows without one waited while they were appended
+            self._rebuild_windowed_caches()
+
+    def _rebuild_windowed_caches(self) -> None:
+        """Caches that cannot be edited in place (sliding windows) are recomputed from every slot's tokens: the
+        masked column of a row that waited would otherwise take a real token's place in its window."""
+        stale = [stepper for _, stepper in self.named_steppers() if not stepper.editable]
+        if stale:
+            contexts = self.slots.contexts()
+            for stepper in stale:
+                stepper.rebuild(contexts)
+
+    def _host_infos(
+        self, infos: dict[str, Tensor], live: np.ndarray, source: str, ends: Ends, responses: dict[int, str]
+    ) -> dict[str, np.ndarray]:
+        """The step's infos as host arrays (N,): floats, the KL source, the response of each ended episode and,
+        in episodes of several turns, the environment's tokens."""
+        host = {key: value.cpu().numpy().astype(np.float64) for key, value in infos.items()}
+        if self.multi_turn:
+            replies = [ends.replies.get(r, []) for r in range(self.num_slots)]
+            host["env_tokens"] = np.array([*replies, None], dtype=object)[:-1]  # one list per slot
+        host["kl_source"] = np.array([source if alive else "" for alive in live], dtype=object)
+        host["response"] = np.array([responses.get(r) for r in range(self.num_slots)], dtype=object)
+        return host
+
     def check_actions(self, actions) -> np.ndarray:
         actions = np.asarray(actions)
         if actions.shape != (self.num_slots,):
@@ -299,7 +261,8 @@ class TokenBatchCore:
         return logprobs
 
     def _policy_logprobs(self, logprobs, actions: Tensor, live: Tensor) -> tuple[Tensor | None, str]:
-        """The acting policy's log-probs of ``actions`` and where they came from (see DESIGN.md's KL sources)."""
+        """The acting policy's log-probs of ``actions`` and where they came from: the caller, the env's policy,
+        or nowhere (``reference_only``)."""
         if logprobs is not None:
             return check_logprob_values(self.check_logprobs(logprobs), live, "logprobs passed to step()"), "caller"
         if self.policy is not None:
@@ -322,159 +285,18 @@ class TokenBatchCore:
             row = int(bad.nonzero()[0, 0])
             value = float(score[row]) if ended[row] else float(terms[row])
             raise ValueError(
-                f"the reward model scored slot {row}'s text {self.tokenizer.decode(self.sequence(row))!r} as {value}; "
+                f"the reward model scored slot {row}'s text {self.render_row(row)!r} as {value}; "
                 "a reward must be finite: check the reward model (its dtype, its inputs) before training on it"
             )
 
-    def _function_terms(self, ended: np.ndarray) -> dict[str, Tensor]:
-        """Each reward function's raw value for the episodes that ended this step (NaN elsewhere), (N,) each."""
-        rows = np.flatnonzero(ended)
-        values = {fn.name: torch.full((self.num_slots,), float("nan"), device=self.device) for fn in self.reward_fns}
-        if len(rows):
-            prompts = [self.prompt_text(r) for r in rows]
-            responses = [self.response_text(r) for r in rows]
-            ids = [list(self.responses[r]) for r in rows]
-            data = [self.rows[self.prompt_index[r]] for r in rows]
-            rows_t = torch.as_tensor(rows, device=self.device)
-            for fn in self.reward_fns:
-                values[fn.name][rows_t] = torch.as_tensor(fn(prompts, responses, ids, data), dtype=torch.float32)
-        return values
-
-    def _step_rewards(self, live: np.ndarray) -> Tensor | None:
-        """The step reward function's value for each live slot's newest token (NaN elsewhere), or None."""
-        if self.step_reward_fn is None:
-            return None
-        rows = np.flatnonzero(live)
-        values = torch.full((self.num_slots,), float("nan"), device=self.device)
-        if len(rows):
-            prompts = [self.prompt_text(r) for r in rows]
-            data = [self.rows[self.prompt_index[r]] for r in rows]
-            found = self.step_reward_fn(prompts, [list(self.responses[r]) for r in rows], data)
-            values[torch.as_tensor(rows, device=self.device)] = torch.as_tensor(found, dtype=torch.float32)
-        return values
-
-    def _append(self, actions: np.ndarray, live: np.ndarray) -> None:
-        """Append each live slot's action to its response; the window slides left by one token on live rows."""
-        for row in np.flatnonzero(live):
-            self.responses[row].append(int(actions[row]))
-        self.input_ids[live, :-1], self.input_ids[live, -1] = self.input_ids[live, 1:], actions[live]
-        self.attention_mask[live, :-1], self.attention_mask[live, -1] = self.attention_mask[live, 1:], 1
-        if self.turns is not None:
-            mask = self.turns.agent_mask
-            mask[live, :-1], mask[live, -1] = mask[live, 1:], 1
-
-    def _append_replies(self, replies: dict[int, list[int]]) -> None:
-        """Append each reply's tokens to its slot's context and to every KV cache (``CachedStepper.extend``)."""
-        for row, ids in replies.items():
-            self.responses[row].extend(ids)
-            self.turns.append_context(self, row, ids)
-        for stepper in self.steppers:
-            stepper.extend(replies)
-
-    def response_text(self, row: int) -> str:
-        """The response so far, decoded without special tokens. It is decoded after its prompt, so that a
-        word-initial space (which many tokenizers drop when decoding a continuation alone) is kept."""
-        prompt = self.prompt_ids[self.prompt_index[row]]
-        head = self.tokenizer.decode(prompt, skip_special_tokens=True)
-        whole = self.tokenizer.decode(prompt + self.responses[row], skip_special_tokens=True)
-        return whole[len(head) :] if whole.startswith(head) else self.tokenizer.decode(self.responses[row])
-
-    def reward_text(self, row: int) -> str:
-        """What a reward model with its own tokenizer reads: the conversation in that tokenizer's chat template
-        when the prompt is a conversation and it has one, else the prompt text as given and the response."""
-        messages = self.conversations[self.prompt_index[row]]
-        reward_tokenizer = self.scorer.reward_tokenizer
-        if messages is not None and reward_tokenizer.chat_template:
-            reply = {"role": "assistant", "content": self.response_text(row).strip()}
-            return reward_tokenizer.apply_chat_template([*messages, reply], tokenize=False)
-        return self.prompt_text(row) + self.response_text(row)
-
+    # ---------------------------------------------------------------- views
     def sequence(self, row: int) -> list[int]:
         """Prompt + response so far of slot ``row``, as token ids."""
-        return self.prompt_ids[self.prompt_index[row]] + self.responses[row]
+        return self.slots.sequence(row)
 
-    @torch.no_grad()
-    def step(self, actions, logprobs=None, active: np.ndarray | None = None) -> StepResult:
-        """Advance every slot that has not ended (and is ``active``) by its action.
-
-        Other slots ignore their action, earn 0 and keep their state.
-        """
-        actions = self.check_actions(actions)
-        live = ~self.done if active is None else ~self.done & active
-        actions_t, live_t = torch.as_tensor(actions, device=self.device), torch.as_tensor(live, device=self.device)
-        lp, source = self._policy_logprobs(logprobs, actions_t, live_t)
-        ref_lp = token_logprobs(self.reference.last, actions_t, self.config.temperature)
-        non_score, kl = non_score_reward(ref_lp, lp, self.kl_coef)
-
-        self._append(actions, live)
-        if self.turns is None:
-            lengths = np.array([len(r) for r in self.responses])
-            terminated = live & (actions == self.eos_token_id)
-            truncated = live & ~terminated & (lengths >= self.config.max_new_tokens)
-            replies, turn_reward = {}, None
-        else:
-            terminated, truncated, replies, turn_reward = self.turns.step(self, actions, live)
-        ended = terminated | truncated
-        ended_t, truncated_t = (
-            torch.as_tensor(ended, device=self.device),
-            torch.as_tensor(truncated, device=self.device),
-        )
-        terms, score = self.scorer.step(actions_t, live_t, ended_t, truncated_t, self.sequence)
-        self._check_scores(terms, score, live_t, ended_t)
-        paid = {REWARD_MODEL_TERM: score} if self.reward_model is not None else {}
-        if self.reward_fns:
-            paid |= self._function_terms(ended)
-            weighted = sum(fn.weight * torch.nan_to_num(paid[fn.name]) for fn in self.reward_fns)
-            terms, score = terms + weighted, score + weighted
-        step_reward = self._step_rewards(live)
-        if step_reward is not None:
-            terms = terms + torch.nan_to_num(step_reward)
-
-        continuing = live_t & ~ended_t
-        if continuing.any():
-            for stepper in self.steppers:
-                stepper.advance(actions_t, continuing)
-        if replies:
-            self._append_replies(replies)
-        waited = ~live & ~self.done  # rows that sat this step out and go on (restarted ones, on NEXT_STEP)
-        self.done |= ended
-        if waited.any() or replies:  # replies: the rows without one waited while they were appended
-            self._rebuild_windowed_caches()
-
-        zero, nan = torch.zeros_like(non_score), torch.full_like(non_score, float("nan"))
-        rewards = torch.where(live_t, non_score + terms, zero)
-        if turn_reward is not None:
-            turn_reward = torch.as_tensor(turn_reward, device=self.device, dtype=torch.float32)
-            rewards = rewards + torch.nan_to_num(turn_reward)
-        infos = {
-            "ref_logprob": torch.where(live_t, ref_lp, nan),
-            "logprob": nan if lp is None else torch.where(live_t, lp, nan),
-            "kl": nan if kl is None else torch.where(live_t, kl, nan),
-            "non_score_reward": torch.where(live_t, non_score, zero),
-            "score": score,
-            **{REWARD_PREFIX + name: value for name, value in paid.items()},
-        }
-        if step_reward is not None:
-            infos["step_reward"] = step_reward
-        if turn_reward is not None:
-            infos["turn_reward"] = turn_reward
-        infos = {key: value.cpu().numpy().astype(np.float64) for key, value in infos.items()}
-        if self.turns is not None:
-            infos["env_tokens"] = np.array([replies.get(r, []) for r in range(self.num_slots)] + [None], object)[:-1]
-        infos["kl_source"] = np.array([source if alive else "" for alive in live], dtype=object)
-        infos["response"] = np.array(
-            [
-                self.tokenizer.decode(self.responses[r], skip_special_tokens=True) if ended[r] else None
-                for r in range(self.num_slots)
-            ],
-            dtype=object,
-        )
-        return StepResult(rewards.cpu().numpy().astype(np.float64), terminated, truncated, infos)
-
-    # ---------------------------------------------------------------- views
     def prompt_text(self, row: int) -> str:
-        return self.prompts[self.prompt_index[row]]
+        return self.slots.prompt_text(row)
 
     def render_row(self, row: int) -> str:
         """The decoded context of slot ``row``: prompt, then response so far (special tokens shown)."""
-        return self.tokenizer.decode(self.sequence(row))
+        return self.tokenizer.decode(self.slots.sequence(row))

@@ -26,7 +26,7 @@ def observation_space(core: TokenBatchCore) -> spaces.Dict:
         "input_ids": spaces.Box(0, core.vocab_size - 1, shape=shape, dtype=np.int64),
         "attention_mask": spaces.Box(0, 1, shape=shape, dtype=np.int64),
     }
-    if core.turns is not None:  # episodes of several turns: which tokens the agent wrote
+    if core.multi_turn:  # episodes of several turns: which tokens the agent wrote
         keys["agent_mask"] = spaces.Box(0, 1, shape=shape, dtype=np.int64)
     return spaces.Dict(keys)
 

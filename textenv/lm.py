@@ -315,6 +315,20 @@ class CachedStepper:
             self.advance(tokens.to(self.device), has.to(self.device))
         return self.last
 
+    def start(
+        self, rows: Tensor, input_ids: Tensor, attention_mask: Tensor, contexts: Callable[[], list[list[int]]]
+    ) -> None:
+        """Start rows ``rows`` (K,) on the left-padded prompts (K, W); ``contexts()`` gives every row's tokens,
+        new prompts included. The first start must cover every row (a prefill); later ones start some
+        (``start_rows``) or all (a prefill again)."""
+        if self.cache is None or len(rows) == len(self.mask):
+            if self.cache is not None or len(rows) == len(contexts()):
+                order = torch.argsort(rows.cpu())
+                self.prefill(input_ids[order], attention_mask[order])
+                return
+            raise RuntimeError("the first start of a stepper must cover every row")
+        self.start_rows(rows, input_ids, attention_mask, contexts)
+
     def start_rows(
         self, rows: Tensor, input_ids: Tensor, attention_mask: Tensor, contexts: Callable[[], list[list[int]]]
     ) -> None:

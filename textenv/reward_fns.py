@@ -40,6 +40,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from textenv.slots import Slots
 
 RewardFnLike = Callable | str
 RewardFnsLike = Sequence[RewardFnLike] | Mapping[str, RewardFnLike] | Callable | str
@@ -104,6 +108,41 @@ class StepRewardFunction:
             for p, ids, row in zip(prompts, response_ids, rows)
         ]
         return np.array([check_value(self.name, v, f"the response ids {ids}") for v, ids in zip(values, response_ids)])
+
+
+def function_terms(
+    reward_fns: Sequence[RewardFunction], slots: Slots, rows: np.ndarray, responses: list[str], device
+) -> dict[str, Tensor]:
+    """Each function's raw value for the episodes ``rows`` that ended this step (NaN elsewhere), (N,) each.
+
+    ``responses``: the ended episodes' response texts (``Slots.response_text``), in the order of ``rows``.
+    """
+    values = {fn.name: torch.full((slots.num_slots,), float("nan"), device=device) for fn in reward_fns}
+    if len(rows):
+        prompts = [slots.prompt_text(r) for r in rows]
+        ids = [list(slots.responses[r]) for r in rows]
+        data = [slots.row(r) for r in rows]
+        index = torch.as_tensor(rows, device=device)
+        for fn in reward_fns:
+            found = fn(prompts, responses, ids, data)
+            values[fn.name][index] = torch.as_tensor(found, dtype=torch.float32, device=device)
+    return values
+
+
+def weighted_sum(reward_fns: Sequence[RewardFunction], values: dict[str, Tensor]) -> Tensor:
+    """sum_i weight_i * f_i over the functions (0 where a function has no value)."""
+    return sum(fn.weight * torch.nan_to_num(values[fn.name]) for fn in reward_fns)
+
+
+def step_rewards(step_fn: StepRewardFunction, slots: Slots, live: np.ndarray, device) -> Tensor:
+    """The step reward function's value for each live slot's newest token (NaN elsewhere), (N,)."""
+    rows = np.flatnonzero(live)
+    values = torch.full((slots.num_slots,), float("nan"), device=device)
+    if len(rows):
+        prompts = [slots.prompt_text(r) for r in rows]
+        found = step_fn(prompts, [list(slots.responses[r]) for r in rows], [slots.row(r) for r in rows])
+        values[torch.as_tensor(rows, device=device)] = torch.as_tensor(found, dtype=torch.float32, device=device)
+    return values
 
 
 def call(name: str, fn: Callable, **arguments):

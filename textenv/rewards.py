@@ -35,24 +35,21 @@ def clip_score(score: Tensor, score_clip: float | None) -> Tensor:
     return score if score_clip is None else score.clamp(-score_clip, score_clip)
 
 
-def score_terms(
-    final: Tensor,
-    ended: Tensor,
-    truncated: Tensor,
-    missing_eos_penalty: float | None,
-    previous: Tensor | None = None,
-) -> Tensor:
+def score_terms(final: Tensor, ended: Tensor, previous: Tensor | None = None) -> Tensor:
     """The score part of this step's reward, per slot. All tensors (N,).
 
     Sparse (``previous`` is None): ``final`` (the clipped score) where the episode
     ``ended`` this step, else 0. Dense: ``final - previous``, the change of the
-    clipped prefix score. Either way, episodes cut off at ``max_new_tokens`` without
-    EOS (``truncated``) lose ``missing_eos_penalty`` on their last step.
+    clipped prefix score.
     """
     if previous is None:
-        terms = torch.where(ended, final, torch.zeros_like(final))
-    else:
-        terms = final - previous
-    if missing_eos_penalty:
-        terms = terms - missing_eos_penalty * truncated.to(terms.dtype)
-    return terms
+        return torch.where(ended, final, torch.zeros_like(final))
+    return final - previous
+
+
+def missing_eos_terms(terms: Tensor, cut_off: Tensor, missing_eos_penalty: float | None) -> Tensor:
+    """``terms`` less ``missing_eos_penalty`` where the episode was ``cut_off`` (its last turn reached
+    ``max_new_tokens`` before EOS or its end-of-turn token); unchanged without a penalty."""
+    if not missing_eos_penalty:
+        return terms
+    return terms - missing_eos_penalty * cut_off.to(terms.dtype)

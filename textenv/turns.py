@@ -37,6 +37,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from textenv.slots import Slots
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -93,71 +95,101 @@ def check_reply(reply, name: str) -> Reply:
     return reply
 
 
-class Turns:
-    """The turn state of N slots: where each agent turn began, how many have ended, which tokens are the agent's.
+class SingleTurn:
+    """The interaction of a single-turn episode: the agent's first turn ends it (terminated)."""
 
-    The core calls ``step`` after appending the agent's tokens: it finds the turns
+    def respond(self, turn: Turn) -> Reply:
+        return Reply(done=True)
+
+
+@dataclass
+class Ends:
+    """How one step ended episodes and turns, per slot (arrays of shape (N,))."""
+
+    live: np.ndarray
+    """The slots that took this step."""
+    terminated: np.ndarray
+    """The task ended the episode: its last turn ended (EOS, end-of-turn token, stop string) and the interaction
+    said ``done``."""
+    truncated: np.ndarray
+    """A limit outside the task ended it: a turn reached ``max_new_tokens``, or a reply came after the last turn."""
+    cut_off: np.ndarray
+    """The episode's last turn was cut at ``max_new_tokens`` before it ended: no EOS (or end-of-turn token) was
+    written. Only these pay ``missing_eos_penalty``."""
+    replies: dict[int, list[int]]
+    """The environment's tokens to append, by slot."""
+    turn_reward: np.ndarray
+    """Each ended turn's reward (NaN where no turn ended)."""
+
+    @property
+    def ended(self) -> np.ndarray:
+        return self.terminated | self.truncated
+
+
+class Turns:
+    """The turn state of N slots: where each agent turn began and how many have ended.
+
+    ``step`` runs after the core has appended the agent's tokens: it finds the turns
     that ended, asks the interaction, and says which episodes ended and what to append.
+    A single-turn episode is the case of ``SingleTurn``, whose reply ends the episode.
     """
 
-    def __init__(self, task, config, tokenizer, num_slots: int):
-        self.interaction, self.end_of_turn_id = task.interaction, task.end_of_turn_id
-        self.name = type(self.interaction).__name__
-        self.tokenizer, self.config, self.vocab_size = tokenizer, config, task.vocab_size
-        self.agent_mask = np.zeros((num_slots, task.context_length), dtype=np.int64)  # 1: the agent wrote it
-        self.turn_start = np.zeros(num_slots, dtype=np.int64)  # index in the response where the turn began
-        self.turn_index = np.zeros(num_slots, dtype=np.int64)  # agent turns ended so far
-        self.segments: list[list[tuple[str, list[int]]]] = [[] for _ in range(num_slots)]  # earlier turns
+    def __init__(self, interaction: Interaction, end_ids: tuple[int, ...], slots: Slots, config, vocab_size: int):
+        self.interaction, self.end_ids, self.slots = interaction, np.array(end_ids), slots
+        self.name = type(interaction).__name__
+        self.tokenizer, self.vocab_size = slots.tokenizer, vocab_size
+        self.max_new_tokens, self.max_turns, self.max_env_tokens = (
+            config.max_new_tokens,
+            config.max_turns,
+            config.max_env_tokens,
+        )
+        self.stop_strings = tuple(config.stop_strings)
+        self.turn_start = np.zeros(slots.num_slots, dtype=np.int64)  # index in the response where the turn began
+        self.turn_index = np.zeros(slots.num_slots, dtype=np.int64)  # agent turns ended so far
+        self.segments: list[list[tuple[str, list[int]]]] = [[] for _ in range(slots.num_slots)]  # earlier turns
 
     def reset(self, row: int) -> None:
-        self.agent_mask[row] = 0
         self.turn_start[row] = self.turn_index[row] = 0
         self.segments[row] = []
 
-    def _ends_turn(self, core, row: int, action: int) -> bool:
-        if action in (self.end_of_turn_id, core.eos_token_id):
-            return True
-        if not self.config.stop_strings:
-            return False
-        text = self.tokenizer.decode(core.responses[row][self.turn_start[row] :], skip_special_tokens=True)
-        return text.endswith(tuple(self.config.stop_strings))
+    def step(self, actions: np.ndarray, live: np.ndarray) -> Ends:
+        """The ends of this step's turns and episodes; ``actions`` are already appended to the live slots."""
+        ends_turn = live & np.isin(actions, self.end_ids)
+        if self.stop_strings:
+            for row in np.flatnonzero(live & ~ends_turn):
+                ends_turn[row] = self._text(row).endswith(self.stop_strings)
+        cut_off = live & ~ends_turn & (self.slots.lengths - self.turn_start >= self.max_new_tokens)
+        ends = Ends(live, np.zeros_like(live), cut_off.copy(), cut_off, {}, np.full(len(live), np.nan))
+        for row in np.flatnonzero(ends_turn):
+            reply = check_reply(self.interaction.respond(self._turn(row)), self.name)
+            ends.turn_reward[row] = reply.reward
+            self.segments[row].append(("agent", self.slots.responses[row][self.turn_start[row] :]))
+            self.turn_index[row] += 1
+            if reply.done:
+                ends.terminated[row] = True
+            elif self.turn_index[row] >= self.max_turns:
+                ends.truncated[row] = True  # the interaction would go on: a limit outside the task ends it
+            else:
+                ends.replies[row] = self._reply_ids(reply)
+                self.segments[row].append(("env", ends.replies[row]))
+                self.turn_start[row] = self.slots.lengths[row] + len(ends.replies[row])
+        return ends
 
-    def _turn(self, core, row: int) -> Turn:
-        ids = core.responses[row][self.turn_start[row] :]
+    def _text(self, row: int) -> str:
+        return self.tokenizer.decode(self.slots.responses[row][self.turn_start[row] :], skip_special_tokens=True)
+
+    def _turn(self, row: int) -> Turn:
+        ids = self.slots.responses[row][self.turn_start[row] :]
         history = [(who, self.tokenizer.decode(tokens, skip_special_tokens=True)) for who, tokens in self.segments[row]]
         return Turn(
-            prompt=core.prompt_text(row),
-            row=dict(core.rows[core.prompt_index[row]]),
-            context_ids=core.sequence(row),
+            prompt=self.slots.prompt_text(row),
+            row=self.slots.row(row),
+            context_ids=self.slots.sequence(row),
             turn_ids=list(ids),
-            turn_text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            turn_text=self._text(row),
             index=int(self.turn_index[row]),
             history=history,
         )
-
-    def step(self, core, actions: np.ndarray, live: np.ndarray):
-        """(terminated, truncated, {row: reply token ids}, turn rewards (NaN where no turn ended)) of this step."""
-        terminated, truncated = np.zeros_like(live), np.zeros_like(live)
-        replies: dict[int, list[int]] = {}
-        turn_reward = np.full(len(live), np.nan)
-        for row in np.flatnonzero(live):
-            if not self._ends_turn(core, row, int(actions[row])):
-                turn_length = len(core.responses[row]) - self.turn_start[row]
-                truncated[row] = turn_length >= self.config.max_new_tokens
-                continue
-            reply = check_reply(self.interaction.respond(self._turn(core, row)), self.name)
-            turn_reward[row] = reply.reward
-            self.segments[row].append(("agent", core.responses[row][self.turn_start[row] :]))
-            self.turn_index[row] += 1
-            if reply.done:
-                terminated[row] = True
-            elif self.turn_index[row] >= self.config.max_turns:
-                truncated[row] = True  # the interaction would go on: a limit outside the task ends it
-            else:
-                replies[row] = self._reply_ids(reply)
-                self.segments[row].append(("env", replies[row]))
-                self.turn_start[row] = len(core.responses[row]) + len(replies[row])
-        return terminated, truncated, replies, turn_reward
 
     def _reply_ids(self, reply: Reply) -> list[int]:
         if reply.token_ids is not None:
@@ -166,20 +198,11 @@ class Turns:
             ids = self.tokenizer(reply.text, split_special_tokens=True, add_special_tokens=False)["input_ids"]
         else:
             ids = []
-        if len(ids) > self.config.max_env_tokens:
+        if len(ids) > self.max_env_tokens:
             raise ValueError(
                 f"interaction {self.name} replied with {len(ids)} tokens, more than max_env_tokens="
-                f"{self.config.max_env_tokens}; raise max_env_tokens or shorten the reply"
+                f"{self.max_env_tokens}; raise max_env_tokens or shorten the reply"
             )
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"interaction {self.name} replied with token ids outside 0..{self.vocab_size - 1}: {ids}")
         return ids
-
-    def append_context(self, core, row: int, ids: list[int]) -> None:
-        """Slide slot ``row``'s window left by ``len(ids)`` and put the reply's tokens at its end (agent_mask 0)."""
-        k = len(ids)
-        if k == 0:
-            return
-        for window, values in ((core.input_ids, ids), (core.attention_mask, 1), (self.agent_mask, 0)):
-            window[row, :-k] = window[row, k:].copy()
-            window[row, -k:] = values

@@ -61,7 +61,9 @@ def test_rollout_stops_at_eos_and_masks_what_follows(env):
         assert (taken[-1] == tokenizer.eos_token_id) == bool(rollout.terminated[row])
         assert tokenizer.eos_token_id not in taken[:-1]
         assert rollout.rewards[row][~rollout.mask[row]].eq(0).all()
-        assert tokenizer.decode(taken, skip_special_tokens=True) == rollout.responses[row]
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist()
+        whole, head = (tokenizer.decode(ids, skip_special_tokens=True) for ids in (prompt + taken, prompt))
+        assert rollout.responses[row] == whole[len(head) :]  # decoded after the prompt, as reward functions read it
 
 
 @pytest.mark.parametrize("share_backbone", [True, False])

@@ -2,7 +2,7 @@
 
 Every finished episode is replayed through plain full-sequence forwards of the
 reference and reward models (no cache, no padding, batch of one), and each
-per-step reward is rebuilt from the formula of DESIGN.md.
+per-step reward is rebuilt from the formula in docs/design.md (r_t = -beta * kl_t + score term).
 """
 
 import numpy as np

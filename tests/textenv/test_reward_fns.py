@@ -88,12 +88,29 @@ def test_reward_model_plus_weighted_functions_on_one_env(make_env, tokenizer):
         prompt_ids = env.unwrapped.core.prompt_ids[reset_info["prompt_index"]]
         rm_score = uncached_score(reward_model, prompt_ids + actions)
         length = length_reward("", "", actions, reset_info["row"])
-        space = float(env.unwrapped.core.response_text(0).startswith(" "))
+        space = float(last["response"].startswith(" "))  # info's response is the one the functions read
         assert last["reward/reward_model"] == pytest.approx(rm_score, abs=1e-5)
         assert last["reward/length"] == pytest.approx(length)  # raw, unweighted
         assert last["reward/space"] == space
         assert last["score"] == pytest.approx(rm_score + 0.5 * length + 2.0 * space, abs=1e-5)
         assert steps[-1][1] == pytest.approx(last["non_score_reward"] + last["score"], abs=1e-5)
+
+
+def test_info_response_is_the_text_the_reward_functions_read(make_env, tokenizer):
+    seen = []
+
+    def record(response, **kwargs):
+        seen.append(response)
+        return 0.0
+
+    env = make_env(reward_fns=[record], prompts=ROWS, max_new_tokens=5)
+    for seed in range(4):
+        reset_info, steps = run_episode(env, seed)
+        prompt_ids = env.unwrapped.core.prompt_ids[reset_info["prompt_index"]]
+        whole = tokenizer.decode(prompt_ids + [a for a, _, _ in steps], skip_special_tokens=True)
+        head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        assert steps[-1][2]["response"] == seen[-1] == whole[len(head) :]  # decoded after the prompt: its space kept
+    assert any(text.startswith(" ") for text in seen)  # the case a bare decode of the response would get wrong
 
 
 def test_batched_function_scores_every_episode_that_ended_in_one_call(make_vec):

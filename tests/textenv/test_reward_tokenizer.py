@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
-from textenv.core import SparseScorer, TextScorer
+from textenv.scorers import SparseScorer, TextScorer
 from textenv.default_task import POLICY_DIR
 
 PROMPTS = ["I thought the plot was", "The acting felt", "Honestly this film"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from textenv.rewards import clip_score, non_score_reward, score_terms
+from textenv.rewards import clip_score, missing_eos_terms, non_score_reward, score_terms
 
 
 def close(actual, expected):
@@ -43,21 +43,16 @@ def test_clip_score_clips_both_sides():
 
 
 # --------------------------------------------------------------------------- score terms
-# four slots: 0 ends by EOS, 1 goes on, 2 is cut off at max_new_tokens (ended and truncated), 3 ends by EOS
+# four slots: 0 ends by EOS, 1 goes on, 2 is cut off at max_new_tokens (ended, no EOS), 3 ends by EOS
 FINAL = [1.5, -2.0, 0.25, 3.0]
 ENDED = [True, False, True, True]
-TRUNCATED = [False, False, True, False]
+CUT_OFF = [False, False, True, False]
 PREVIOUS = [1.0, -1.0, 0.75, 3.0]
 
 
 def terms(penalty, previous=None):
-    return score_terms(
-        torch.tensor(FINAL),
-        torch.tensor(ENDED),
-        torch.tensor(TRUNCATED),
-        penalty,
-        None if previous is None else torch.tensor(previous),
-    )
+    found = score_terms(torch.tensor(FINAL), torch.tensor(ENDED), None if previous is None else torch.tensor(previous))
+    return missing_eos_terms(found, torch.tensor(CUT_OFF), penalty)
 
 
 def test_sparse_score_terms_give_the_score_only_where_the_episode_ended():
@@ -65,7 +60,7 @@ def test_sparse_score_terms_give_the_score_only_where_the_episode_ended():
     close(terms(0.0), [1.5, 0.0, 0.25, 3.0])  # a zero penalty is no penalty
 
 
-def test_sparse_missing_eos_penalty_only_on_truncated_rows():
+def test_sparse_missing_eos_penalty_only_on_cut_off_rows():
     close(terms(1.0), [1.5, 0.0, -0.75, 3.0])  # 0.25 - 1.0 on slot 2 only
 
 
@@ -73,6 +68,6 @@ def test_dense_score_terms_are_final_minus_previous_on_every_row():
     close(terms(None, PREVIOUS), [0.5, -1.0, -0.5, 0.0])  # slot 1 (not ended) gets its change too
 
 
-def test_dense_missing_eos_penalty_only_on_truncated_rows():
+def test_dense_missing_eos_penalty_only_on_cut_off_rows():
     close(terms(1.0, PREVIOUS), [0.5, -1.0, -1.5, 0.0])  # -0.5 - 1.0 on slot 2 only
     close(terms(0.25, PREVIOUS), [0.5, -1.0, -0.75, 0.0])

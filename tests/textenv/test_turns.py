@@ -243,6 +243,28 @@ def test_limits_truncate_and_done_terminates(make_env):
     assert terminated and not truncated and info["turn_reward"] == 2.0
 
 
+def test_missing_eos_penalty_only_where_a_turn_was_cut_off(make_env):
+    """Ending the last allowed turn with EOS truncates the episode (the interaction would go on) but writes
+    EOS: no penalty. A turn cut at max_new_tokens pays it, in a single-turn episode as in a multi-turn one."""
+    nothing = [lambda **kwargs: 0.0]  # the score is 0: what is paid is the penalty alone
+    eos, settings = 2, dict(max_new_tokens=3, max_turns=2, missing_eos_penalty=1.0, kl_coef=0.0, reward_fns=nothing)
+    env = make_env(interaction=Fixed(Reply(text=" and")), **settings)
+    env.reset(seed=0)
+    assert env.step(eos)[1] == 0.0
+    _, reward, terminated, truncated, _ = env.step(eos)
+    assert truncated and not terminated and reward == 0.0
+    env.reset(seed=0)
+    env.step(eos)
+    rewards = [env.step(7)[1] for _ in range(3)]  # the second turn runs into max_new_tokens
+    assert rewards == [0.0, 0.0, -1.0]
+    single = make_env(**settings)
+    single.reset(seed=0)
+    assert [single.step(7)[1] for _ in range(3)] == [0.0, 0.0, -1.0]
+    single.reset(seed=0)
+    _, reward, terminated, truncated, _ = single.step(eos)
+    assert terminated and not truncated and reward == 0.0
+
+
 def test_stop_strings_and_an_end_of_turn_token_end_a_turn(make_env):
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
     good = tokenizer(" good", add_special_tokens=False)["input_ids"]
