@@ -16,8 +16,8 @@ from agents.logger import summary
 from agents.train import TrainingStopped, cli, train
 
 
-def main() -> None:
-    config = cli(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    config = cli(argv, description=__doc__)
     hf_logging.disable_progress_bar()
     try:
         final = train(config)

@@ -50,8 +50,8 @@ def make_vec():
 
 @pytest.fixture(autouse=True)
 def restore_torch_threads():
-    """Each test starts with the process's thread count: a script's ``main()`` run in-process sets its own, and
-    a later test comparing results computed here and in a subprocess needs both summed in the same order."""
+    """Each test starts with the process's thread count: an example or a command run in-process may set its own
+    (the examples and the calculator's report take one thread), and no later result may depend on that."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
 """The examples in examples/ run, and the numbers they print are consistent.
 
-Each example runs in a subprocess with its smallest settings, all into one output
+Each example runs in this process, as ``python examples/<script>`` would run it (the
+way examples/walkthrough.py runs them), with its smallest settings, all into one output
 directory (so the warm agent they share is trained once). The checks read the JSON
 each example writes and recompute its table independently: rewards from the KL
 term and the score, returns and GAE with a hand-written recursion, TD errors,
@@ -9,7 +10,7 @@ clipped objectives and losses; and they check that the figures are real PNGs.
 
 import json
 import math
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -19,20 +20,17 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    return tmp_path_factory.mktemp("examples")
+@pytest.fixture
+def out(examples_out):
+    return examples_out
 
 
-def run(out: Path, script: str, *extra: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--out", str(out), *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result.stdout
+def run(out: Path, script: str, *extra: str) -> None:
+    """Run examples/<script> in this process, as ``python examples/<script> --out OUT <extra>`` would."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [str(EXAMPLES / script), "--out", str(out), *extra])
+        patch.syspath_prepend(str(EXAMPLES))  # the examples import their shared helpers as `common`
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
 
 
 def load(out: Path, name: str) -> dict:
@@ -285,7 +283,6 @@ def test_11_critic_loss(out):
     assert_png(out / "11_critic_loss.png")
 
 
-@pytest.mark.slow
 def test_12_train_end_to_end(out):
     run(out, "12_train_end_to_end.py", "--iterations", "3", "--batch-size", "8", "--eval-episodes", "8",
         "--samples", "2")  # fmt: skip

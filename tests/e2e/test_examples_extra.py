@@ -1,6 +1,6 @@
 """The examples beyond the twelve-step walk: 13 (what goes wrong) and 14 (PPO, RLOO, GRPO).
 
-As in test_examples.py, each example runs in a subprocess and the checks recompute
+As in test_examples.py, each example runs in this process and the checks recompute
 its numbers from the JSON it writes: the three advantages of one batch by hand,
 and the gallery's runs against what each panel claims.
 """
@@ -12,9 +12,9 @@ import pytest
 from tests.e2e.test_examples import assert_png, close, gae, load, run
 
 
-@pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    return tmp_path_factory.mktemp("examples_extra")
+@pytest.fixture
+def out(examples_out):
+    return examples_out
 
 
 def test_14_ppo_grpo_rloo(out):

@@ -13,3 +13,14 @@ def test_readme_python_blocks_run():
     namespace: dict = {}
     for block in runnable:  # one namespace, in order, as a reader pastes them
         exec(compile(block, str(README), "exec"), namespace)
+
+
+def test_readme_reset_comment_shows_the_prompt_reset_gives():
+    import gymnasium as gym
+
+    import textenv  # noqa: F401  (registers TokenRLHF-v0)
+
+    shown = re.search(r'env\.reset\(seed=0\)  # info\["prompt"\]: "(.*?)"', README.read_text())
+    assert shown is not None
+    _, info = gym.make("TokenRLHF-v0", device="cpu").reset(seed=0)
+    assert info["prompt"] == shown.group(1)

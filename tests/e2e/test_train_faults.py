@@ -1,15 +1,18 @@
-"""The trainer under faults and bad input: NaN updates, changed settings on --resume, foreign run directories."""
+"""The trainer under faults and bad input: NaN updates, changed settings on --resume, foreign run directories.
+
+The command line is called in-process (``agents.__main__.main(argv)``): its refusals are ``SystemExit(2)`` with a
+one-line message on stderr; a traceback would escape as the exception itself.
+"""
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import agents.ppo
+from agents.__main__ import main
 from agents.train import TrainConfig, train
 
 
@@ -33,8 +36,8 @@ def poison_updates(monkeypatch, iterations: set[int], steps_per_iteration: int):
     calls = {"n": 0}
     per_update = steps_per_iteration + 1  # the no-grad re-score, then one forward per step
 
-    def score_rollout(agent, rollout, temperature, autocast=None, pack=True):
-        scored = real(agent, rollout, temperature, autocast, pack)
+    def score_rollout(*args, **kwargs):
+        scored = real(*args, **kwargs)
         calls["n"] += 1
         iteration, position = divmod(calls["n"] - 1, per_update)
         if iteration in iterations and position > 0 and torch.is_grad_enabled():
@@ -82,14 +85,15 @@ def test_resume_refuses_changed_settings_and_allows_the_run_length(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["iterations"] == 3
 
 
-def test_the_resume_command_takes_the_saved_settings(tmp_path):
+def test_the_resume_command_takes_the_saved_settings(tmp_path, capsys):
     train(tiny_config(tmp_path / "run", iterations=2))
-    base = [sys.executable, "-m", "agents", "--run-dir", str(tmp_path / "run"), "--resume", "--no-progress"]
-    refused = subprocess.run([*base, "--max-new-tokens", "9"], capture_output=True, text=True)
-    assert refused.returncode == 2
-    assert "max_new_tokens: 6 -> 9" in refused.stderr and "Traceback" not in refused.stderr
-    resumed = subprocess.run([*base, "--iterations", "3"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    base = ["--run-dir", str(tmp_path / "run"), "--resume", "--no-progress"]
+    with pytest.raises(SystemExit) as refused:
+        main([*base, "--max-new-tokens", "9"])
+    assert refused.value.code == 2
+    assert "max_new_tokens: 6 -> 9" in capsys.readouterr().err
+    main([*base, "--iterations", "3"])
+    assert "final policy:" in capsys.readouterr().out
     assert [r["iteration"] for r in rows(tmp_path / "run") if "env/score" in r] == [0, 1, 2]
 
 
@@ -125,13 +129,13 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path):
         (["--policy", "/no/such/policy"], "--policy '/no/such/policy' is not a directory"),
     ],
 )
-def test_bad_command_line_values_name_the_flag_and_make_nothing(tmp_path, flags, message):
-    out = subprocess.run(
-        [sys.executable, "-m", "agents", "--run-dir", str(tmp_path / "run"), *flags], capture_output=True, text=True
-    )
-    assert out.returncode == 2
-    flat = " ".join(out.stderr.replace("│", " ").split())
-    assert re.search(message, flat), out.stderr
+def test_bad_command_line_values_name_the_flag_and_make_nothing(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as refused:
+        main(["--run-dir", str(tmp_path / "run"), *flags])
+    assert refused.value.code == 2
+    stderr = capsys.readouterr().err
+    flat = " ".join(stderr.replace("│", " ").split())
+    assert re.search(message, flat), stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -139,20 +143,16 @@ def test_bad_command_line_values_name_the_flag_and_make_nothing(tmp_path, flags,
     ("content", "message"),
     [(b"", "holds no prompts"), (b"  \n\t\n", "holds no prompts"), (b"\xff\xfe good", "is not UTF-8 text")],
 )
-def test_bad_prompt_files_are_named(tmp_path, content, message):
+def test_bad_prompt_files_are_named(tmp_path, capsys, content, message):
     path = tmp_path / "prompts.txt"
     path.write_bytes(content)
-    for flag in ("--prompts", "--eval-prompts"):
-        out = subprocess.run(
-            [sys.executable, "-m", "agents", "--run-dir", str(tmp_path / "run"), flag, str(path)],
-            capture_output=True,
-            text=True,
-        )
-        assert out.returncode == 2 and f"{flag} file '{path}' {message}" in out.stderr, out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "agents", "--run-dir", str(tmp_path / "run"), "--prompts", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 2 and f"--prompts file '{tmp_path}' is a directory" in out.stderr
+    for flag, value, error in [
+        ("--prompts", path, message),
+        ("--eval-prompts", path, message),
+        ("--prompts", tmp_path, "is a directory"),
+    ]:
+        with pytest.raises(SystemExit) as refused:
+            main(["--run-dir", str(tmp_path / "run"), flag, str(value)])
+        stderr = capsys.readouterr().err
+        assert refused.value.code == 2 and f"{flag} file '{value}' {error}" in stderr, stderr
     assert not (tmp_path / "run").exists()

@@ -1,11 +1,11 @@
 """Training with reward functions: per-function metrics, the command line's --reward-fn, the KL as a loss term."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
+from agents.__main__ import main
 from agents.ppo import PPOConfig
 from agents.train import RunConfig, TrainConfig, train
 from textenv import TokenEnvConfig
@@ -42,21 +42,26 @@ def test_each_paying_term_is_a_training_and_eval_metric(tmp_path):
     assert saved["env"]["reward_fns"] == {"short": f"{__name__}:short_response"}  # stable across runs
 
 
-def test_reward_fn_flag_on_the_command_line_needs_no_reward_model(tmp_path):
+def test_reward_fn_flag_on_the_command_line_needs_no_reward_model(tmp_path, monkeypatch, capsys):
     module = tmp_path / "my_rewards.py"
     module.write_text("def brevity(response_ids, **kwargs):\n    return 1.0 / len(response_ids)\n")
+    # as `python -m agents` run from the module's directory, where it is importable
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_rewards", None)
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "agents", "--run-dir", str(run_dir), "--reward-fn", "my_rewards:brevity"]
+    argv = ["--run-dir", str(run_dir), "--reward-fn", "my_rewards:brevity"]
     argv += ["--iterations", "1", "--batch-size", "8", "--minibatch-size", "8", "--micro-batch-size", "8"]
     argv += ["--eval-episodes", "8", "--max-new-tokens", "6", "--no-progress"]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=None)
-    assert done.returncode == 0, done.stderr[-3000:]
+    main(argv)
     logged = rows(run_dir)
     assert "env/reward/reward_model" not in logged[0]  # no reward model was loaded
     assert logged[0]["env/score"] == pytest.approx(logged[0]["env/reward/brevity"])
 
-    bad = subprocess.run([*argv[:5], "--reward-fn", "my_rewards:nope"], capture_output=True, text=True, cwd=tmp_path)
-    assert bad.returncode == 2 and "'my_rewards' has no attribute 'nope'" in bad.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as bad:
+        main([*argv[:2], "--reward-fn", "my_rewards:nope"])
+    assert bad.value.code == 2 and "'my_rewards' has no attribute 'nope'" in capsys.readouterr().err
 
 
 def test_kl_as_a_loss_term_leaves_the_rewards_without_kl(tmp_path):

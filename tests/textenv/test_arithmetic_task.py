@@ -2,8 +2,6 @@
 
 import json
 import random
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textenv.arithmetic import ARTIFACTS_DIR, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, POLICY_DIR, exact_match, load_rows
+from textenv.arithmetic.__main__ import main
 from textenv.arithmetic.build import BuildConfig, build
 from textenv.arithmetic.data import encode_sft, problem, sft_corpus, splits
 from textenv.arithmetic.report import accuracy_report, generate
@@ -151,15 +150,10 @@ def test_report_generation_draws_what_the_cached_sampler_draws(policy, tokenizer
     assert all(r[-1] == eos and eos not in r[:-1] for r in greedy)
 
 
-def test_report_command_prints_its_figures(tmp_path):
+def test_report_command_prints_its_figures(tmp_path, capsys):
     out = tmp_path / "report.json"
-    printed = subprocess.run(
-        [sys.executable, "-m", "textenv.arithmetic", "report", "--samples", "64", "--json-out", str(out)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
+    main(["report", "--samples", "64", "--json-out", str(out)])
+    printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert f"accuracy/sampled   {report['accuracy/sampled']:.4f}" in printed
     assert report["policy/n_samples"] == 64 and report["policy/n_prompts"] == 200

@@ -2,8 +2,6 @@
 
 import json
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from textenv.calculator import (
     final_answer,
     load_rows,
 )
+from textenv.calculator.__main__ import main
 from textenv.calculator.build import BuildConfig, build
 from textenv.calculator.data import build_tokenizer, encode_transcripts, sft_corpus, sft_pairs, transcript
 from textenv.calculator.report import Episode, episode_figures, reward, simulate, step
@@ -220,15 +219,10 @@ def test_greedy_episodes_end_by_the_task(policy, tokenizer):
     assert all(e.terminated and not e.truncated for e in episodes)
 
 
-def test_report_command_prints_its_figures(tmp_path):
+def test_report_command_prints_its_figures(tmp_path, capsys):
     out = tmp_path / "report.json"
-    printed = subprocess.run(
-        [sys.executable, "-m", "textenv.calculator", "report", "--samples", "64", "--json-out", str(out)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
+    main(["report", "--samples", "64", "--json-out", str(out)])
+    printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert f"tool/call_rate          {report['tool/call_rate']:.4f}" in printed
     assert report["policy/n_samples"] == 64 and report["policy/n_prompts"] == 200

@@ -1,14 +1,13 @@
 """The shipped default task: it loads with plain from_pretrained, meets its quality bars, and rebuilds."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from textenv.default_task import ARTIFACTS_DIR, POLICY_DIR, REWARD_MODEL_DIR, load_prompts
+from textenv.default_task.__main__ import main
 from textenv.default_task.build import BuildConfig, build
 
 TINY = dict(
@@ -24,12 +23,6 @@ TINY = dict(
     sft_batch_size=32,
     reward_batch_size=32,
 )
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "textenv.default_task", *args], capture_output=True, text=True, check=True, timeout=600
-    )
 
 
 def test_shipped_models_load_with_auto_classes():
@@ -53,10 +46,10 @@ def test_prompts_are_disjoint_splits_of_review_openings():
         load_prompts("test")
 
 
-@pytest.mark.slow
-def test_shipped_task_meets_its_quality_bars(tmp_path):
+def test_shipped_task_meets_its_quality_bars(tmp_path, capsys):
     out = tmp_path / "report.json"
-    printed = run_cli("report", "--n-samples", "256", "--json-out", str(out)).stdout
+    main(["report", "--n-samples", "256", "--json-out", str(out)])
+    printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert f"{report['reward_model/pairwise_accuracy']:.4f}" in printed
     assert report["reward_model/pairwise_accuracy"] >= 0.95
@@ -65,10 +58,9 @@ def test_shipped_task_meets_its_quality_bars(tmp_path):
     assert 0.25 <= report["score/frac_positive"] <= 0.75  # room for RL to improve
 
 
-@pytest.mark.slow
 def test_reduced_rebuild_from_the_command_line_is_deterministic(tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    run_cli("build", "--out", str(tmp_path / "cli"), *flags)
+    main(["build", "--out", str(tmp_path / "cli"), *flags])
     saved = json.loads((tmp_path / "cli" / "task.json").read_text())
     assert saved["config"] == {**saved["config"], **TINY}
     # the reward model learned something even in 60 steps (chance is 0.5)

@@ -55,9 +55,9 @@ def report(
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # one bar per saved or loaded tiny model is noise
-    tyro.extras.subcommand_cli_from_dict({"build": build, "report": report}, description=__doc__)
+    tyro.extras.subcommand_cli_from_dict({"build": build, "report": report}, description=__doc__, args=argv)
 
 
 if __name__ == "__main__":
