@@ -10,8 +10,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
-from textenv.scorers import SparseScorer, TextScorer
 from textenv.default_task import POLICY_DIR
+from textenv.scorers import SparseScorer, TextScorer
 
 PROMPTS = ["I thought the plot was", "The acting felt", "Honestly this film"]
 
