@@ -54,6 +54,11 @@ class Packing:
         """A per-cell (R, C) tensor back in the padded (B, L) layout, 0 at the padding."""
         return packed.flatten()[self.index].masked_fill(~self.real, 0)
 
+    def to(self, device: torch.device) -> Packing:
+        """The plan on ``device``, copied without waiting for it (``agents.ppo.to_device``). The update plans on the
+        host, where the rollout is: planning on a GPU would wait for it at every boolean selection."""
+        return Packing(*(t.to(device, non_blocking=True) for t in (self.ids, self.position_ids, self.index, self.real)))
+
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Rows of item indices, the longest item first into the first row with room; each row's sum <= capacity."""

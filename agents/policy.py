@@ -15,16 +15,25 @@ padding, where the LM head (vocabulary x width) would be most of a small model's
 That forward may pack several episodes into one row (``agents.packing``): then it gets
 no attention mask, and position ids that restart at 0 for each episode.
 
-GPT-2's ``gelu_new`` (transformers' ``NewGELUActivation``, six tensor ops in Python)
-is swapped for torch's fused ``gelu(approximate="tanh")``: the same formula, equal in
-float32 to within 1.2e-7 x max(1, |x|), each as close to the float64 formula as the other
-(``tests/agents/test_fast_paths.py``); forward and backward of the default task run 11%
-faster. The saved model keeps its config; a reloaded agent is
-swapped again.
+A model handed to the agent (``from_models(model)``) is changed in one way only: its
+dropout is turned off. No module is swapped and no hook is registered. The two speed
+paths (``docs/departures.md`` lists every departure, with its gain and its test):
+
+- a model the agent loads itself (``load_policy``; every critic trunk it builds) runs
+  GPT-2's ``gelu_new`` as ``gelu_pytorch_tanh``, transformers' name for torch's fused
+  ``gelu(approximate="tanh")``: the same formula, equal in float32 to within
+  1.2e-7 x max(1, |x|), set as a config override, so a saved agent's config names the
+  activation its weights were trained with;
+- ``forward(..., sparse_embedding_grad=True)``, which the update asks for: the lookup of a
+  tied input embedding gives autograd its gradient as the looked-up rows (a sparse
+  tensor) rather than a vocabulary-sized dense one; autograd adds them to the LM head's
+  dense gradient of the same matrix. The same gradient to the bit, a vocabulary-sized
+  temporary less.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from pathlib import Path
@@ -34,8 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
-from transformers.activations import NewGELUActivation
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from textenv.lm import cache_keyword, disable_dropout, output_cache
 
@@ -65,87 +73,77 @@ def load_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
     head.load_state_dict(load_file(Path(directory) / VALUE_HEAD_FILE))
 
 
-class TanhGELU(nn.Module):
-    """``gelu_new`` as torch's fused kernel: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x, approximate="tanh")
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+"""Activation names a config may hold, and transformers' name for torch's fused kernel of the same formula."""
 
 
-def fuse_gelu(model: nn.Module) -> int:
-    """Replace every ``NewGELUActivation`` in ``model`` by ``TanhGELU``; returns how many were replaced."""
-    swaps = [
-        (parent, name)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is NewGELUActivation
-    ]
-    for parent, name in swaps:
-        setattr(parent, name, TanhGELU())
-    return len(swaps)
+def fused_activations(config: PretrainedConfig) -> dict[str, str]:
+    """The config overrides that run ``config``'s activations as torch's fused kernels; empty if none applies."""
+    fields = ("activation_function", "hidden_act")  # GPT-2, GPT-J, CodeGen name it the first way; most others
+    return {
+        name: FUSED_ACTIVATIONS[value] for name in fields if (value := getattr(config, name, None)) in FUSED_ACTIVATIONS
+    }
 
 
-class _RowsIntoGradient(torch.autograd.Function):
-    """An embedding lookup whose backward adds the looked-up rows' gradients into ``weight.grad`` itself.
+def load_policy(source: str | os.PathLike) -> PreTrainedModel:
+    """The causal LM in a directory (or of a hub name), loaded for the agent to train: activations fused."""
+    return AutoModelForCausalLM.from_pretrained(source, **fused_activations(AutoConfig.from_pretrained(source)))
+
+
+def critic_trunk(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
+    """A new trunk (no head) with the weights of ``source`` (a directory, hub name or model, left as it is);
+    activations fused."""
+    if not isinstance(source, PreTrainedModel):
+        return AutoModel.from_pretrained(source, **fused_activations(AutoConfig.from_pretrained(source)))
+    config = copy.deepcopy(source.config)
+    for name, value in fused_activations(config).items():
+        setattr(config, name, value)
+    trunk = AutoModel.from_config(config)
+    trunk.load_state_dict(source.base_model.state_dict())
+    return trunk
+
+
+class SparseRowsLookup(torch.autograd.Function):
+    """``F.embedding(ids, weight, padding_idx)`` whose weight gradient is sparse: the looked-up rows alone.
 
     Autograd's own backward of a lookup is a dense (vocabulary x width) tensor, zeros but for
-    the rows looked up, which is then added to the gradient the tied LM head gives the same
-    matrix: two passes over a vocabulary-sized matrix for a few hundred rows. This adds the
-    rows in place and gives autograd no gradient for the weight on this path.
+    the rows looked up, which autograd then adds to a tied LM head's dense gradient of the same
+    matrix: two passes over a vocabulary-sized matrix for a few hundred rows. Given a sparse
+    gradient, autograd adds its rows into the head's in place. Repeated ids are summed first,
+    in order, as the dense backward sums them: the weight's gradient is the same to the bit.
+    Plain autograd otherwise (``torch.autograd.grad`` sees the summed, dense gradient); the
+    weight's gradient stays sparse only where nothing dense is added to it (untied).
     """
 
     @staticmethod
-    def forward(ctx, ids: Tensor, anchor: Tensor, module: nn.Embedding) -> Tensor:
-        # the weight comes inside its module, not as an input: an edge to it would hold back the LM head's gradient
-        # (autograd accumulates a leaf's gradient once every edge into it has run), so this backward would find
-        # no .grad to add to; the empty ``anchor`` is what makes the output need a backward
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.weight, ctx.padding_idx = module.weight, module.padding_idx
-        return F.embedding(ids, module.weight, module.padding_idx)
+        ctx.padding_idx, ctx.shape = padding_idx, weight.shape
+        return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (ids,) = ctx.saved_tensors
-        weight, ids, rows = ctx.weight, ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
         if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
             rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
-        # repeated ids summed first, in order, as autograd's dense backward sums them: the same numbers to the bit
-        unique, inverse = torch.unique(ids, return_inverse=True)
+        unique, inverse = torch.unique(ids, return_inverse=True)  # sorted and distinct: a coalesced tensor's indices
         sums = rows.new_zeros(len(unique), rows.shape[1]).index_add_(0, inverse, rows)
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        weight.grad.index_add_(0, unique, sums.to(weight.grad.dtype))
-        return None, None, None
+        weight_grad = torch.sparse_coo_tensor(unique[None], sums, ctx.shape, is_coalesced=True, check_invariants=False)
+        return None, weight_grad, None
 
 
-def _rows_into_gradient(module: nn.Embedding, args: tuple, output: Tensor) -> Tensor | None:
-    weight = module.weight
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not (torch.is_grad_enabled() and weight.requires_grad) or distributed:
-        return None  # nothing to train, or DDP/FSDP, which reduce or shard the gradient autograd accumulates
-    anchor = torch.empty(0, device=weight.device, requires_grad=True)
-    return _RowsIntoGradient.apply(args[0], anchor, module)
+def sparse_lookup_applies(model: nn.Module) -> bool:
+    """Whether ``model``'s input embedding may look up through ``SparseRowsLookup``: a plain, trained, tied one.
 
-
-def add_embedding_rows_in_place(model: PreTrainedModel) -> bool:
-    """Give a tied input embedding (a plain ``nn.Embedding``) the in-place backward of ``_RowsIntoGradient``.
-
-    Returns whether it did. The gradient is autograd's to the bit for one backward (repeated
-    ids are summed first, in order), to float rounding when micro-batches accumulate. At
-    GPT-2-small size (vocabulary 50,257) a micro-batch's backward on one CPU thread took
-    1.00 s against 1.13 s, and a vocabulary-sized temporary less.
-    Not done for embeddings that scale or renormalise (a subclass, ``max_norm``,
-    ``scale_grad_by_freq``, ``sparse``) nor for untied ones (no dense sum to save); under
-    DDP or FSDP, and without gradients, the lookup is autograd's own.
+    Not for embeddings that scale or renormalise (a subclass, ``max_norm``,
+    ``scale_grad_by_freq``) or are sparse already, nor for frozen ones, nor for untied ones
+    (no dense gradient for the rows to land in: the weight's gradient would stay sparse).
     """
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     plain = type(embedding) is nn.Embedding and embedding.max_norm is None
     plain = plain and not embedding.scale_grad_by_freq and not embedding.sparse
-    if not plain or head is None or head.weight is not embedding.weight:
-        return False
-    if _rows_into_gradient not in embedding._forward_hooks.values():  # a policy wrapped twice keeps one hook
-        embedding.register_forward_hook(_rows_into_gradient)
-    return True
+    return plain and embedding.weight.requires_grad and head is not None and head.weight is embedding.weight
 
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -171,13 +169,6 @@ class ActorCritic(nn.Module):
         self.value_head = value_head((critic or policy).config.hidden_size)
         self._logits_to_keep = accepts_logits_to_keep(policy)
 
-    def prepared(self) -> ActorCritic:
-        """This agent as the builders return it: dropout off, GELU fused, tied embedding rows added in place."""
-        disable_dropout(self)
-        fuse_gelu(self)
-        add_embedding_rows_in_place(self.policy)
-        return self
-
     @property
     def share_backbone(self) -> bool:
         return self.critic is None
@@ -189,22 +180,19 @@ class ActorCritic(nn.Module):
         share_backbone: bool = True,
         critic_init: str | os.PathLike | PreTrainedModel | None = None,
     ) -> ActorCritic:
-        """Wrap ``policy`` (a causal LM or its directory); a separate critic trunk starts from ``critic_init``.
+        """Wrap ``policy`` (a causal LM, or its directory: ``load_policy``); a separate critic trunk starts from
+        ``critic_init``.
 
         ``critic_init`` is the reward model's directory or module when it shares the
         policy's tokenizer (the Stiennon et al. choice), else None: the policy's trunk.
+        A model passed in is trained as it is, dropout turned off.
         """
         if not isinstance(policy, nn.Module):
-            policy = AutoModelForCausalLM.from_pretrained(policy)
-        critic = None
-        if not share_backbone:
-            source = critic_init if critic_init is not None else policy
-            if isinstance(source, PreTrainedModel):
-                critic = AutoModel.from_config(source.config)
-                critic.load_state_dict(source.base_model.state_dict())
-            else:
-                critic = AutoModel.from_pretrained(source)
-        return cls(policy, critic).prepared()
+            policy = load_policy(policy)
+        critic = critic_trunk(critic_init if critic_init is not None else policy) if not share_backbone else None
+        agent = cls(policy, critic)
+        disable_dropout(agent)  # the rollout's and the update's forwards must agree: the first PPO ratio exactly 1
+        return agent
 
     def forward(
         self,
@@ -214,6 +202,7 @@ class ActorCritic(nn.Module):
         past_key_values: tuple | None = None,
         use_cache: bool = False,
         logits_at: Tensor | None = None,
+        sparse_embedding_grad: bool = False,
     ) -> ActorCriticOutput:
         """Logits and values at every position of ``input_ids`` (B, T), from one forward per trunk.
 
@@ -221,12 +210,19 @@ class ActorCritic(nn.Module):
         its cache is the pair (policy cache, critic cache or None). ``logits_at``, a
         boolean (B, T): the LM head runs only at its True positions and the logits come
         back as (N, V), N the number of True entries, in row-major order (values stay (B, T)).
+        ``sparse_embedding_grad``: the policy's tied input embedding is looked up here,
+        through ``SparseRowsLookup``, where ``sparse_lookup_applies`` (else it is ignored);
+        for a caller that calls ``backward`` on a loss of these logits.
         """
         cache = past_key_values
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
         keep = {"logits_to_keep": logits_at} if logits_at is not None and self._logits_to_keep else {}
+        tokens = {"input_ids": input_ids}
+        if sparse_embedding_grad and torch.is_grad_enabled() and sparse_lookup_applies(self.policy):
+            embedding = self.policy.get_input_embeddings()
+            tokens = {"inputs_embeds": SparseRowsLookup.apply(input_ids, embedding.weight, embedding.padding_idx)}
         out = self.policy(
-            input_ids=input_ids,
+            **tokens,
             output_hidden_states=self.share_backbone,
             **{cache_keyword(self.policy): None if cache is None else cache[0]},
             **inputs,
@@ -255,12 +251,14 @@ class ActorCritic(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike) -> ActorCritic:
         directory = Path(directory)
         if (directory / "adapter_config.json").is_file():  # LoRA: adapters over the base they name
-            from peft import AutoPeftModelForCausalLM
+            from peft import PeftConfig, PeftModel
 
-            policy = AutoPeftModelForCausalLM.from_pretrained(directory, is_trainable=True)
+            base = load_policy(PeftConfig.from_pretrained(directory).base_model_name_or_path)
+            policy = PeftModel.from_pretrained(base, directory, is_trainable=True)
         else:
-            policy = AutoModelForCausalLM.from_pretrained(directory)
-        critic = AutoModel.from_pretrained(directory / CRITIC_DIR) if (directory / CRITIC_DIR).is_dir() else None
+            policy = load_policy(directory)
+        critic = critic_trunk(directory / CRITIC_DIR) if (directory / CRITIC_DIR).is_dir() else None
         agent = cls(policy, critic)
         load_value_head(agent.value_head, directory)
-        return agent.prepared()
+        disable_dropout(agent)
+        return agent

@@ -35,7 +35,9 @@ def test_update_changes_only_adapters_and_value_head_and_reference_is_the_base(m
     for iteration in range(2):
         rollout = collect_rollout(agent.eval(), env, 1.0, iteration, torch.Generator().manual_seed(iteration))
         config = PPOConfig(epochs=1, minibatch_size=4, micro_batch_size=4)
-        ppo_update(agent.train(), optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0))
+        ppo_update(
+            agent.train(), optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0), kl_coef=env.kl_coef
+        )
     changed = {name for name, p in agent.named_parameters() if not torch.equal(p, before[name])}
     adapters = {name for name in before if "lora_" in name}
     assert changed == adapters | {"value_head.weight", "value_head.bias"}
