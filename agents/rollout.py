@@ -17,6 +17,7 @@ masked where the episode had already ended.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import gymnasium as gym
@@ -114,41 +115,13 @@ def collect_rollout(
     prompt_ids, prompt_mask = crop_left_padding(
         torch.as_tensor(observation["input_ids"]), torch.as_tensor(observation["attention_mask"])
     )
-    batch = len(prompt_ids)
     stepper = CachedStepper(sampling_model(agent), env.unwrapped.tokenizer.pad_token_id)
     with autocast or nullcontext():
         logits = stepper.prefill(prompt_ids, prompt_mask)
-    alive = torch.ones(batch, dtype=torch.bool, device=device)
-    steps: list[tuple[Tensor, ...]] = []  # per step: action, logprob, reward, alive, kl, ref_logprob
-    scores, responses = torch.zeros(batch), [""] * batch
-    terms: dict[str, Tensor] = {}
-    terminated, truncated = np.zeros(batch, dtype=bool), np.zeros(batch, dtype=bool)
-    replies_after: list[dict[int, list[int]]] = []  # per step: the environment's tokens appended after it, by row
-    while alive.any():
-        action, logprob = sample_tokens(logits, temperature, generator)
-        _, reward, term, trunc, step_info = env.step(action.cpu().numpy(), logprobs=logprob.cpu().numpy())
-        kl, ref_logprob = (
-            torch.as_tensor(np.nan_to_num(step_info[key]), dtype=torch.float32) for key in ("kl", "ref_logprob")
-        )
-        reward = torch.as_tensor(reward, dtype=torch.float32)
-        steps.append((action, torch.where(alive, logprob, 0.0), reward, alive, kl, ref_logprob))
-        for row in np.flatnonzero(term | trunc):
-            scores[row], responses[row] = float(step_info["score"][row]), step_info["response"][row]
-            for key in step_info:
-                if key.startswith(REWARD_PREFIX) and not key.startswith("_"):
-                    terms.setdefault(key[len(REWARD_PREFIX) :], torch.zeros(batch))[row] = float(step_info[key][row])
-        terminated |= term
-        truncated |= trunc
-        alive = alive & ~torch.as_tensor(term | trunc, device=device)
-        replies = {row: list(ids) for row, ids in enumerate(step_info.get("env_tokens", ())) if len(ids)}
-        replies_after.append(replies)
-        if alive.any():
-            with autocast or nullcontext():
-                logits = stepper.advance(action, steps[-1][3])
-                if replies:  # the environment's tokens enter the agent's cache as they entered the env's
-                    logits = stepper.extend(replies)
-    columns = dict(zip(("actions", "logprobs", "rewards", "mask", "kl", "ref_logprobs"), zip(*steps)))
-    columns = {name: torch.stack(column, 1).cpu() for name, column in columns.items()}
+    steps, replies_after, endings = step_until_all_end(
+        stepper, logits, env, temperature, generator, autocast, len(prompt_ids), device
+    )
+    columns = {name: torch.stack(column, 1).cpu() for name, column in zip(STEP_COLUMNS, zip(*steps))}
     env_mask = None
     if any(replies_after):
         columns, env_mask = interleave(columns, replies_after)
@@ -156,14 +129,93 @@ def collect_rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         **columns,
-        terminated=torch.as_tensor(terminated),
-        truncated=torch.as_tensor(truncated),
-        scores=scores,
+        terminated=torch.as_tensor(endings.terminated),
+        truncated=torch.as_tensor(endings.truncated),
+        scores=endings.scores,
         prompts=list(info["prompt"]),
-        responses=responses,
-        reward_terms=terms,
+        responses=endings.responses,
+        reward_terms=endings.terms,
         env_mask=env_mask,
     )
+
+
+STEP_COLUMNS = ("actions", "logprobs", "rewards", "mask", "kl", "ref_logprobs")
+"""What each step records per row, in the order ``step_until_all_end`` returns it; the ``Rollout`` field names."""
+
+
+def step_until_all_end(
+    stepper: CachedStepper,
+    logits: Tensor,
+    env,
+    temperature: float,
+    generator: torch.Generator,
+    autocast: torch.autocast | None,
+    batch: int,
+    device: torch.device,
+) -> tuple[list[tuple[Tensor, ...]], list[dict[int, list[int]]], Endings]:
+    """Sample a token for every row from ``logits`` and step the env, until every episode has ended.
+
+    Returns per step the ``STEP_COLUMNS`` (B,) each, per step the environment's tokens
+    appended after it (by row), and the episodes' ``Endings``. A row that has ended keeps
+    stepping in lockstep with the others; its log-prob is zeroed and ``mask`` is False.
+    """
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    steps: list[tuple[Tensor, ...]] = []
+    replies_after: list[dict[int, list[int]]] = []
+    endings = Endings.empty(batch)
+    # the loop asks the env's host arrays (endings.ended) whether to go on, never the device's ``alive``: on a GPU
+    # that would wait for it twice a token. The tokens and log-probs going to the host for env.step are the waits
+    # the Gymnasium contract needs (tests/agents/test_host_syncs.py)
+    while not endings.ended.all():
+        action, logprob = sample_tokens(logits, temperature, generator)
+        _, reward, term, trunc, step_info = env.step(action.cpu().numpy(), logprobs=logprob.cpu().numpy())
+        kl, ref_logprob = (
+            torch.as_tensor(np.nan_to_num(step_info[key]), dtype=torch.float32) for key in ("kl", "ref_logprob")
+        )
+        reward = torch.as_tensor(reward, dtype=torch.float32)
+        steps.append((action, torch.where(alive, logprob, 0.0), reward, alive, kl, ref_logprob))
+        endings.record(term, trunc, step_info)
+        stepped, alive = alive, torch.as_tensor(~endings.ended, device=device)
+        replies = {row: list(ids) for row, ids in enumerate(step_info.get("env_tokens", ())) if len(ids)}
+        replies_after.append(replies)
+        if not endings.ended.all():
+            with autocast or nullcontext():
+                logits = stepper.advance(action, stepped)
+                if replies:  # the environment's tokens enter the agent's cache as they entered the env's
+                    logits = stepper.extend(replies)
+    return steps, replies_after, endings
+
+
+@dataclass
+class Endings:
+    """What the env reports at each episode's last step: its score, response, paying terms, and how it ended."""
+
+    scores: Tensor  # (B,)
+    responses: list[str]
+    terms: dict[str, Tensor]  # per paying term (reward model, each reward function): (B,) its raw value
+    terminated: np.ndarray  # (B,) bool: ended with EOS
+    truncated: np.ndarray  # (B,) bool: cut off at max_new_tokens
+
+    @property
+    def ended(self) -> np.ndarray:
+        """(B,) bool: the episodes that have ended, by EOS or cut off."""
+        return self.terminated | self.truncated
+
+    @classmethod
+    def empty(cls, batch: int) -> Endings:
+        return cls(torch.zeros(batch), [""] * batch, {}, np.zeros(batch, dtype=bool), np.zeros(batch, dtype=bool))
+
+    def record(self, term: np.ndarray, trunc: np.ndarray, step_info: dict) -> None:
+        """Keep what ``step_info`` says of the rows whose episode ended in this step."""
+        batch = len(self.scores)
+        for row in np.flatnonzero(term | trunc):
+            self.scores[row], self.responses[row] = float(step_info["score"][row]), step_info["response"][row]
+            for key in step_info:
+                if key.startswith(REWARD_PREFIX) and not key.startswith("_"):
+                    value = float(step_info[key][row])
+                    self.terms.setdefault(key[len(REWARD_PREFIX) :], torch.zeros(batch))[row] = value
+        self.terminated |= term
+        self.truncated |= trunc
 
 
 def sampling_model(agent: ActorCritic) -> torch.nn.Module:
