@@ -1,7 +1,7 @@
 """Checkpoints of a training run: written atomically, checked when read, resumed from.
 
     run_dir/checkpoint-000011/agent/        the agent (``ActorCritic.save_pretrained``)
-    run_dir/checkpoint-000011/trainer.pt    optimizer, LR scheduler, random generators
+    run_dir/checkpoint-000011/trainer.pt    optimizer, random generators
     run_dir/checkpoint-000011/state.json    iteration, KL coefficient, tokens seen, world size
     run_dir/latest                          the name of the newest complete checkpoint
     run_dir/config.json                     the run's configuration (compared on --resume)
@@ -57,7 +57,6 @@ class Resumed:
     directory: Path
     state: TrainerState
     optimizer: dict
-    scheduler: dict
     generators: list  # per rank: [sampling state, shuffling state]
 
 
@@ -81,7 +80,11 @@ class Checkpoints:
             )
         return self.run_dir / name
 
-    def save(self, iteration: int, agent, optimizer: dict, scheduler: dict, generators: list, state: TrainerState):
+    def path(self, iteration: int) -> Path:
+        """Where the checkpoint of ``iteration`` goes."""
+        return self.run_dir / f"checkpoint-{iteration:06d}"
+
+    def save(self, iteration: int, agent, optimizer: dict, generators: list, state: TrainerState):
         """Write checkpoint-<iteration>, point ``latest`` at it atomically, then drop this run's older ones."""
         if not math.isfinite(state.kl_coef):
             raise FloatingPointError(f"the KL coefficient is {state.kl_coef}; not writing a checkpoint of it")
@@ -91,11 +94,11 @@ class Checkpoints:
                 f"parameter {bad[0]} (and {len(bad) - 1} more) holds NaN or inf after iteration {iteration}; not "
                 f"writing a checkpoint of it. The previous checkpoint is kept: {self.latest()}"
             )
-        target = self.run_dir / f"checkpoint-{iteration:06d}"
+        target = self.path(iteration)
         partial = self.run_dir / f".partial-checkpoint-{iteration:06d}"
         shutil.rmtree(partial, ignore_errors=True)
         agent.save_pretrained(partial / "agent")
-        torch.save({"optimizer": optimizer, "scheduler": scheduler, "generators": generators}, partial / "trainer.pt")
+        torch.save({"optimizer": optimizer, "generators": generators}, partial / "trainer.pt")
         (partial / "state.json").write_text(json.dumps(asdict(state)))
         shutil.rmtree(target, ignore_errors=True)
         os.rename(partial, target)
@@ -158,4 +161,4 @@ def read_checkpoint(directory: Path) -> Resumed:
                     f.get_slice(key)
         except Exception as error:  # safetensors raises its own error types for a truncated or corrupt file
             raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error})") from error
-    return Resumed(directory, state, trainer["optimizer"], trainer["scheduler"], trainer["generators"])
+    return Resumed(directory, state, trainer["optimizer"], trainer["generators"])

@@ -35,6 +35,7 @@ Where this departs from the textbook PPO (Schulman et al. 2017) and why:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,14 +117,17 @@ class PPOConfig:
     filter_equal_groups: bool = False
     """rloo/grpo: drop groups whose returns are all equal (within 1e-6) from the loss and its denominators
     (DAPO's dynamic-sampling filter, Yu et al. 2025, without resampling)."""
-    kl_estimator: KLEstimator = "k1"
+    kl_estimator: KLEstimator | None = None
     """Per-token KL(pi || pi_ref) estimate, log r = log pi_ref - log pi: 'k1' -log r, 'k2' (log r)^2 / 2,
-    'k3' (r - 1) - log r (Schulman, "Approximating KL divergence"). Use 'k3' with kl_penalty 'loss'."""
+    'k3' (r - 1) - log r (Schulman, "Approximating KL divergence"). None: 'k1' with kl_penalty 'reward', 'k3' with
+    'loss'. 'k1' with 'loss' is refused: as a loss term its expected gradient is 0, so it would apply no KL."""
     kl_penalty: KLPenalty = "reward"
     """Where beta * KL goes: 'reward' (each step's reward, from the env) or 'loss' (a loss term, as in GRPO,
     Shao et al. 2024; the trainer then sets the env's kl_coef to 0)."""
 
     def __post_init__(self):
+        if self.kl_estimator is None:  # the estimator that fits where the KL goes
+            self.kl_estimator = "k3" if self.kl_penalty == "loss" else "k1"
         self.validate()
 
     def validate(self) -> None:
@@ -132,6 +136,12 @@ class PPOConfig:
         check_choice("loss_aggregation", self.loss_aggregation, Aggregation)
         check_choice("kl_estimator", self.kl_estimator, KLEstimator)
         check_choice("kl_penalty", self.kl_penalty, KLPenalty)
+        if self.kl_penalty == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_estimator 'k1' with kl_penalty 'loss' would apply no KL: k1 = log pi - log pi_ref, as a loss "
+                "term, has the gradient of log pi, whose mean over the policy's own samples is 0. Use 'k3' (the "
+                "default with 'loss') or 'k2'"
+            )
         if self.advantage_scaling is not None:
             check_choice("advantage_scaling", self.advantage_scaling, GroupScaling)
         if self.clip_range_high is not None:
@@ -182,7 +192,9 @@ class EntropyOfLogprobs(torch.autograd.Function):
     Its backward is autograd's gradient of that same expression, except that it is skipped
     (no gradient, exactly what a zero gradient would add) when every incoming gradient is
     zero: with ``ent_coef`` 0 the entropy is only logged, and its (..., V) backward was a
-    sixth of a GPT-2-sized update's backward.
+    sixth of a GPT-2-sized update's backward. The update itself leaves the entropy out of
+    the loss at ``ent_coef`` 0 (``micro_batch_loss``), so its backward never runs there: the
+    test of the incoming gradient reads it on the host, a wait for a GPU.
     """
 
     @staticmethod
@@ -213,7 +225,14 @@ def crop_to_episodes(rollout: Rollout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return torch.cat([prompt_ids, actions], 1), torch.cat([prompt_mask, context[:, :taken]], 1), actions, mask
 
 
-def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, autocast=None, pack: bool = True) -> Scored:
+def score_rollout(
+    agent: ActorCritic,
+    rollout: Rollout,
+    temperature: float,
+    autocast=None,
+    pack: bool = True,
+    sparse_embedding_grad: bool = False,
+) -> Scored:
     """One forward over prompt + response: log-probs of the taken actions, values, entropies.
 
     The forward runs on the episodes cropped to their own longest prompt and response
@@ -222,30 +241,47 @@ def score_rollout(agent: ActorCritic, rollout: Rollout, temperature: float, auto
     action (``ActorCritic.forward``'s ``logits_at``), never over the prompt or padding.
     Log-probs and entropies are 0 on steps the episode did not take; values are 0 past the
     episodes' longest (the losses and GAE read neither) and, when packed, at padding.
+    ``sparse_embedding_grad``: passed to the agent, for a caller that backpropagates the scores.
     """
     device = next(agent.parameters()).device
     batch, steps = rollout.actions.shape
-    ids, attention, actions, mask = (t.to(device) for t in crop_to_episodes(rollout))
+    # every selection is planned where the rollout lives (the host), then moved without waiting: on a GPU a
+    # boolean selection makes the host wait for its size (tests/agents/test_host_syncs.py counts such waits)
+    ids, attention, actions, mask = crop_to_episodes(rollout)
     width, taken = ids.shape[1] - actions.shape[1], actions.shape[1]
     # position p predicts token p + 1: step t's action is predicted at width - 1 + t
     logits_at = torch.cat([mask.new_zeros(batch, width - 1), mask, mask.new_zeros(batch, 1)], 1)
+    # the taken steps in row-major order, the order of the logits: their actions and their cells in a (B, T) output
+    cells = (torch.arange(batch, device=mask.device)[:, None] * steps + torch.arange(taken, device=mask.device))[mask]
+    chosen = actions[mask]
     packing = plan_packing(ids, attention) if pack and packing_works(agent) else None
+    embed = {"sparse_embedding_grad": sparse_embedding_grad}
     with autocast or torch.autocast(device.type, enabled=False):
         if packing is None:
-            out = agent(ids, attention, position_ids_from_mask(attention), logits_at=logits_at)
+            inputs = (ids, attention, position_ids_from_mask(attention), logits_at)
+            ids, attention, positions, logits_at = (to_device(t, device) for t in inputs)
+            out = agent(ids, attention, positions, logits_at=logits_at, **embed)
             logits, values = out.logits, out.values
         else:  # no attention mask: the position ids' restarts keep the episodes apart
-            out = agent(packing.ids, None, packing.position_ids, logits_at=packing.packed_positions(logits_at))
-            logits, values = out.logits[packing.reorder(logits_at)], packing.unpack(out.values)
+            at, order = packing.packed_positions(logits_at), packing.reorder(logits_at)
+            at, order, packing = to_device(at, device), to_device(order, device), packing.to(device)
+            out = agent(packing.ids, None, packing.position_ids, logits_at=at, **embed)
+            logits, values = out.logits[order], packing.unpack(out.values)
     logprobs = logprobs_from_logits(logits, temperature)  # (N, V), N taken steps
-    full = torch.zeros(batch, steps, dtype=torch.bool, device=device)
-    full[:, :taken] = mask
-    zeros = torch.zeros(batch, steps, device=device, dtype=logprobs.dtype)
+    cells, chosen = to_device(cells, device), to_device(chosen, device)
+    zeros = logprobs.new_zeros(batch * steps)
+    # put in their cells by index: masked_scatter's backward selects by the mask, a wait for the device per backward
     return Scored(
-        logprobs=zeros.masked_scatter(full, logprobs.gather(-1, actions[mask][:, None])[:, 0]),
+        logprobs=zeros.index_put((cells,), logprobs.gather(-1, chosen[:, None])[:, 0]).view(batch, steps),
         values=F.pad(values[:, width - 1 :], (0, steps - taken)),
-        entropy=zeros.masked_scatter(full, EntropyOfLogprobs.apply(logprobs)),
+        entropy=zeros.index_put((cells,), EntropyOfLogprobs.apply(logprobs)).view(batch, steps),
     )
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host ``tensor`` on ``device``, copied without waiting for the device's queue to drain (a blocking copy to a
+    GPU synchronises its stream). Safe from ordinary host memory, which the copy stages before it returns."""
+    return tensor.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- advantages, one function per algorithm
@@ -351,7 +387,8 @@ def rescore(
     with torch.no_grad():
         for rows in micro_batches:
             scored = score_rollout(agent, rollout.select(rows), temperature, autocast, pack)
-            logprobs[rows.to(device)], values[rows.to(device)] = scored.logprobs, scored.values
+            rows_d = to_device(rows, device)
+            logprobs[rows_d], values[rows_d] = scored.logprobs, scored.values
     return logprobs, values
 
 
@@ -390,8 +427,9 @@ def micro_batch_loss(
         stats |= vf_stats
     else:  # no critic; the zero term gives the unused value head zero gradients (DDP needs one)
         vf_loss = 0.0 * scored.values.sum()
-    entropy = aggregate(scored.entropy, mask, **agg)
-    loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+    loss = pg_loss + config.vf_coef * vf_loss
+    if config.ent_coef:  # at 0 the entropy is only logged: no zero gradient through its (tokens x vocabulary) backward
+        loss = loss - config.ent_coef * aggregate(scored.entropy, mask, **agg)
     if config.kl_penalty == "loss":  # GRPO's KL term, its gradient through the new log-probs
         kl = aggregate(kl_estimate(scored.logprobs, targets.ref_logprobs[rows], config.kl_estimator), mask, **agg)
         loss = loss + kl_coef * kl
@@ -414,32 +452,44 @@ def minibatch_step(
     config: PPOConfig,
     temperature,
     autocast,
-    kl_coef: float = 0.0,
-    max_new_tokens: int | None = None,
+    kl_coef: float,
+    max_new_tokens: int | None,
 ) -> dict[str, list[float]]:
-    """One optimizer step on ``minibatch``, accumulating gradients over its micro-batches; returns their stats."""
-    stats: dict[str, list[float]] = defaultdict(list)
+    """One optimizer step on ``minibatch``, accumulating gradients over its micro-batches; returns their stats.
+
+    The stats stay on the device until the step, when the host reads them in one transfer with the gradient norm
+    that decides the step: a ``float`` per stat and micro-batch would make it wait for a GPU each time.
+    """
+    pending: dict[str, list[Tensor]] = defaultdict(list)
     device = targets.mask.device
     optimizer.zero_grad(set_to_none=True)
-    minibatch_size = aggregation_size(targets.mask[minibatch.to(device)], config.loss_aggregation).clamp(min=1)
+    # the tied embedding's gradient as sparse rows (ActorCritic.forward), the same to the bit; not under torchrun,
+    # where DDP and FSDP reduce the gradients and are tested with autograd's dense lookup gradient only
+    sparse_rows = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    minibatch_size = aggregation_size(targets.mask[to_device(minibatch, device)], config.loss_aggregation).clamp(min=1)
     for rows in minibatch.split(config.micro_batch_size):
-        rows_d = rows.to(device)
-        scored = score_rollout(agent, rollout.select(rows), temperature, autocast, config.pack_episodes)
+        rows_d = to_device(rows, device)
+        scored = score_rollout(agent, rollout.select(rows), temperature, autocast, config.pack_episodes, sparse_rows)
         loss, micro_stats = micro_batch_loss(scored, targets, rows_d, config, kl_coef, max_new_tokens)
         # weighted by its share of the minibatch's tokens (or sequences): the accumulated gradient is the
         # minibatch's aggregate (see losses.aggregation_size)
         (loss * aggregation_size(targets.mask[rows_d], config.loss_aggregation) / minibatch_size).backward()
         # every micro-batch logs every key (ranks must log the same ones): one of filtered groups only logs zeros
         for key, value in micro_stats.items():
-            stats[key].append(float(value))
+            pending[key].append(value)
     grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm of the whole gradient
+        grad_norm = grad_norm.full_tensor()
+    norm, *values = torch.stack([grad_norm.double(), *(v.double() for vs in pending.values() for v in vs)]).tolist()
+    read = iter(values)
+    stats: dict[str, list[float]] = defaultdict(list, {key: [next(read) for _ in vs] for key, vs in pending.items()})
     # every token filtered out, on every rank (the norm is of the averaged gradient): nothing to learn from, and
     # Adam would still move the weights on its momentum
-    idle = config.filter_equal_groups and bool(grad_norm == 0)
-    if torch.isfinite(grad_norm) and not idle:
+    idle = config.filter_equal_groups and norm == 0
+    if math.isfinite(norm) and not idle:
         optimizer.step()
-        stats["ppo/grad_norm"].append(float(grad_norm))
-    stats["ppo/skipped_steps"].append(float(not torch.isfinite(grad_norm)))  # a NaN or inf gradient: no step
+        stats["ppo/grad_norm"].append(norm)
+    stats["ppo/skipped_steps"].append(float(not math.isfinite(norm)))  # a NaN or inf gradient: no step
     if config.filter_equal_groups:
         stats["ppo/idle_steps"].append(float(idle))
     return stats
@@ -454,15 +504,15 @@ def ppo_update(
     generator: torch.Generator,
     autocast=None,
     *,
-    kl_coef: float = 0.0,
+    kl_coef: float,
     max_new_tokens: int | None = None,
 ) -> dict[str, float]:
     """K epochs of clipped PPO over ``rollout``; returns the update's metrics.
 
-    ``kl_coef``: the beta of the KL penalty: the one the env's rewards were computed with
-    (kl_penalty 'reward'; needed to swap in k2 or k3), or the loss term's (kl_penalty 'loss',
-    the env's own kl_coef 0). ``max_new_tokens``: the env's, the constant L of loss_aggregation
-    'constant' (needed there).
+    ``kl_coef`` (required: 0 would silently drop the k2/k3 swap and the KL loss term): the
+    beta of the KL penalty, the one the env's rewards were computed with (kl_penalty 'reward';
+    needed to swap in k2 or k3), or the loss term's (kl_penalty 'loss', the env's own kl_coef 0).
+    ``max_new_tokens``: the env's, the constant L of loss_aggregation 'constant' (needed there).
     """
     check_update_arguments(rollout, config, kl_coef, max_new_tokens)
     permutations = [torch.randperm(len(rollout.actions), generator=generator) for _ in range(config.epochs)]

@@ -1,8 +1,14 @@
 """``TokenEnvConfig``: every setting of TokenRLHF-v0, its default and its check, in one place.
 
 Both envs build one (``gym.make("TokenRLHF-v0", max_new_tokens=8)`` is
-``TokenEnvConfig(max_new_tokens=8)``), and the trainer's command line is made
-from it, so each default is written here and nowhere else.
+``TokenEnvConfig(max_new_tokens=8)``), and the trainer's and the evaluator's
+command lines are made from it, so each default is written here and nowhere else.
+
+A field whose default depends on the task is ``None`` (or empty) until
+``resolve_config`` fills it from the task's preset (``textenv.tasks``): a value
+the caller set wins over the preset, and the preset over the base default. The
+envs, the trainer and ``python -m agents.evaluate`` all run on what
+``resolve_config`` returns; each field's docstring says its effective default.
 """
 
 from __future__ import annotations
@@ -11,14 +17,14 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
-from typing import Annotated, Literal
+from dataclasses import dataclass, fields, replace
+from typing import Annotated, Literal, TypedDict
 
 import torch
 import tyro
 
 from textenv.reward_fns import RewardFnLike, RewardFnsLike
-from textenv.tasks import TaskName
+from textenv.tasks import LIMITS, TaskName, get_task
 from textenv.turns import Interaction
 
 # On the command line a model, tokenizer or prompt file is a path or hub name;
@@ -35,19 +41,25 @@ class TokenEnvConfig:
     """The task an env poses: models, prompts, episode limits and the reward."""
 
     task: TaskName = "reviews"
-    """The embedded task the unset fields default to: 'reviews' (a reward model pays positive movie reviews),
-    'arithmetic' (the reward function exact_match pays the right sum of '17+25=') or 'calculator' (the same, with a
-    calculator the agent may call in a turn of its own)."""
+    """The embedded task whose preset the unset fields take: 'reviews' (a reward model pays positive movie
+    reviews), 'arithmetic' (the reward function exact_match pays the right sum of '17+25=') or 'calculator' (the
+    same, with a calculator the agent may call in a turn of its own)."""
     reward_model: Annotated[ModelLike | None, AsPath] = None
     """Reward model: a loaded sequence classifier with one label, a local directory or a hub name. Default: the
-    task's reward model when no reward_fns are given; with reward_fns, none (nothing is loaded)."""
+    task's (reviews: its sentiment model; arithmetic and calculator have none) when no reward_fns are given; with
+    reward_fns, none (nothing is loaded)."""
     reward_fns: Annotated[
         RewardFnsLike, tyro.conf.arg(name="reward-fn", constructor=tuple[str, ...]), tyro.conf.UseAppendAction
     ] = ()
     """Reward functions, summed with the reward model's score: callables f(prompt, response, response_ids, row)
-    -> float, a {name: f} dict, or module:function text (--reward-fn, repeatable). Empty: the task's own."""
+    -> float, a {name: f} dict, or module:function text (--reward-fn, repeatable). Empty: the task's own
+    (arithmetic: exact_match; calculator: final_answer; reviews: none)."""
     reward_weights: Annotated[Sequence[float], tyro.conf.arg(constructor=tuple[float, ...])] = ()
     """One weight per reward function (default 1 each)."""
+    accuracy_term: str | None = None
+    """The reward function whose value (1 right, 0 wrong) says whether an answer is right: evaluation reports its
+    mean as accuracy and pass@k. Default: the task's (arithmetic: exact_match; calculator: final_answer) when the
+    task's own reward functions pay, else none."""
     step_reward_fn: Annotated[RewardFnLike | None, AsPath] = None
     """Process reward: f(prompt, response_ids, row) -> float, called on every step, added to that step's reward
     (a callable or module:function text)."""
@@ -58,40 +70,47 @@ class TokenEnvConfig:
     prompt_column: str = "prompt"
     """The column of a ``datasets`` dataset (or the key of a JSON-lines or dict row) that holds the prompt."""
     split: str = "train"
-    """The split of the task's prompts, or of a saved ``datasets`` dataset dict, to draw prompts from."""
+    """The split of the task's prompts, or of a ``datasets`` dataset dict (saved or loaded), to draw prompts from.
+    Prompts without splits (a list, a file, a single dataset) have every row in 'train'; another split of them is
+    refused."""
     chat_template: bool = False
     """Apply the tokenizer's chat template (with the generation prompt) to string prompts, each as one user
     message. Prompts given as conversations (lists of {'role', 'content'} dicts) always go through it."""
-    max_prompt_tokens: int = 16
-    """Longest prompt, in tokens."""
-    max_new_tokens: int = 32
-    """Longest response; an episode that reaches it is truncated."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt, in tokens. Default: the task's (reviews 16, arithmetic 8, calculator 8)."""
+    max_new_tokens: int | None = None
+    """Longest response (with an interaction: longest agent turn); an episode that reaches it is truncated.
+    Default: the task's (reviews 32, arithmetic 32, calculator 6)."""
     prompt_truncation: PromptTruncation = "error"
     """A longer prompt: 'error' raises at construction, 'left' keeps its last max_prompt_tokens tokens."""
     kl_coef: float = 0.05
     """beta in r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + score term."""
     reward_mode: RewardMode = "sparse"
     """'sparse': the score on the last step; 'dense': score differences of consecutive prefixes."""
-    score_clip: float | None = None
-    """Clip reward-model scores to +-score_clip (None: no clip)."""
+    score_clip: float | None = 5.0
+    """Clip reward-model scores to +-score_clip in the reward, as DeepSpeed-Chat does (None: no clip)."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of an episode truncated without EOS (None: no penalty)."""
     temperature: float = 1.0
     """Every log-prob (policy and reference) is of softmax(logits / temperature)."""
-    interaction: Annotated[Interaction | str | None, AsPath] = None
-    """Multi-turn episodes: an object whose respond(turn) answers each turn the agent ends (textenv.turns), or
-    module:name text (a class is instantiated). Default: the task's (the calculator task has one), else none."""
+    interaction: Annotated[Interaction | type | str | None, AsPath] = None
+    """Multi-turn episodes: an object whose respond(turn) answers each turn the agent ends (textenv.turns), its
+    class, or module:name text (a class is instantiated, once per env). Default: the task's (calculator:
+    textenv.calculator.Calculator; the others have none)."""
     end_of_turn_token: int | str | None = None
-    """With an interaction: the token (id or text) that ends an agent turn (default: EOS). EOS always ends it."""
+    """With an interaction: the token that ends an agent turn (default: EOS): an id, or a text that tokenizes to
+    exactly one token (that token). EOS always ends it."""
     stop_strings: Sequence[str] = ()
     """With an interaction: a turn also ends when its text ends with one of these."""
-    max_turns: int = 4
-    """With an interaction: the most agent turns in an episode (a reply after the last one truncates it)."""
-    max_env_tokens: int = 16
-    """With an interaction: the longest reply, in tokens."""
+    max_turns: int | None = None
+    """With an interaction: the most agent turns in an episode (a reply after the last one truncates it).
+    Default: the task's (reviews 4, arithmetic 4, calculator 3)."""
+    max_env_tokens: int | None = None
+    """With an interaction: the longest reply, in tokens. Default: the task's (reviews 16, arithmetic 16,
+    calculator 6)."""
     reference_model: Annotated[ModelLike | None, tyro.conf.Suppress] = None
-    """Reference model: a loaded causal LM, a local directory or a hub name (default: the embedded SFT
-    policy). Frozen on ``device``; its output vocabulary is the action space."""
+    """Reference model: a loaded causal LM, a local directory or a hub name. Default: the task's SFT policy.
+    Frozen on ``device``; its output vocabulary is the action space."""
     tokenizer: Annotated[str | os.PathLike | object | None, tyro.conf.Suppress] = None
     """Tokenizer or its directory (default: the reference model's). PAD must exist and differ from EOS."""
     reward_tokenizer: Annotated[str | os.PathLike | object | None, AsPath] = None
@@ -109,8 +128,9 @@ class TokenEnvConfig:
 
     def validate(self) -> None:
         """Raise on a setting out of range, of the wrong type or not finite, naming the field."""
-        check_int("max_prompt_tokens", self.max_prompt_tokens, minimum=1)
-        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        for name in LIMITS:  # None: the task's
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
         check_kl_coef(self.kl_coef)
         check_float("temperature", self.temperature, "> 0 (log-probs use logits / temperature)", lambda t: t > 0)
         if self.score_clip is not None:
@@ -126,13 +146,13 @@ class TokenEnvConfig:
         if not isinstance(self.split, str) or not self.split:
             raise TypeError(f"split must be a split's name, e.g. 'train', got {self.split!r}")
         check_choice("reward_mode", self.reward_mode, RewardMode)
-        check_int("max_turns", self.max_turns, minimum=1)
-        check_int("max_env_tokens", self.max_env_tokens, minimum=1)
         if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise TypeError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
         check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
         if not isinstance(self.chat_template, bool):
             raise TypeError(f"chat_template must be True or False, got {self.chat_template!r}")
+        if self.accuracy_term is not None and not isinstance(self.accuracy_term, str):
+            raise TypeError(f"accuracy_term must be a reward function's name (str), got {self.accuracy_term!r}")
         if not isinstance(self.prompt_column, str):
             raise TypeError(f"prompt_column must be a column name (str), got {self.prompt_column!r}")
         if self.policy is not None and not (isinstance(self.policy, torch.nn.Module) or callable(self.policy)):
@@ -140,7 +160,11 @@ class TokenEnvConfig:
 
     def window(self, turns: bool) -> int:
         """Length of the observation window: the longest prompt plus the longest response, or with ``turns`` the
-        longest prompt, ``max_turns`` agent turns and the replies between them."""
+        longest prompt, ``max_turns`` agent turns and the replies between them. Needs the limits resolved
+        (``resolve_config``)."""
+        unset = [name for name in LIMITS if getattr(self, name) is None]
+        if unset:
+            raise ValueError(f"{', '.join(unset)} unset: the window is of a resolved config (resolve_config)")
         if not turns:
             return self.max_prompt_tokens + self.max_new_tokens
         return (
@@ -154,8 +178,8 @@ class TokenEnvConfig:
         return self.window(turns=False)
 
     @classmethod
-    def from_kwargs(cls, config: TokenEnvConfig | None, kwargs: dict) -> TokenEnvConfig:
-        """The config an env was given, or one built from its keyword arguments (not both)."""
+    def from_kwargs(cls, config: TokenEnvConfig | None, kwargs: TokenEnvSettings) -> TokenEnvConfig:
+        """The config an env was given, or one built from its keyword arguments (not both); unresolved."""
         if config is not None:
             if kwargs:
                 raise TypeError(f"pass either config= or keyword arguments, not both (got {sorted(kwargs)})")
@@ -169,6 +193,67 @@ class TokenEnvConfig:
                 f"unknown env arguments {unknown}; TokenEnvConfig takes {', '.join(f.name for f in fields(cls))}"
             )
         return cls(**kwargs)
+
+
+def resolve_config(config: TokenEnvConfig) -> TokenEnvConfig:
+    """The settings an env runs with: ``config`` with every field left unset taken from its task's preset.
+
+    A value the caller set wins over the preset (``textenv.tasks.EmbeddedTask``), and the
+    preset over the base default: the episode limits (None: the task's ``limits``), the
+    reference model (None: the task's SFT policy), the reward functions (empty: the task's),
+    the reward model (None: the task's when no reward functions were given, else none), the
+    accuracy term (None: the task's when its own reward functions pay) and the interaction
+    (None: the task's). Prompts left unset stay None: the env reads the task's prompts of
+    ``split``. A resolved config resolves to itself. Both envs, the trainer and
+    ``python -m agents.evaluate`` run on what this returns.
+    """
+    config.validate()
+    task = get_task(config.task)
+    limits = {name: getattr(task.limits, name) for name in LIMITS if getattr(config, name) is None}
+    task_pays = not config.reward_fns  # no reward functions given: the task's reward pays
+    return replace(
+        config,
+        **limits,
+        reference_model=task.policy_dir if config.reference_model is None else config.reference_model,
+        reward_fns=task.reward_fns if task_pays else config.reward_fns,
+        reward_model=task.reward_model_dir if config.reward_model is None and task_pays else config.reward_model,
+        accuracy_term=task.accuracy if config.accuracy_term is None and task_pays else config.accuracy_term,
+        interaction=task.interaction if config.interaction is None else config.interaction,
+    )
+
+
+class TokenEnvSettings(TypedDict, total=False):
+    """The fields of ``TokenEnvConfig`` as the envs' keyword arguments (``gym.make("TokenRLHF-v0", **settings)``);
+    each means what the field of the same name means."""
+
+    task: TaskName
+    reward_model: ModelLike | None
+    reward_fns: RewardFnsLike
+    reward_weights: Sequence[float]
+    accuracy_term: str | None
+    step_reward_fn: RewardFnLike | None
+    prompts: Sequence[str | list[dict] | dict] | str | os.PathLike | None
+    prompt_column: str
+    split: str
+    chat_template: bool
+    max_prompt_tokens: int | None
+    max_new_tokens: int | None
+    prompt_truncation: PromptTruncation
+    kl_coef: float
+    reward_mode: RewardMode
+    score_clip: float | None
+    missing_eos_penalty: float | None
+    temperature: float
+    interaction: Interaction | type | str | None
+    end_of_turn_token: int | str | None
+    stop_strings: Sequence[str]
+    max_turns: int | None
+    max_env_tokens: int | None
+    reference_model: ModelLike | None
+    tokenizer: str | os.PathLike | object | None
+    reward_tokenizer: str | os.PathLike | object | None
+    policy: torch.nn.Module | Callable | None
+    device: str | torch.device | None
 
 
 def check_kl_coef(value) -> float:

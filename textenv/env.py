@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import copy
+import sys
+from collections.abc import Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from textenv.config import TokenEnvConfig, check_kl_coef
+from textenv.config import TokenEnvConfig, TokenEnvSettings, check_kl_coef, resolve_config
 from textenv.core import TokenBatchCore
 from textenv.loading import load_task
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency of torch
+    from typing_extensions import Unpack
+
 
 def make_core(config: TokenEnvConfig, num_slots: int) -> TokenBatchCore:
-    """Load and check what ``config`` names, and hold it in a core of ``num_slots`` slots."""
+    """Resolve ``config`` (its task's values for the fields it leaves unset), load and check what it names, and
+    hold it in a core of ``num_slots`` slots."""
+    config = resolve_config(config)
     return TokenBatchCore(config, load_task(config), num_slots)
 
 
@@ -58,7 +66,8 @@ def check_reset_options(options: dict | None, num_prompts: int, known: tuple[str
 
 
 class CoreView:
-    """What both envs expose of their core: the KL coefficient (settable) and the frozen models."""
+    """What both envs expose of their core: the KL coefficient (settable), the resolved config, the frozen models,
+    the prompts with their data rows, and the answer check. Learners read these, never the core."""
 
     core: TokenBatchCore
 
@@ -73,7 +82,28 @@ class CoreView:
 
     @property
     def config(self) -> TokenEnvConfig:
+        """The settings the env runs with: the ones it was given, each unset field its task's
+        (``textenv.config.resolve_config``)."""
         return self.core.config
+
+    @property
+    def prompts(self) -> Sequence[str]:
+        """The prompts episodes start from, as text (a conversation as the chat template renders it);
+        ``reset(options={"prompt_index": i})`` starts on ``prompts[i]``. Read-only."""
+        return self.core.prompts
+
+    @property
+    def rows(self) -> Sequence[dict]:
+        """Each prompt's data row, by prompt index: its other columns (e.g. ``answer``), ``{}`` when it has none.
+        Read-only."""
+        return self.core.rows
+
+    @property
+    def accuracy_term(self) -> str | None:
+        """The reward function that says whether an answer is right, where there is one: its value
+        ``info["reward/" + accuracy_term]`` is 1 for a right answer and 0 for a wrong one (evaluation's accuracy
+        and pass@k). Set by ``TokenEnvConfig.accuracy_term``, else the task's (arithmetic, calculator)."""
+        return self.core.accuracy
 
     @property
     def tokenizer(self):
@@ -93,10 +123,18 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
     ## Description
 
     RLHF as a plain RL problem. A language model (the agent) writes a response to a
-    prompt one token at a time; a frozen reward model scores the finished response and
-    a KL penalty to a frozen reference model is charged at every token. With no
-    arguments the env is the embedded default task: a tiny GPT-2 continuing movie
-    review openings, paid by a sentiment reward model (offline, ships with textenv).
+    prompt one token at a time; the episode's score (a frozen reward model's, reward
+    functions', or both) pays the finished response and a KL penalty to a frozen
+    reference model is charged at every token. With no arguments the env is the
+    embedded default task: a tiny GPT-2 continuing movie review openings, paid by a
+    sentiment reward model (offline, ships with textenv). The other embedded tasks:
+    ``task="arithmetic"`` (answer ``17+25=``, paid by exact match) and
+    ``task="calculator"`` (the same problems, with a calculator the agent may call).
+
+    An episode may have several turns (``interaction``; the calculator task has one):
+    when the agent ends a turn, the interaction appends its reply's tokens to the
+    context (they are not actions: no step, no KL term), may pay a turn reward, or ends
+    the episode.
 
     ## Action Space
 
@@ -108,7 +146,11 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
     ``Dict(input_ids=Box(0, vocab_size - 1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))``
     with ``L = max_prompt_tokens + max_new_tokens``. The context (prompt, then the
     tokens generated so far) is right-aligned: padding is on the left, so the newest
-    token is always ``input_ids[-1]``; ``attention_mask`` is 1 on real tokens.
+    token is always ``input_ids[-1]``; ``attention_mask`` is 1 on real tokens. With an
+    interaction the window holds the whole conversation, ``L = max_prompt_tokens +
+    max_turns * max_new_tokens + (max_turns - 1) * max_env_tokens``, and the observation
+    also has ``agent_mask=Box(0, 1, (L,), int64)``: 1 on the tokens the agent wrote, 0 on
+    the prompt, the replies and the padding.
 
     ## Rewards
 
@@ -118,16 +160,17 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
         r_t = -kl_coef * kl_t + score_term_t
 
     ``score_term_t`` is the episode's score on the last step and 0 before
-    (``reward_mode="sparse"``). The score is the reward model's score of prompt +
-    response (clipped to ``±score_clip`` if set) plus each reward function's weighted
-    value (``reward_fns``, ``reward_weights``). With ``"dense"``, the reward model's
-    part is paid as the change in score of consecutive prefixes instead (the terms
-    sum to its final score minus the prompt's score). An episode truncated without
-    EOS loses ``missing_eos_penalty`` if set. A ``step_reward_fn`` adds its value for
-    each step's token to that step's reward. ``log pi(a_t|s_t)`` comes from, in order: the
-    caller (``logprobs=`` on the vector env's ``step``), the ``policy`` given to the env,
-    or nowhere: then ``r_t = kl_coef * log pi_ref(a_t|s_t) + score_term_t``, which an
-    entropy bonus of ``kl_coef`` turns into the same KL-regularised objective.
+    (``reward_mode="sparse"``). The episode's score is the reward model's score of
+    prompt + response (clipped to ``±score_clip``, 5 by default) plus each reward
+    function's weighted value (``reward_fns``, ``reward_weights``). With ``"dense"``, the
+    reward model's part is paid as the change in score of consecutive prefixes instead
+    (the terms sum to its final score minus the prompt's score). An episode truncated
+    without EOS loses ``missing_eos_penalty`` if set. A ``step_reward_fn`` adds its value
+    for each step's token to that step's reward; with an interaction, a reply's reward
+    is added to the reward of the step that ended the turn. ``log pi(a_t|s_t)`` comes
+    from, in order: the caller (``logprobs=`` on the vector env's ``step``), the ``policy``
+    given to the env, or nowhere: then ``r_t = kl_coef * log pi_ref(a_t|s_t) + score_term_t``,
+    which an entropy bonus of ``kl_coef`` turns into the same KL-regularised objective.
     ``info["kl_source"]`` says which ("caller", "policy", "reference_only").
 
     ## Starting State
@@ -137,42 +180,52 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
 
     ## Episode End
 
-    Terminated when the action is the EOS token. Truncated after ``max_new_tokens``
-    actions without EOS. Calling ``step`` after either without ``reset`` raises.
+    Terminated when the action is the EOS token; with an interaction, when it answers a
+    turn with ``done``. Truncated after ``max_new_tokens`` actions without EOS; with an
+    interaction, when a turn reaches ``max_new_tokens`` without ending or a reply comes
+    after the ``max_turns``-th turn. Calling ``step`` after either without ``reset`` raises.
 
     ## Info
 
     Every step: ``ref_logprob``, ``logprob`` and ``kl`` (None when unknown),
-    ``non_score_reward``, ``kl_source``, ``score`` (on the last step the episode's score,
-    the reward model's unclipped, else None), and ``reward/<name>`` for each paying term
-    (``reward/reward_model`` and one per reward function: its raw, unweighted value on
-    the last step, else None); ``step_reward`` with a ``step_reward_fn``. On the last step
-    also ``response`` (decoded text). Reset: ``prompt``, ``prompt_index`` and ``row``
-    (the prompt's other data columns, e.g. ``answer``).
+    ``non_score_reward``, ``kl_source``, ``score`` (on the last step the episode's score:
+    the reward model's, unclipped, plus the weighted reward functions'; else None), and
+    ``reward/<name>`` for each paying term (``reward/reward_model`` and one per reward
+    function: its raw, unweighted value on the last step, else None); ``step_reward``
+    with a ``step_reward_fn``. With an interaction, ``turn_reward`` (the reply's reward on
+    the step that ended a turn, else None) and ``env_tokens`` (the reply's token ids,
+    appended to the context after that step; else []). On the last step also
+    ``response`` (decoded text). Reset: ``prompt``, ``prompt_index`` and ``row`` (the
+    prompt's other data columns, e.g. ``answer``). ``textenv.info`` lists the keys.
 
     ## Arguments
 
     ``config``, a ``textenv.TokenEnvConfig``, or its fields as keyword arguments
-    (one or the other):
+    (one or the other; ``textenv.config.TokenEnvSettings`` types them). A field left
+    unset takes its task's value (``textenv.config.resolve_config``):
 
-    - ``task``: the embedded task the unset fields default to, ``"reviews"`` (default)
-      or ``"arithmetic"``; ``split`` (``"train"``) chooses its prompts.
+    - ``task``: the embedded task, ``"reviews"`` (default), ``"arithmetic"`` or
+      ``"calculator"``; ``split`` (``"train"``) chooses its prompts.
     - ``reference_model``, ``reward_model``: loaded modules, local directories or hub
       names (default: the task's; with ``reward_fns`` no reward model unless given).
       Both are frozen (eval mode, no grad) on ``device`` (default CUDA when available,
       else CPU).
     - ``reward_fns``: callables ``f(prompt, response, response_ids, row) -> float`` (see
-      ``textenv.reward_fns``), ``reward_weights``, ``step_reward_fn``.
+      ``textenv.reward_fns``; default: the task's), ``reward_weights``, ``step_reward_fn``;
+      ``accuracy_term``: the reward function that says an answer is right.
     - ``tokenizer``: tokenizer or its directory (default: the reference model's).
       PAD must exist and differ from EOS.
     - ``prompts``: list of strings, conversations or data rows (dicts), a text file (one
       per line), a JSON-lines file, or a ``datasets`` dataset with ``prompt_column``.
       Default: the task's prompts of ``split``.
-    - ``max_prompt_tokens`` (16), ``max_new_tokens`` (32); ``prompt_truncation``:
-      ``"error"`` (default: longer prompts raise at construction) or ``"left"`` (keep
-      each prompt's last ``max_prompt_tokens`` tokens).
-    - ``kl_coef`` (0.05), ``reward_mode`` (``"sparse"``), ``score_clip`` (None),
+    - ``max_prompt_tokens``, ``max_new_tokens`` (the task's: reviews 16 and 32, arithmetic
+      8 and 32, calculator 8 and 6); ``prompt_truncation``: ``"error"`` (default: longer prompts
+      raise at construction) or ``"left"`` (keep each prompt's last ``max_prompt_tokens`` tokens).
+    - ``kl_coef`` (0.05), ``reward_mode`` (``"sparse"``), ``score_clip`` (5.0),
       ``missing_eos_penalty`` (None), ``temperature`` (1.0).
+    - ``interaction`` (see ``textenv.turns``; default: the task's), ``end_of_turn_token``
+      (EOS), ``stop_strings``, ``max_turns`` and ``max_env_tokens`` (the task's: 3 and 6 for
+      the calculator, else 4 and 16).
     - ``policy``: a causal LM (stepped with its own KV cache, log-probs of ``logits /
       temperature``) or a callable mapping the observation batch (a dict of (N, L) arrays;
       N = 1 here, num_envs in the vector env) to log-probs of shape (N, vocab_size),
@@ -186,10 +239,15 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
-    def __init__(self, config: TokenEnvConfig | None = None, render_mode: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        config: TokenEnvConfig | None = None,
+        render_mode: str | None = None,
+        **settings: Unpack[TokenEnvSettings],
+    ):
         check_render_mode(render_mode, self.metadata)
         self.render_mode = render_mode
-        self.core = make_core(TokenEnvConfig.from_kwargs(config, kwargs), 1)
+        self.core = make_core(TokenEnvConfig.from_kwargs(config, settings), 1)
         self.observation_space = observation_space(self.core)
         self.action_space = spaces.Discrete(self.core.vocab_size)
 
@@ -201,7 +259,7 @@ class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):
         self.core.reset(np.array([0]), np.array([index]))
         if self.render_mode == "human":
             self.render()
-        info = {"prompt": self.core.prompts[index], "prompt_index": index, "row": dict(self.core.rows[index])}
+        info = {"prompt": self.core.prompts[index], "prompt_index": index, "row": copy.deepcopy(self.core.rows[index])}
         return self._observation(), info
 
     def step(self, action: int):

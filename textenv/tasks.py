@@ -8,15 +8,17 @@
   a calculator (``?<eos>``), which appends the result, before it answers; the reward
   function ``final_answer`` pays the right answer (``textenv.calculator``).
 
-A task gives the defaults of the config fields left unset: the policy (and
-reference model), the reward model or reward functions, and the prompts of each
-split with their data rows.
+A task is a preset: it gives the config fields left unset their values (the
+policy and reference model, the reward model or reward functions, the answer
+check, the interaction, the episode limits) and the prompts of each split with
+their data rows. ``textenv.config.resolve_config`` applies it, once, for the
+envs, the trainer and the evaluator alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -25,8 +27,22 @@ SPLITS = ("train", "eval")
 
 
 @dataclass(frozen=True)
+class EpisodeLimits:
+    """A task's episode limits, the values of the config fields of the same names; the defaults are the base ones
+    (the review task's)."""
+
+    max_prompt_tokens: int = 16
+    max_new_tokens: int = 32  # per agent turn
+    max_turns: int = 4  # used with an interaction only
+    max_env_tokens: int = 16  # used with an interaction only
+
+
+LIMITS = tuple(f.name for f in fields(EpisodeLimits))
+
+
+@dataclass(frozen=True)
 class EmbeddedTask:
-    """An embedded task's models, reward and data."""
+    """An embedded task: its models, reward, data and episode limits."""
 
     name: str
     policy_dir: Path
@@ -34,7 +50,8 @@ class EmbeddedTask:
     rows: Callable[[str], list[dict]]  # split -> rows, each {"prompt": ..., other columns}
     reward_fns: dict[str, Callable] = field(default_factory=dict)
     accuracy: str | None = None  # the reward function that says whether an answer is right (pass@k), if any
-    interaction: Callable[[], object] | None = None  # builds the task's interaction, for tasks of several turns
+    interaction: type | None = None  # the class of the task's interaction, for tasks of several turns
+    limits: EpisodeLimits = EpisodeLimits()
 
     def prompt_rows(self, split: str) -> list[dict]:
         if split not in SPLITS:
@@ -60,6 +77,7 @@ def _arithmetic() -> EmbeddedTask:
         arithmetic.load_rows,
         {"exact_match": arithmetic.exact_match},
         accuracy="exact_match",
+        limits=EpisodeLimits(max_prompt_tokens=arithmetic.MAX_PROMPT_TOKENS, max_new_tokens=arithmetic.MAX_NEW_TOKENS),
     )
 
 
@@ -74,6 +92,9 @@ def _calculator() -> EmbeddedTask:
         {"final_answer": calculator.final_answer},
         accuracy="final_answer",
         interaction=calculator.Calculator,
+        limits=EpisodeLimits(
+            calculator.MAX_PROMPT_TOKENS, calculator.MAX_NEW_TOKENS, calculator.MAX_TURNS, calculator.MAX_ENV_TOKENS
+        ),
     )
 
 

@@ -17,9 +17,10 @@ needs no policy forward of its own for the KL term.
 
 from __future__ import annotations
 
+import copy
 import numbers
+import sys
 from collections.abc import Mapping
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -27,13 +28,22 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from textenv.config import TokenEnvConfig
+from textenv.config import TokenEnvConfig, TokenEnvSettings
 from textenv.env import CoreView, check_render_mode, check_reset_options, make_core, observation_space
 from textenv.info import REWARD_PREFIX
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency of torch
+    from typing_extensions import Unpack
+
 
 class TokenGenerationVectorEnv(CoreView, VectorEnv):
-    """N token-generation episodes stepped as one batch (see the module docstring and ``TokenGenerationEnv``)."""
+    """N token-generation episodes stepped as one batch (see the module docstring and ``TokenGenerationEnv``).
+
+    Arguments: ``num_envs``, ``autoreset_mode``, ``render_mode``, and ``config`` or its fields as keyword arguments,
+    as for ``TokenGenerationEnv``.
+    """
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
@@ -43,7 +53,7 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
         config: TokenEnvConfig | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
-        **kwargs: Any,
+        **settings: Unpack[TokenEnvSettings],
     ):
         if isinstance(num_envs, bool) or not isinstance(num_envs, numbers.Integral):
             raise TypeError(f"num_envs must be an int, got {num_envs!r} of type {type(num_envs).__name__}")
@@ -56,7 +66,7 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
         self.render_mode = render_mode
         self.num_envs = int(num_envs)
-        self.core = make_core(TokenEnvConfig.from_kwargs(config, kwargs), self.num_envs)
+        self.core = make_core(TokenEnvConfig.from_kwargs(config, settings), self.num_envs)
         self.single_observation_space = observation_space(self.core)
         self.single_action_space = spaces.Discrete(self.core.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -113,7 +123,7 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
         self._autoreset[rows] = False
         info = {"prompt": np.array([self.core.prompt_text(r) for r in range(self.num_envs)], dtype=object)}
         info["prompt_index"] = self.core.prompt_index.copy()
-        info["row"] = np.array([dict(self.core.rows[i]) for i in self.core.prompt_index], dtype=object)
+        info["row"] = np.array([copy.deepcopy(self.core.rows[i]) for i in self.core.prompt_index], dtype=object)
         if self.render_mode == "human":
             self.render()
         return self.core.observation(), info
@@ -146,7 +156,7 @@ class TokenGenerationVectorEnv(CoreView, VectorEnv):
             )
             infos["row"] = np.array(
                 [
-                    dict(self.core.rows[self.core.prompt_index[r]]) if restarting[r] else None
+                    copy.deepcopy(self.core.rows[self.core.prompt_index[r]]) if restarting[r] else None
                     for r in range(self.num_envs)
                 ],
                 dtype=object,

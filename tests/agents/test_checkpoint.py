@@ -28,7 +28,7 @@ def save(checkpoints: Checkpoints, iteration: int, agent=None) -> None:
     agent = agent or TinyAgent(float(iteration))
     generators = [[torch.Generator().get_state(), torch.Generator().get_state()]]
     state = TrainerState(iteration=iteration, kl_coef=0.05, tokens=10 * iteration, world_size=1)
-    checkpoints.save(iteration, agent, {"state": {}, "param_groups": []}, {"last_epoch": iteration}, generators, state)
+    checkpoints.save(iteration, agent, {"state": {}, "param_groups": []}, generators, state)
 
 
 class Payload:
@@ -45,9 +45,7 @@ def test_a_planted_pickle_in_trainer_pt_is_refused_and_runs_nothing(tmp_path):
     checkpoints = Checkpoints(tmp_path)
     save(checkpoints, 0)
     marker = tmp_path / "pwned"
-    torch.save(
-        {"optimizer": Payload(marker), "scheduler": {}, "generators": []}, tmp_path / "checkpoint-000000" / "trainer.pt"
-    )
+    torch.save({"optimizer": Payload(marker), "generators": []}, tmp_path / "checkpoint-000000" / "trainer.pt")
     with pytest.raises(CheckpointError, match=r"checkpoint-000000/trainer.pt cannot be read safely"):
         Checkpoints(tmp_path).resume()
     assert not marker.exists()

@@ -2,16 +2,19 @@
 
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from agents.evaluate import EvalConfig, evaluate_policy, main, pass_at_k, run_evaluation, summarize
 from agents.policy import ActorCritic
 from agents.rollout import make_rollout_env
+from agents.train import TrainConfig, Trainer, eval_seed
 from textenv import TokenEnvConfig
-from textenv.default_task import POLICY_DIR
+from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 
 
 def test_pass_at_k_by_hand():
@@ -88,3 +91,30 @@ def test_a_policy_path_that_is_not_a_directory_is_named(tmp_path, monkeypatch, c
         main(["--policy", str(tmp_path / "missing"), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "--policy" in capsys.readouterr().err
+
+
+def test_the_command_and_the_trainers_evaluation_report_the_same_figures(tmp_path):
+    """One definition of ``eval/score``: both run the env on the same resolved settings (score_clip included), so
+    the command with k=1 and the trainer's seed samples the trainer's episodes and reports its figures. The reward
+    model here scores far beyond the clip at 5, where two definitions would part."""
+    reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR)
+    with torch.no_grad():
+        reward_model.score.weight.mul_(20.0)
+    reward_model.save_pretrained(tmp_path / "loud_reward_model")
+    settings = dict(reward_model=str(tmp_path / "loud_reward_model"), max_new_tokens=6)
+
+    config = TrainConfig(env=TokenEnvConfig(**settings))
+    config.run.run_dir, config.run.progress, config.run.device = tmp_path / "run", False, "cpu"
+    config.run.eval_episodes, config.run.threads = 8, torch.get_num_threads()
+    trainer = Trainer(config)
+    trained = trainer.evaluate(0)
+    trainer.logger.close()
+
+    command = EvalConfig(
+        env=TokenEnvConfig(split="eval", **settings), k=1, num_prompts=8, batch_size=8, seed=eval_seed(0, 0)
+    )
+    evaluated = run_evaluation(replace(command, device="cpu"), progress=False)
+    assert max(abs(trained["eval/score_q00"]), abs(trained["eval/score_q100"])) > 5  # beyond the clip
+    assert trained.keys() <= evaluated.keys()
+    for key, value in trained.items():
+        assert evaluated[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key

@@ -239,9 +239,11 @@ def tiny_agent() -> ActorCritic:
     return agent.train()
 
 
-def update(agent, rollout, config, optimizer=None, **kwargs):
+def update(agent, rollout, config, optimizer=None, kl_coef=0.0, **kwargs):
     optimizer = optimizer or torch.optim.SGD(agent.parameters(), lr=0.1)
-    return ppo_update(agent, optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0), **kwargs)
+    return ppo_update(
+        agent, optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0), kl_coef=kl_coef, **kwargs
+    )
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
@@ -319,3 +321,13 @@ def test_update_arguments_are_checked(kwargs, match):
     config = PPOConfig(loss_aggregation="constant")
     with pytest.raises(ValueError, match=match):
         update(tiny_agent(), tiny_rollout([1.0, 0.0, 0.0, 1.0]), config, **kwargs)
+
+
+def test_the_kl_coefficient_is_a_required_keyword():
+    """Forgotten, a default of 0 would silently drop the k2/k3 swap and the KL loss term."""
+    agent = tiny_agent()
+    optimizer = torch.optim.SGD(agent.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="kl_coef"):
+        ppo_update(agent, optimizer, tiny_rollout([1.0, 0.0, 0.0, 1.0]), PPOConfig(), 1.0, torch.Generator())
+    with pytest.raises(TypeError):
+        ppo_update(agent, optimizer, tiny_rollout([1.0, 0.0, 0.0, 1.0]), PPOConfig(), 1.0, torch.Generator(), None, 0.1)

@@ -89,7 +89,9 @@ def test_one_update_moves_every_trainable_parameter_and_no_frozen_one(share_back
     # two optimizer steps: the value head starts at zero, so a separate critic trunk gets its first gradient
     # only once the head has moved
     config = PPOConfig(epochs=1, minibatch_size=4, micro_batch_size=2)
-    metrics = ppo_update(agent.train(), optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0))
+    metrics = ppo_update(
+        agent.train(), optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0), kl_coef=env.kl_coef
+    )
 
     assert metrics["ppo/first_ratio_mean"] == 1.0  # old log-probs re-scored in the same micro-batches
     unchanged = [name for name, p in agent.named_parameters() if torch.equal(p, before[name])]
@@ -112,7 +114,7 @@ def test_gradient_accumulation_equals_one_big_minibatch(env):
         clone = copy.deepcopy(agent).train()
         optimizer = torch.optim.SGD(clone.parameters(), lr=0.1)
         config = PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=micro, max_grad_norm=1e9)
-        ppo_update(clone, optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0))
+        ppo_update(clone, optimizer, rollout, config, 1.0, torch.Generator().manual_seed(0), kl_coef=env.kl_coef)
         results.append(dict(clone.named_parameters()))
     for name, parameter in results[0].items():
         torch.testing.assert_close(parameter, results[1][name], atol=2e-6, rtol=1e-4)
@@ -163,7 +165,7 @@ def test_learns_to_emit_a_target_token(algo, make_vec):
     for iteration in range(16):
         rollout = collect_rollout(agent.eval(), env, 1.0, iteration, sampling, group_size=group)
         scores.append(float(rollout.scores.mean()))
-        ppo_update(agent.train(), optimizer, rollout, config, 1.0, shuffling)
+        ppo_update(agent.train(), optimizer, rollout, config, 1.0, shuffling, kl_coef=env.kl_coef)
     assert scores[0] <= 0.25, scores
     assert statistics.median(scores[-8:]) >= 0.85, scores
 

@@ -460,7 +460,7 @@ def test_two_ppo_iterations(family, tokenizer):
         with torch.no_grad():  # the cached sampling log-probs against one teacher-forced forward
             scored = score_rollout(agent, rollout, 1.0)
         checks.close("logprob", rollout.logprobs[rollout.mask], scored.logprobs[rollout.mask], f"rollout {iteration}")
-        metrics = ppo_update(agent.train(), optimizer, rollout, config, 1.0, shuffling)
+        metrics = ppo_update(agent.train(), optimizer, rollout, config, 1.0, shuffling, kl_coef=env.kl_coef)
         assert metrics["ppo/first_ratio_mean"] == 1.0, (iteration, metrics["ppo/first_ratio_mean"])
         assert metrics["ppo/skipped_steps"] == 0
     trainable = [(name, p) for name, p in agent.named_parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ Everything runs offline on the embedded default task (or on tiny in-memory model
 
 import functools
 import warnings
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -832,3 +833,33 @@ def test_vector_reset_group_size_gives_identical_prompts_within_groups(make_vec)
         vec.reset(options={"group_size": 4})
     with pytest.raises(ValueError, match="either prompt_index or group_size"):
         vec.reset(options={"group_size": 3, "prompt_index": 0})
+
+
+# --------------------------------------------------------------------------- what learners read of the env
+@pytest.mark.parametrize("vector", [False, True], ids=["single", "vector"])
+def test_prompts_rows_and_answer_check_are_public(vector, make_env, make_vec):
+    rows = [{"prompt": "17+25=", "answer": "42"}, {"prompt": "3+4=", "answer": "7"}]
+    env = make_vec(2, task="arithmetic", prompts=rows) if vector else make_env(task="arithmetic", prompts=rows)
+    assert list(env.unwrapped.prompts) == ["17+25=", "3+4="]
+    assert list(env.unwrapped.rows) == [{"answer": "42"}, {"answer": "7"}]
+    assert env.unwrapped.accuracy_term == "exact_match"
+    _, info = env.reset(seed=0, options={"prompt_index": 1} if not vector else {"prompt_index": [1, 0]})
+    first = info["row"] if not vector else info["row"][0]
+    assert first == env.unwrapped.rows[1]
+    reviews = make_vec(2) if vector else make_env()
+    assert reviews.unwrapped.accuracy_term is None and len(reviews.unwrapped.prompts) == 224
+
+
+def test_the_learners_read_the_env_only_through_its_public_api():
+    """agents/ uses the envs' documented properties (textenv.env.CoreView) and info keys (textenv.info), never
+    the core they are views of."""
+    import agents
+
+    root = Path(agents.__file__).parent
+    reaching = [
+        f"{path.relative_to(root.parent)}:{number}"
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "unwrapped.core" in line or "textenv.core" in line or ".core." in line
+    ]
+    assert reaching == []

@@ -33,10 +33,12 @@ from pathlib import Path
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 POLICY_DIR = ARTIFACTS_DIR / "policy"
 
+# The task's episode limits: its preset (``textenv.tasks``) gives them to the env, the trainer and the evaluator.
 MAX_PROMPT_TOKENS = 8
-"""Suggested prompt budget: the longest prompt, ``99+99=``, is 6 tokens."""
-MAX_NEW_TOKENS = 6
-"""Suggested response budget: the longest answer, ``198<eos>``, is 4 tokens."""
+"""Prompt budget: the longest prompt, ``99+99=``, is 6 tokens."""
+MAX_NEW_TOKENS = 32
+"""Response budget: the review task's 32, though the longest answer, ``198<eos>``, is 4 tokens: a policy that
+wanders has room to show it (``eos_rate``), as in the training runs the README reports."""
 
 
 def load_rows(split: str = "train", task_dir: Path = ARTIFACTS_DIR) -> list[dict]:

@@ -25,7 +25,7 @@ by one or by ten). So it calls the tool on about a quarter of the prompts, copie
 the result when it does, and otherwise often answers wrong: an RL learner gains
 by calling the tool every time. ``python -m textenv.calculator report`` (1000
 episodes at temperature 1 over the 200 held-out prompts, seed 0, the calculator
-answering; at most 3 agent turns of 6 tokens) measures the shipped policy:
+answering; the task's limits: at most 3 agent turns of 6 tokens) measures the shipped policy:
 
     episode/success     0.579    episode/success_greedy  0.970
     tool/call_rate      0.262    tool/copy_accuracy      0.985
@@ -49,6 +49,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from textenv.arithmetic import MAX_PROMPT_TOKENS as ARITHMETIC_MAX_PROMPT_TOKENS
 from textenv.arithmetic import load_rows
 from textenv.turns import Reply, Turn
 
@@ -60,12 +61,15 @@ CALL = "?"
 SEPARATOR = ":"
 """Ends the calculator's reply, e.g. ``42:``; no answer contains it, so the answer is what follows the last one."""
 
+# The task's episode limits: its preset (``textenv.tasks``) gives them to the env, the trainer and the evaluator.
+MAX_PROMPT_TOKENS = ARITHMETIC_MAX_PROMPT_TOKENS
+"""Prompt budget: the arithmetic task's; the longest prompt, ``99+99=``, is 6 tokens."""
 MAX_TURNS = 3
-"""Suggested agent turns: a call and an answer take 2; the third leaves room for one stray turn."""
+"""Agent turns: a call and an answer take 2; the third leaves room for one stray turn."""
 MAX_NEW_TOKENS = 6
-"""Suggested tokens per agent turn: the longest answer, ``198<eos>``, is 4 tokens."""
+"""Tokens per agent turn: the longest answer, ``198<eos>``, is 4 tokens."""
 MAX_ENV_TOKENS = 6
-"""Suggested tokens per calculator reply: the longest, ``198:``, is 4 tokens."""
+"""Tokens per calculator reply: the longest, ``198:``, is 4 tokens."""
 
 PROBLEM = re.compile(r"(\d+)\+(\d+)=")
 
@@ -116,6 +120,7 @@ __all__ = [
     "CALL",
     "MAX_ENV_TOKENS",
     "MAX_NEW_TOKENS",
+    "MAX_PROMPT_TOKENS",
     "MAX_TURNS",
     "POLICY_DIR",
     "SEPARATOR",
