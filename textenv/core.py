@@ -56,6 +56,15 @@ def check_logprob_values(logprobs: Tensor, live: Tensor, what: str) -> Tensor:
     return logprobs
 
 
+def as_float_tensor(values, device, expected: str) -> Tensor:
+    """``values`` as a float32 tensor on ``device``; what is not numbers (None, text, objects, ragged lists) raises a
+    TypeError that starts with ``expected`` and says what came instead."""
+    try:
+        return torch.as_tensor(values, device=device, dtype=torch.float32)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{expected}; got {type(values).__name__} {repr(values)[:80]} ({error})") from None
+
+
 @dataclass
 class StepResult:
     """What one core step produced, per slot (arrays of shape (N,))."""
@@ -195,6 +204,14 @@ class TokenBatchCore:
         if self.step_reward_fn is not None:
             scored["step_reward"] = step_rewards(self.step_reward_fn, self.slots, ends.live, self.device)
             terms = terms + torch.nan_to_num(scored["step_reward"])
+        overflow = live & ~torch.isfinite(terms)  # each part fits float32 (checked), their sum may not
+        if overflow.any():
+            row = int(overflow.nonzero()[0, 0])
+            parts = {key: float(value[row]) for key, value in scored.items() if not torch.isnan(value[row])}
+            raise ValueError(
+                f"slot {row}'s score terms {parts} add up beyond float32's range, where rewards are computed; lower "
+                "the reward functions' weights or values"
+            )
         return terms, scored
 
     def _advance_caches(self, tokens: Tensor, live: np.ndarray, ends: Ends) -> None:
@@ -252,7 +269,12 @@ class TokenBatchCore:
         return actions.astype(np.int64)
 
     def check_logprobs(self, logprobs) -> Tensor:
-        logprobs = torch.as_tensor(logprobs, device=self.device, dtype=torch.float32)
+        logprobs = as_float_tensor(
+            logprobs,
+            self.device,
+            f"logprobs passed to step() must be numbers: the log-probability of each chosen token, shape "
+            f"({self.num_slots},)",
+        )
         if logprobs.shape != (self.num_slots,):
             raise ValueError(
                 f"logprobs must hold one log-probability per slot, shape ({self.num_slots},), the log-prob of each "
@@ -269,7 +291,13 @@ class TokenBatchCore:
             return token_logprobs(self.policy.last, actions, self.config.temperature), "policy"
         if self.policy_fn is None:
             return None, "reference_only"
-        table = torch.as_tensor(self.policy_fn(self.observation()), device=self.device, dtype=torch.float32)
+        expected = f"log-probabilities of shape ({self.num_slots}, {self.vocab_size}) (slots, vocabulary)"
+        table = as_float_tensor(
+            self.policy_fn(self.observation()),
+            self.device,
+            f"the policy callable {getattr(self.policy_fn, '__name__', type(self.policy_fn).__name__)!r} must "
+            f"return {expected}, a tensor or array of numbers",
+        )
         if table.shape != (self.num_slots, self.vocab_size):
             raise ValueError(
                 f"the policy callable must return log-probabilities of shape ({self.num_slots}, {self.vocab_size}) "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from textenv.config import ModelLike, TokenEnvConfig
+from textenv.config import ModelLike, TokenEnvConfig, resolve_config
 from textenv.default_task import load_prompts
 from textenv.lm import disable_dropout, sequence_scores
 from textenv.reward_fns import RewardFunction, StepRewardFunction, import_reward_fn, resolve_reward_fns
 from textenv.tasks import get_task
+from textenv.text import control_text_in, encode_text
 from textenv.turns import Interaction
 
 
@@ -184,20 +186,33 @@ def read_prompt_rows(
 
     A prompt is a string or a chat conversation; a list may also hold rows, dicts with
     the prompt under ``prompt_column``. Files: a UTF-8 text file (one prompt a line,
-    blank lines skipped), a JSON-lines file (``.jsonl``: one row a line) or a directory
-    saved with ``datasets``' ``save_to_disk`` (a dataset dict gives its ``split``).
-    ``what`` names the argument in errors.
+    blank lines skipped; one whose every line is a JSON object is refused as misnamed
+    JSON lines), a JSON-lines file (``.jsonl`` or ``.ndjson``: one row a line), a
+    ``.json`` file (a JSON list, or JSON lines as ``datasets``' ``to_json`` writes them),
+    suffixes in any case, or a directory saved with ``datasets``' ``save_to_disk``.
+    ``split`` chooses the split of a dataset dict; data without splits has every row in
+    ``"train"``, and any other ``split`` of it is refused. ``what`` names the argument in
+    errors.
     """
+    source = describe_prompts(prompts, what)
     if isinstance(prompts, str | os.PathLike):
         path = Path(prompts).expanduser()
+        source = f"{what} file {os.fspath(path)!r}"
         if path.is_dir() and any((path / name).is_file() for name in DATASET_FILES):
             prompts = load_dataset_dir(path, what)
-        elif path.suffix == ".jsonl":
+        elif path.suffix.lower() in JSON_LINES_SUFFIXES:
             prompts = read_jsonl_rows(path, prompt_column, what)
+        elif path.suffix.lower() == ".json":
+            prompts = read_json_rows(path, prompt_column, what)
         else:
-            return check_prompts(read_prompt_file(path, what), what), []
+            lines = read_prompt_file(path, what)
+            check_not_json_lines(lines, path, what)
+            check_no_split(split, source, what)
+            return check_prompts(lines, what), []
     if hasattr(prompts, "column_names") and isinstance(prompts.column_names, Mapping):  # a datasets.DatasetDict
         prompts = prompts[dataset_split(prompts, split, what)]
+    else:
+        check_no_split(split, source, what)
     if hasattr(prompts, "column_names"):  # a datasets.Dataset
         if prompt_column not in prompts.column_names:
             raise ValueError(
@@ -223,6 +238,33 @@ def read_prompt_rows(
 
 DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 SPLIT_ALIASES = {"eval": ("eval", "test", "validation"), "test": ("test", "eval", "validation")}
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # compared in lower case: .JSONL too
+ALL_ROWS_SPLIT = "train"  # the split that means "every row" of data without splits (the default)
+
+
+def has_splits(prompts) -> bool:
+    """Whether ``prompts`` has splits to choose from with ``split=``: a ``datasets`` dataset dict, loaded or saved
+    (a list, a text or JSON file and a single dataset have none)."""
+    if isinstance(prompts, str | os.PathLike):
+        path = Path(prompts).expanduser()
+        return path.is_dir() and (path / "dataset_dict.json").is_file()
+    return hasattr(prompts, "column_names") and isinstance(prompts.column_names, Mapping)
+
+
+def describe_prompts(prompts, what: str) -> str:
+    if hasattr(prompts, "column_names"):
+        return f"{what} (a datasets.Dataset, not a DatasetDict)"
+    return what
+
+
+def check_no_split(split: str, source: str, what: str) -> None:
+    """Data without splits has every row in the default split; any other split of it is refused."""
+    if split != ALL_ROWS_SPLIT:
+        raise ValueError(
+            f"split={split!r}, but {source} has no splits: every row would be used, whatever the split. Pass the "
+            f"prompts of that split themselves as {what}= (with split left {ALL_ROWS_SPLIT!r}), or a datasets "
+            f"DatasetDict (or its saved directory) that has a {split!r} split"
+        )
 
 
 def dataset_split(dataset_dict, split: str, what: str) -> str:
@@ -248,6 +290,39 @@ def load_dataset_dir(path: Path, what: str):
     except ImportError as error:
         raise ImportError(f"{what} directory {os.fspath(path)!r} is a saved dataset: pip install datasets") from error
     return datasets.load_from_disk(os.fspath(path))
+
+
+def read_json_rows(path: Path, column: str, what: str) -> list:
+    """A ``.json`` file: a JSON list (of prompts, conversations or rows), or JSON lines (one row a line, as
+    ``datasets``' ``to_json`` writes them)."""
+    text = "\n".join(read_prompt_file(path, what))
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return read_jsonl_rows(path, column, what)  # several JSON values: JSON lines
+    if isinstance(data, dict) and "\n" not in text:
+        return [data]  # JSON lines of one row
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{what} file {os.fspath(path)!r} holds a JSON {type(data).__name__}; a .json prompt file holds a JSON "
+            f"list (of prompts, conversations or rows with the prompt under {column!r}) or JSON lines (one row a line)"
+        )
+    return data
+
+
+def check_not_json_lines(lines: list[str], path: Path, what: str) -> None:
+    """A text file whose every line is a JSON object is JSON lines under another name: refused, not read as text."""
+    for line in lines:
+        try:
+            if not isinstance(json.loads(line), dict):
+                return
+        except ValueError:
+            return
+    raise ValueError(
+        f"{what} file {os.fspath(path)!r} holds JSON lines (every line is a JSON object), but its name does not end "
+        "in .jsonl or .json, so each line would be a prompt as it is written, braces and all; rename it to .jsonl "
+        "(the prompt is the prompt_column field of each row)"
+    )
 
 
 def read_jsonl_rows(path: Path, column: str, what: str) -> list[dict]:
@@ -308,56 +383,39 @@ class Task:
 
 
 def load_task(config: TokenEnvConfig) -> Task:
-    """Load the config's models, tokenizer, prompts and reward functions, and check that they fit together."""
+    """Load the config's models, tokenizer, prompts and reward functions, and check that they fit together.
+
+    ``config`` is resolved first (``resolve_config``): the fields it leaves unset are its task's.
+    """
+    config = resolve_config(config)
     device = resolve_device(config.device)
-    embedded = get_task(config.task)
-    reference_source = embedded.policy_dir if config.reference_model is None else config.reference_model
-    tokenizer = config.tokenizer
-    if tokenizer is None:
-        if isinstance(reference_source, torch.nn.Module):
-            raise ValueError("pass tokenizer= when reference_model is a loaded module")
-        tokenizer = load_tokenizer(reference_source, what="reference model (and its tokenizer)")
-    tokenizer = load_tokenizer(tokenizer)
-    reference = load_causal_lm(reference_source, device)
-    reward_fns = resolve_reward_fns(config.reward_fns or embedded.reward_fns, config.reward_weights)
-    interaction = load_interaction(config, embedded)
-    reward_source = config.reward_model
-    if reward_source is None and not config.reward_fns:
-        reward_source = embedded.reward_model_dir
-    if reward_source is None and not reward_fns and interaction is None:
+    tokenizer = load_policy_tokenizer(config)
+    reference = load_causal_lm(config.reference_model, device)
+    reward_fns = resolve_reward_fns(config.reward_fns, config.reward_weights)
+    check_accuracy_term(config.accuracy_term, reward_fns)
+    interaction = load_interaction(config)
+    if config.reward_model is None and not reward_fns and interaction is None:
         raise ValueError("nothing pays a score: pass reward_model=, reward_fns= (--reward-fn) or both")
-    context_length = config.window(turns=interaction is not None)
     reward_model = reward_tokenizer = None
-    if reward_source is not None:
-        reward_model = load_reward_model(reward_source, device)
-        reward_tokenizer = reward_model_tokenizer(config.reward_tokenizer, reward_source, tokenizer)
+    if config.reward_model is not None:
+        reward_model = load_reward_model(config.reward_model, device)
+        reward_tokenizer = reward_model_tokenizer(config.reward_tokenizer, config.reward_model, tokenizer)
     check_special_tokens(tokenizer)
     reads_ids = reward_model is not None and reward_tokenizer is None
     vocab_size = check_vocabularies(tokenizer, reference, reward_model if reads_ids else None, config.policy)
-    for name, model in (("reference model", reference), ("reward model", reward_model if reads_ids else None)):
-        limit = None if model is None else model_positions(model)
-        if limit is not None and context_length > limit:
-            what = (
-                "max_prompt_tokens + max_new_tokens"
-                if interaction is None
-                else ("max_prompt_tokens + max_turns * max_new_tokens + (max_turns - 1) * max_env_tokens")
-            )
-            raise ValueError(f"{what} = {context_length} exceeds the {name}'s {limit} positions; lower one of them")
+    context_length = config.window(turns=interaction is not None)
+    check_positions(context_length, interaction is not None, reference, reward_model if reads_ids else None)
+    if reward_tokenizer is not None:
+        check_reward_tokenizer(reward_tokenizer, reward_model)
     if reward_model is not None:
         check_reward_model_output(reward_model, tokenizer if reward_tokenizer is None else reward_tokenizer, device)
-    if config.prompts is None:
-        prompts, rows = read_prompt_rows(embedded.prompt_rows(config.split), "prompt", what=f"{config.task} prompts")
-    else:
-        prompts, rows = read_prompt_rows(config.prompts, config.prompt_column, config.split)
+    prompts, rows = read_task_prompts(config)
     texts, prompt_ids = tokenize_prompts(
         prompts, tokenizer, config.max_prompt_tokens, config.prompt_truncation, config.chat_template
     )
     conversations = [as_conversation(p) if config.chat_template or not isinstance(p, str) else None for p in prompts]
-    step_fn = config.step_reward_fn
-    if isinstance(step_fn, str):
-        step_fn = import_reward_fn(step_fn, "step_reward_fn")
-    elif step_fn is not None and not callable(step_fn):
-        raise TypeError(f"step_reward_fn must be a callable or module:function text, got {type(step_fn).__name__}")
+    if reward_tokenizer is not None:
+        check_reward_reading(texts, conversations, reward_tokenizer)
     return Task(
         tokenizer,
         reference,
@@ -369,24 +427,82 @@ def load_task(config: TokenEnvConfig) -> Task:
         conversations,
         rows=rows or [{} for _ in texts],
         reward_fns=reward_fns,
-        step_reward_fn=None if step_fn is None else StepRewardFunction(step_fn),
-        accuracy=embedded.accuracy if not config.reward_fns else None,
+        step_reward_fn=load_step_reward_fn(config.step_reward_fn),
+        accuracy=config.accuracy_term,
         interaction=interaction,
         end_of_turn_id=None if interaction is None else end_of_turn_id(config.end_of_turn_token, tokenizer),
         context_length=context_length,
     )
 
 
-def load_interaction(config: TokenEnvConfig, embedded) -> Interaction | None:
-    """The config's interaction (an object, or module:name text; a class is instantiated), else the task's."""
+def check_reward_reading(texts: list[str], conversations: list, reward_tokenizer) -> None:
+    """What a reward model with its own tokenizer reads of the prompts: no message spells one of its control
+    tokens (when it reads conversations in its chat template), and its tokenizer can write the prompt texts."""
+    if reward_tokenizer.chat_template:
+        for index, messages in enumerate(conversations):
+            if messages is not None:
+                check_messages(messages, reward_tokenizer, index, "reward model's tokenizer")
+    ids = [encode_text(reward_tokenizer, text, add_special_tokens=False) for text in texts]
+    check_coverage(texts, ids, reward_tokenizer, "reward model's tokenizer")
+
+
+def load_policy_tokenizer(config: TokenEnvConfig) -> PreTrainedTokenizerBase:
+    """The config's tokenizer, else the one saved with the reference model."""
+    if config.tokenizer is not None:
+        return load_tokenizer(config.tokenizer)
+    if isinstance(config.reference_model, torch.nn.Module):
+        raise ValueError("pass tokenizer= when reference_model is a loaded module")
+    return load_tokenizer(config.reference_model, what="reference model (and its tokenizer)")
+
+
+def check_accuracy_term(accuracy_term: str | None, reward_fns: list[RewardFunction]) -> None:
+    names = [fn.name for fn in reward_fns]
+    if accuracy_term is not None and accuracy_term not in names:
+        raise ValueError(
+            f"accuracy_term {accuracy_term!r} names no reward function of the env (they are {names}); name the one "
+            "that pays 1 for a right answer and 0 for a wrong one"
+        )
+
+
+def check_positions(context_length: int, turns: bool, reference: torch.nn.Module, reward_model) -> None:
+    """The observation window fits the positions of the reference model and of a reward model reading ids."""
+    for name, model in (("reference model", reference), ("reward model", reward_model)):
+        limit = None if model is None else model_positions(model)
+        if limit is not None and context_length > limit:
+            what = (
+                "max_prompt_tokens + max_turns * max_new_tokens + (max_turns - 1) * max_env_tokens"
+                if turns
+                else "max_prompt_tokens + max_new_tokens"
+            )
+            raise ValueError(f"{what} = {context_length} exceeds the {name}'s {limit} positions; lower one of them")
+
+
+def read_task_prompts(config: TokenEnvConfig) -> tuple[list[Prompt], list[dict]]:
+    """The config's prompts and their rows, else its task's prompts of ``split``."""
+    if config.prompts is None:
+        rows = get_task(config.task).prompt_rows(config.split)
+        return read_prompt_rows(rows, "prompt", what=f"{config.task} prompts")
+    return read_prompt_rows(config.prompts, config.prompt_column, config.split)
+
+
+def load_step_reward_fn(step_fn) -> StepRewardFunction | None:
+    """The config's ``step_reward_fn`` (a callable or module:function text), wrapped; None stays None."""
+    if isinstance(step_fn, str):
+        step_fn = import_reward_fn(step_fn, "step_reward_fn")
+    elif step_fn is not None and not callable(step_fn):
+        raise TypeError(f"step_reward_fn must be a callable or module:function text, got {type(step_fn).__name__}")
+    return None if step_fn is None else StepRewardFunction(step_fn)
+
+
+def load_interaction(config: TokenEnvConfig) -> Interaction | None:
+    """The resolved config's interaction: an object, or its class or module:name text (a class is instantiated)."""
     interaction = config.interaction
-    if interaction is None and embedded.interaction is not None:
-        interaction = embedded.interaction()
     if interaction is None:
         return None
     if isinstance(interaction, str):
-        found = import_reward_fn(interaction, "interaction")
-        interaction = found() if isinstance(found, type) else found
+        interaction = import_reward_fn(interaction, "interaction")
+    if isinstance(interaction, type):
+        interaction = interaction()
     if not callable(getattr(interaction, "respond", None)):
         raise TypeError(
             f"interaction must have a respond(turn) method (see textenv.turns), got {type(interaction).__name__}"
@@ -397,13 +513,19 @@ def load_interaction(config: TokenEnvConfig, embedded) -> Interaction | None:
 
 
 def end_of_turn_id(token: int | str | None, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id of the end-of-turn token (default EOS); an unknown token is an error."""
+    """The id of the end-of-turn token (default EOS): an id, or a text that the tokenizer writes as exactly one
+    token ("and" is the token that "and" tokenizes to, not a vocabulary entry spelled "and"; a control token's
+    text, such as "<|eot_id|>", is that token)."""
     if token is None:
         return tokenizer.eos_token_id
     if isinstance(token, str):
-        ids = tokenizer.convert_tokens_to_ids([token])
-        if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
-            raise ValueError(f"end_of_turn_token {token!r} is not a token of the tokenizer; give its text or id")
+        ids = list(tokenizer(token, add_special_tokens=False)["input_ids"])
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(
+                f"end_of_turn_token {token!r} is not one token of the tokenizer: it tokenizes to {len(ids)} "
+                f"token(s) {pieces} (ids {ids}); give a text that is exactly one token, or the token's id"
+            )
         return int(ids[0])
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < len(tokenizer):
         raise ValueError(f"end_of_turn_token must be a token id in 0..{len(tokenizer) - 1} or a token's text")
@@ -447,12 +569,39 @@ def check_vocabularies(tokenizer, reference: torch.nn.Module, reward_model: torc
             "hands it the policy's token ids; if it has its own tokenizer, pass it as reward_tokenizer= (or save it "
             "beside the reward model) and the reward model reads the text instead"
         )
+    check_special_ids(tokenizer, vocab_size, "tokenizer", "the reference model predicts")
+    if reward_model is not None:
+        check_special_ids(tokenizer, reward_vocab, "tokenizer", "the reward model embeds")
     if isinstance(policy, torch.nn.Module) and output_vocab_size(policy) != vocab_size:
         raise ValueError(
             f"the policy predicts {output_vocab_size(policy)} tokens but the reference model {vocab_size}; "
             "they must share one vocabulary"
         )
     return vocab_size
+
+
+def check_special_ids(tokenizer, rows: int, which: str, model: str) -> None:
+    """The tokenizer's special tokens (BOS, EOS, PAD, UNK) are ids of the model: below its ``rows`` tokens."""
+    for name in ("bos", "eos", "pad", "unk"):
+        index = getattr(tokenizer, f"{name}_token_id", None)
+        if index is not None and not 0 <= index < rows:
+            raise ValueError(
+                f"the {which}'s {name.upper()} token {getattr(tokenizer, f'{name}_token')!r} has the id {index}, but "
+                f"{model} only {rows} tokens (ids 0..{rows - 1}): the {which} does not belong to the model; pass the "
+                "tokenizer the model was trained with"
+            )
+
+
+def check_reward_tokenizer(reward_tokenizer, reward_model: torch.nn.Module) -> None:
+    """Every id the reward model's own tokenizer writes is a row of the reward model's embedding."""
+    rows = reward_model.get_input_embeddings().weight.shape[0]
+    if len(reward_tokenizer) > rows:
+        raise ValueError(
+            f"the reward model's tokenizer has {len(reward_tokenizer)} tokens but the reward model embeds only "
+            f"{rows}: a text could tokenize to an id past its embedding (an IndexError at the first scoring). Pass "
+            "the reward model's own tokenizer as reward_tokenizer= (or save it beside the reward model)"
+        )
+    check_special_ids(reward_tokenizer, rows, "reward model's tokenizer", "the reward model embeds")
 
 
 def tokenize_prompts(
@@ -466,7 +615,9 @@ def tokenize_prompts(
 
     A conversation (or, with ``chat_template``, a string as one user message) goes through
     the tokenizer's chat template with the generation prompt; its text is the rendered
-    template. Plain prompt text is text: "<eos>" typed in a prompt never becomes the EOS token.
+    template. Prompt text is text (``textenv.text``): "<eos>" typed in a prompt never becomes the EOS token, nor
+    any other control token's spelling that token, and a message that spells one is refused. A tokenizer that
+    cannot write the prompts is refused or warned about (``check_coverage``).
     """
     texts, prompt_ids = [], []
     for i, prompt in enumerate(prompts):
@@ -477,8 +628,9 @@ def tokenize_prompts(
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
         else:
             texts.append(prompt)
-            ids = tokenizer(prompt, split_special_tokens=True)["input_ids"]
+            ids = encode_text(tokenizer, prompt)
         prompt_ids.append(list(ids))
+    check_coverage(texts, prompt_ids, tokenizer, "tokenizer")
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {i} ({texts[i]!r}) is empty after tokenization")
@@ -498,17 +650,62 @@ def as_conversation(prompt: Prompt) -> list[dict[str, str]]:
 
 
 def check_conversation(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, index: int) -> None:
-    """The tokenizer has a chat template, and no message smuggles in a special token's text."""
+    """The tokenizer has a chat template, and no message smuggles in a control token's text."""
     if not tokenizer.chat_template:
         raise ValueError(
             f"prompt {index} is a chat conversation (or chat_template=True), but the tokenizer has no chat "
             "template; set tokenizer.chat_template or pass plain string prompts"
         )
-    specials = [token for token in tokenizer.all_special_tokens if token]
+    check_messages(messages, tokenizer, index, "tokenizer")
+
+
+def check_messages(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, index: int, which: str) -> None:
+    """No message contains the text of a control token of ``tokenizer`` (``textenv.text.control_tokens``): its
+    chat template would read it as that token, and a message could close its turn and open one of another role.
+    ``which`` names the tokenizer in the error ("tokenizer", "reward model's tokenizer")."""
     for message in messages:
-        found = [token for token in specials if token in message["content"]]
+        found = control_text_in(message["content"], tokenizer)
         if found:
+            kind = "special token" if found[0] in tokenizer.all_special_tokens else "control token"
             raise ValueError(
-                f"prompt {index}: a {message['role']} message contains the text of the special token {found[0]!r}, "
-                "which the chat template would turn into that control token; remove it from the message"
+                f"prompt {index}: a {message['role']} message contains the text of the {kind} {found[0]!r} of "
+                f"the {which}, which its chat template would turn into that token (a message could end its turn "
+                "and open another, e.g. a system turn); messages are text: remove it from the message, or break "
+                "it up (e.g. with a space)"
             )
+
+
+UNKNOWN_REFUSED = 0.5  # a tokenizer that writes more than this share of the prompt tokens as <unk> is refused
+
+
+class UnknownTokensWarning(UserWarning):
+    """Some prompt tokens are the tokenizer's unknown token: it cannot write some of the prompts' characters."""
+
+
+def check_coverage(texts: list[str], prompt_ids: list[list[int]], tokenizer, which: str) -> None:
+    """The tokenizer can write the prompts: more than ``UNKNOWN_REFUSED`` of their tokens as its unknown token is
+    refused (a tokenizer of another vocabulary or task), any at all is warned about; both name the share and the
+    characters it has no token for. ``which`` names the tokenizer ("tokenizer", "reward model's tokenizer")."""
+    unknown = tokenizer.unk_token_id
+    others = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
+    if unknown is None or unknown in others:  # byte-level tokenizers write everything; GPT-2's <unk> is its EOS
+        return
+    total = sum(len(ids) for ids in prompt_ids)
+    count = sum(ids.count(unknown) for ids in prompt_ids)
+    if count == 0:
+        return
+    characters = sorted({ch for text in texts for ch in text})
+    missing = [ch for ch in characters if unknown in encode_text(tokenizer, ch, add_special_tokens=False)]
+    shown = "".join(missing[:40]) + ("..." if len(missing) > 40 else "")
+    what = (
+        f"{count} of the {total} prompt tokens ({count / total:.0%}) are the {which}'s unknown token "
+        f"{tokenizer.unk_token!r}"
+        + (f": it has no token for the characters {shown!r}" if missing else " (whole words it cannot split)")
+    )
+    if count / total > UNKNOWN_REFUSED:
+        raise ValueError(
+            f"{what}. The {which} does not fit these prompts (a tokenizer of another vocabulary, or another task's "
+            "model?): pass the tokenizer the model was trained with (tokenizer=, reward_tokenizer=; by default the "
+            "one saved with the model), and prompts it can write (prompts=, task=)"
+        )
+    warnings.warn(f"{what}; those characters reach the models as {tokenizer.unk_token!r}", UnknownTokensWarning, 3)

@@ -25,6 +25,7 @@ from textenv.lm import CachedStepper, pad_batch, sequence_scores
 from textenv.loading import Task
 from textenv.rewards import clip_score, score_terms
 from textenv.slots import Slots
+from textenv.text import encode_chat, encode_text
 
 
 class Scorer(Protocol):
@@ -98,10 +99,11 @@ class DenseScorer:
 class TextScorer:
     """A reward model with its own tokenizer reads text: the prompt as given, then the decoded response.
 
-    Re-tokenized with the reward model's tokenizer (its own special tokens added as it
-    adds them) and scored by a plain forward: sparse on the step an episode ends, dense
-    on every step for every live episode (no KV cache: the tokens of a growing text
-    need not extend the previous tokens). A conversation is read in the reward
+    Re-tokenized with the reward model's tokenizer as text (its own special tokens added
+    as it adds them; a control token's spelling in the prompt or response stays text)
+    and scored by a plain forward: sparse on the step an episode ends, dense on every
+    step for every live episode (no KV cache: the tokens of a growing text need not
+    extend the previous tokens). A conversation is read in the reward
     tokenizer's chat template when it has one.
     """
 
@@ -112,17 +114,26 @@ class TextScorer:
         self.previous = torch.zeros(slots.num_slots, device=next(reward_model.parameters()).device)
 
     def text(self, row: int) -> str:
-        """What the reward model reads: the conversation and reply in its chat template when the prompt is a
-        conversation and it has one, else the prompt text as given and the response."""
+        """What the reward model reads, as text: the conversation and reply in its chat template when the prompt
+        is a conversation and it has one, else the prompt text as given and the response."""
         messages = self.conversations[self.slots.prompt_index[row]]
         if messages is not None and self.reward_tokenizer.chat_template:
             reply = {"role": "assistant", "content": self.slots.response_text(row).strip()}
             return self.reward_tokenizer.apply_chat_template([*messages, reply], tokenize=False)
         return self.slots.prompt_text(row) + self.slots.response_text(row)
 
+    def token_ids(self, row: int) -> list[int]:
+        """``text(row)`` in the reward tokenizer's ids. Prompt and response are text (``textenv.text``): a control
+        token's spelling in them is tokenized as its characters, while the tokenizer's own special tokens (BOS,
+        [CLS]) and its chat template's tokens are added as it adds them."""
+        messages = self.conversations[self.slots.prompt_index[row]]
+        if messages is not None and self.reward_tokenizer.chat_template:
+            return encode_chat(self.reward_tokenizer, messages, self.slots.response_text(row).strip())
+        return encode_text(self.reward_tokenizer, self.slots.prompt_text(row) + self.slots.response_text(row))
+
     def scores(self, rows: Tensor) -> Tensor:
         """The reward model's score of each row's text, (K,)."""
-        encoded = [self.reward_tokenizer(self.text(row))["input_ids"] for row in rows.tolist()]
+        encoded = [self.token_ids(row) for row in rows.tolist()]
         pad = self.reward_tokenizer.pad_token_id if self.reward_tokenizer.pad_token_id is not None else 0
         ids, mask = (t.to(rows.device) for t in pad_batch(encoded, pad))
         return sequence_scores(self.reward_model, ids, mask)

@@ -9,6 +9,7 @@ The window is right-aligned: the newest token is always at ``input_ids[:, -1]``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,8 +80,9 @@ class Slots:
         return self.prompts[self.prompt_index[row]]
 
     def row(self, row: int) -> dict:
-        """The prompt's other data columns, a copy (a reward function that edits it changes nothing here)."""
-        return dict(self.rows[self.prompt_index[row]])
+        """The prompt's other data columns, a deep copy: a reward function or interaction that edits it, or a list
+        in it, changes nothing here, for this episode's other readers nor for later episodes."""
+        return copy.deepcopy(self.rows[self.prompt_index[row]])
 
     def response_text(self, row: int) -> str:
         """The response so far, decoded without special tokens: what reward functions read and ``info["response"]``

@@ -24,20 +24,26 @@ What the env does with a reply:
 Limits: ``max_new_tokens`` is per agent turn, ``max_turns`` counts agent turns,
 ``max_env_tokens`` bounds one reply. A turn that reaches ``max_new_tokens`` without
 ending, or a reply after the last allowed turn, truncates the episode (a limit
-outside the task); ``Reply(done=True)`` terminates it. A reply longer than
+outside the task); ``Reply(done=True)`` terminates it. Only the first of these, a
+turn cut off before its end, pays ``missing_eos_penalty``. A reply longer than
 ``max_env_tokens`` is an error that names the interaction.
+
+A single-turn episode is the case of ``SingleTurn``, whose answer to the agent's
+first turn is ``done``: the env runs every episode through ``Turns``, so there is
+one end-of-episode path.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from textenv.reward_fns import describe_number, fits_float32
 from textenv.slots import Slots
+from textenv.text import encode_text
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class Reply:
     """What the environment answers; with ``done`` the episode is over and nothing is appended."""
 
     text: str | None = None
-    """Appended after the agent's turn, tokenized as text (special tokens' text stays text)."""
+    """Appended after the agent's turn, tokenized as text (a control token's text stays text: ``textenv.text``)."""
     token_ids: list[int] | None = None
     """Or exact token ids (e.g. a chat template's control tokens); not both."""
     reward: float = 0.0
@@ -87,9 +93,12 @@ def check_reply(reply, name: str) -> Reply:
         raise TypeError(f"interaction {name} returned {reply!r}; respond() must return a textenv.turns.Reply")
     if reply.text is not None and reply.token_ids is not None:
         raise ValueError(f"interaction {name} returned a Reply with both text and token_ids; give one")
-    reward = reply.reward
-    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
-        raise ValueError(f"interaction {name} returned the turn reward {reward!r}; it must be a finite number")
+    reward = reply.reward.item() if isinstance(reply.reward, np.generic) else reply.reward
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not fits_float32(reward):
+        raise ValueError(
+            f"interaction {name} returned the turn reward {describe_number(reward)}; it must be a finite number "
+            "within float32's range (|reward| <= 3.403e+38)"
+        )
     if reply.token_ids is not None and not all(isinstance(t, numbers.Integral) for t in reply.token_ids):
         raise TypeError(f"interaction {name} returned token_ids that are not all ints: {reply.token_ids!r}")
     return reply
@@ -195,7 +204,7 @@ class Turns:
         if reply.token_ids is not None:
             ids = [int(t) for t in reply.token_ids]
         elif reply.text:
-            ids = self.tokenizer(reply.text, split_special_tokens=True, add_special_tokens=False)["input_ids"]
+            ids = encode_text(self.tokenizer, reply.text, add_special_tokens=False)
         else:
             ids = []
         if len(ids) > self.max_env_tokens:

@@ -278,7 +278,9 @@ def test_bad_specs_weights_and_names_are_refused_before_loading():
         resolve_reward_fns(["no_colon"], None)
     with pytest.raises(ImportError, match="cannot import module 'not_a_module_xyz'"):
         resolve_reward_fns(["not_a_module_xyz:f"], None)
-    with pytest.raises(ImportError, match="'math' has no attribute 'nope'"):
+    with pytest.raises(ImportError, match="'textenv' has no attribute 'nope'"):
+        resolve_reward_fns(["textenv:nope"], None)
+    with pytest.raises(ValueError, match="'math:nope' names Python's standard library"):
         resolve_reward_fns(["math:nope"], None)
     with pytest.raises(ValueError, match=r"reward_weights has 1 values for 2 reward functions"):
         resolve_reward_fns([length_reward, starts_with_space], [1.0])

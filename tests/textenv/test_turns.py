@@ -272,11 +272,12 @@ def test_stop_strings_and_an_end_of_turn_token_end_a_turn(make_env):
     env.reset(seed=0)
     *_, info = env.step(good[-1])
     assert info["env_tokens"] == tokenizer(" and", add_special_tokens=False)["input_ids"]
-    token = tokenizer.convert_ids_to_tokens(5)
-    env = make_env(interaction=Fixed(Reply(text=" and")), end_of_turn_token=token, max_new_tokens=6)
-    env.reset(seed=0)
-    *_, info = env.step(5)
-    assert info["env_tokens"] != []
+    quite = tokenizer("quite", add_special_tokens=False)["input_ids"]
+    for token, token_id in ((5, 5), ("quite", quite[0])):  # an id, or a text that is one token
+        env = make_env(interaction=Fixed(Reply(text=" and")), end_of_turn_token=token, max_new_tokens=6)
+        env.reset(seed=0)
+        *_, info = env.step(token_id)
+        assert info["env_tokens"] != []
 
 
 @pytest.mark.parametrize(
