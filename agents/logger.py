@@ -139,7 +139,8 @@ def summary(run_dir: Path) -> str:
         return "no evaluation yet"
     first, last = evals[0], evals[-1]
     lines = [f"{'':22}{'iteration ' + str(first['iteration']):>16}{'iteration ' + str(last['iteration']):>16}"]
-    for key in ("eval/positive_rate", "eval/score", "eval/kl", "eval/response_length", "eval/eos_rate"):
+    rate = "eval/positive_rate" if "eval/positive_rate" in last else "eval/score_gt0_rate"  # reviews, or neutral
+    for key in (rate, "eval/score", "eval/kl", "eval/response_length", "eval/eos_rate"):
         lines.append(f"{key:22}{first[key]:>16.3f}{last[key]:>16.3f}")
     seconds = sum(r.get("perf/iteration_s", 0.0) for r in rows)
     lines.append(f"{'time (s)':22}{'':>16}{seconds:>16.1f}")

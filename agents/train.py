@@ -12,9 +12,12 @@ resume in ``checkpoint.py``, the metrics in ``evaluate.py``, processes in
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,23 +27,36 @@ from typing import Annotated
 
 import torch
 import tyro
+from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from agents.checkpoint import Checkpoints, TrainerState
 from agents.distributed import Distributed
-from agents.evaluate import evaluate, rollout_metrics
+from agents.evaluate import evaluate, rollout_metrics, score_rate_key
 from agents.kl_control import KLConfig
 from agents.logger import RunLogger, read_jsonl, write_atomically
 from agents.lora import AdaptersDisabled, add_lora
-from agents.policy import ActorCritic
+from agents.policy import ActorCritic, load_policy
 from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
-from textenv.config import AsPath, check_float, check_int
-from textenv.loading import load_config, looks_like_path, read_prompts, resolve_device
-from textenv.reward_fns import describe, resolve_reward_fns
-from textenv.tasks import get_task
+from textenv.config import AsPath, check_float, check_int, resolve_config
+from textenv.loading import (
+    has_splits,
+    load_config,
+    looks_like_path,
+    read_prompts,
+    resolve_device,
+    reward_model_tokenizer,
+)
+from textenv.reward_fns import (
+    RefusedCodeError,
+    RewardFunctionError,
+    check_code_name,
+    describe,
+    resolve_reward_fns,
+    unstable_description,
+)
 
 
 @dataclass
@@ -57,7 +73,10 @@ class RunConfig:
     eval_split: str = "eval"
     """The split evaluated when --eval-prompts is not given ('eval' also finds a dataset's 'test' or 'validation')."""
     iterations: int = 60
-    """PPO iterations (one rollout and one update each)."""
+    """PPO iterations (one rollout and one update each). The learning rate decays linearly to 0 at this one: at
+    iteration i it is learning_rate * (1 - i / iterations). --resume may change it; the resumed iterations then
+    follow the schedule of the new value (the rate may jump at the first one), as if the run had been started
+    with it."""
     token_budget: int | None = None
     """Stop early once this many response tokens have been generated in training rollouts."""
     batch_size: int = 64
@@ -69,7 +88,9 @@ class RunConfig:
     run_dir: Path = Path("runs/ppo")
     """Where metrics, samples, the learning curve, checkpoints and the final policy go."""
     resume: bool = False
-    """Continue the run in run_dir from its latest checkpoint."""
+    """Continue the run in run_dir from its latest checkpoint, with the settings of its config.json; a flag that
+    changes one is refused, except those that only lengthen, pace or show the run (see iterations for the learning
+    rate)."""
     checkpoint_every: int = 1
     """Iterations between checkpoints."""
     eval_every: int = 10
@@ -99,6 +120,10 @@ class RunConfig:
     """Start a run in a non-empty directory that holds no textenv run (its files are left alone)."""
     max_skipped_updates: int = 3
     """Stop with an error after this many updates in a row whose gradients were all NaN or inf."""
+    trust_run_config: bool = False
+    """--resume: import the reward functions, step reward function and interaction that config.json names without
+    their being named again on the command line (importing runs a module's code). Code inside run_dir is never
+    imported, and standard-library callables (os:system) never serve as reward functions."""
 
     def __post_init__(self):
         self.validate()
@@ -119,8 +144,8 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    env: TokenEnvConfig = field(default_factory=lambda: TokenEnvConfig(score_clip=5.0))
-    """The task (TokenRLHF-v0's settings); training clips scores at +-5 as DeepSpeed-Chat does."""
+    env: TokenEnvConfig = field(default_factory=TokenEnvConfig)
+    """The task (TokenRLHF-v0's settings); the fields left unset take the task's values (resolve_config)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -128,8 +153,9 @@ class TrainConfig:
     def __post_init__(self):
         self.validate_combination()
 
-    def validate(self) -> None:
-        """Raise on a configuration that cannot run, before any work; messages name the field."""
+    def validate(self, import_functions: bool = True) -> None:
+        """Raise on a configuration that cannot run, before any work; messages name the field. With
+        ``import_functions``, then ``check_functions``."""
         for part in (self.env, self.ppo, self.kl, self.run):
             part.validate()  # fields may have been set after construction
         self.validate_combination()
@@ -141,7 +167,17 @@ class TrainConfig:
         for name, path in (("prompts", self.env.prompts), ("eval_prompts", self.run.eval_prompts)):
             if isinstance(path, str):
                 read_prompts(path, self.env.prompt_column, what="--" + name.replace("_", "-"))
-        if self.env.reward_fns:  # import each --reward-fn and check the weights before loading anything
+        check_recordable(self.env)
+        if import_functions:
+            self.check_functions()
+
+    def check_functions(self) -> None:
+        """Check every function or interaction named as ``module:function`` text without importing it (none from
+        the standard library, none from inside run_dir: ``check_code_name``), then import the reward functions and
+        check their weights, before loading anything."""
+        for what, spec in code_names(self.env):
+            check_code_name(spec, what, untrusted_dirs=(self.run.run_dir,))
+        if self.env.reward_fns:
             resolve_reward_fns(self.env.reward_fns, self.env.reward_weights)
 
     def validate_combination(self) -> None:
@@ -162,42 +198,27 @@ def train(config: TrainConfig) -> Path:
     """Run (or resume) PPO as configured; returns the directory of the final policy.
 
     SIGINT (Ctrl-C) or SIGTERM ends the iteration in progress, writes a checkpoint and
-    raises ``TrainingStopped``; ``--resume`` continues from there.
+    raises ``TrainingStopped``; ``--resume`` continues from there. An exception in an
+    iteration (a reward function's, an interaction's) raises ``TrainingFailed``, which
+    names what raised; the last completed iteration is then in a checkpoint (one is
+    written if ``checkpoint_every`` skipped it), or, when none completed, a run directory
+    this run made is removed.
     """
     with keep_torch_threads(), StopSignals() as stop:
         t = Trainer(config)
-        ppo, run, temperature = config.ppo, config.run, config.env.temperature
-        group_size = ppo.group_size if not ppo.uses_critic else None
+        run = config.run
         last = t.start - 1
         for iteration in t.progress_bar():
             if t.budget_spent():
                 break  # a resumed run that had already spent its budget
             began = time.perf_counter()
-            metrics = t.evaluate(iteration) if iteration % run.eval_every == 0 else {}  # iteration 0: the SFT policy
-            beta = t.kl_controller.value
-            t.env.kl_coef = 0.0 if ppo.kl_penalty == "loss" else beta  # "loss": the KL is a loss term, not a reward
-            t.agent.eval()
-            rollout_began = time.perf_counter()
-            rollout = collect_rollout(
-                t.agent, t.env, temperature, t.seed + iteration, t.sampling, t.autocast, group_size
-            )
-            metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / (time.perf_counter() - rollout_began)
-            t.model.train()
-            metrics |= ppo_update(
-                t.model,
-                t.optimizer,
-                rollout,
-                ppo,
-                temperature,
-                t.shuffling,
-                t.autocast,
-                kl_coef=beta,
-                max_new_tokens=config.env.max_new_tokens,
-            )
-            metrics |= rollout_metrics(rollout, "env")
+            states, t.updating = t.generator_states(), False
+            try:  # user code runs here (reward functions, interactions): a failure is reported with a way on
+                metrics, rollout = t.iterate(iteration)
+            except Exception as error:
+                raise t.failed(error, iteration, last, states if not t.updating else None) from error
             metrics["perf/iteration_s"] = time.perf_counter() - began
             metrics = t.gather_metrics(iteration, metrics)
-            t.scheduler.step()
             t.kl_controller.update(metrics["env/kl"], len(rollout.actions) * t.dist.world_size)
             t.tokens += t.dist.sum(int(rollout.mask.sum()))
             metrics["perf/tokens_total"] = t.tokens
@@ -213,7 +234,10 @@ def train(config: TrainConfig) -> Path:
                 t.stop(stop.signal_name, iteration)
             if done:
                 break
-        return t.finish(last + 1)
+        try:
+            return t.finish(last + 1)
+        except Exception as error:
+            raise t.failed(error, None, last, None) from error
 
 
 @contextmanager
@@ -232,6 +256,18 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrainingFailed(RuntimeError):
+    """An iteration raised (a reward function, an interaction, a model...): the message says what raised it and how
+    to continue; the cause is the original exception. ``internal``: it came from textenv's own code, not a callable
+    it was given (a traceback then helps)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, internal: bool):
+        super().__init__(message)
+        self.internal = internal
 
 
 class StopSignals:
@@ -269,17 +305,20 @@ class Trainer:
     """Everything the loop of ``train`` uses, built (or resumed) from a ``TrainConfig``."""
 
     def __init__(self, config: TrainConfig):
-        config.validate()
+        config.validate(import_functions=not config.run.resume)  # on --resume, names are compared before importing
         self.config, run = config, config.run
         self.dist = dist = Distributed(resolve_device(run.device), fsdp=run.fsdp)
         self.device, self.run_dir = dist.device, Path(run.run_dir)
         self.checkpoints = Checkpoints(self.run_dir)
+        self.updating = False  # within an iteration: whether its update has begun (see ``failed``)
         if run.resume:
             resumed = self.checkpoints.resume()
             check_resumed_config(config, self.run_dir)
+            config.check_functions()
         else:
             check_new_run_dir(self.run_dir, self.checkpoints, run.allow_existing_run_dir)
             resumed = None
+        self.rate_key = score_rate_key(config.env)  # positive_rate on the review task, score_gt0_rate elsewhere
 
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.agent = build_agent(config, None if resumed is None else resumed.directory / "agent", self.device)
@@ -294,7 +333,6 @@ class Trainer:
         # default task, 8x at GPT-2-small size on one CPU thread); a checkpoint's saved setting wins on --resume
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(trainable, lr=config.ppo.learning_rate, eps=1e-5, fused=fused or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: max(0.0, 1 - it / run.iterations))
         self.kl_controller = config.kl.controller(config.env.kl_coef)
         self.seed = dist.seed(run.seed)
         self.sampling = torch.Generator(device=self.device).manual_seed(self.seed)
@@ -303,6 +341,7 @@ class Trainer:
         if resumed is not None:
             self.restore(resumed)
         self.skipped_updates = 0  # updates in a row whose every optimizer step had a non-finite gradient
+        self.made_run_dir = not self.run_dir.exists()  # removed again if no iteration completes
         if dist.is_main:  # only now, with everything loaded: a failed start leaves no run directory behind
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(self.run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2, default=describe) + "\n")
@@ -321,10 +360,83 @@ class Trainer:
                 f"(got {self.dist.world_size})"
             )
         self.dist.load_optimizer_state(self.model, self.optimizer, resumed.optimizer)
-        self.scheduler.load_state_dict(resumed.scheduler)
         for generator, saved in zip((self.sampling, self.shuffling), resumed.generators[self.dist.rank]):
             generator.set_state(saved)
         self.start, self.kl_controller.value, self.tokens = state.iteration + 1, state.kl_coef, state.tokens
+
+    def generator_states(self) -> list[Tensor]:
+        """The sampling and shuffling generators' states (a failed iteration's checkpoint takes them back)."""
+        return [self.sampling.get_state(), self.shuffling.get_state()]
+
+    def failed(self, error: Exception, iteration: int | None, last: int, states: list[Tensor] | None):
+        """After ``error`` in ``iteration`` (None: in the final evaluation): ``TrainingFailed``, saying what raised
+        and how to continue, with the run left resumable.
+
+        ``last`` is the last completed iteration; ``states`` the generators' states before
+        the failed one, or None once its update had begun (the weights are then no longer
+        ``last``'s). When ``last`` completed in this process and has no checkpoint
+        (``checkpoint_every``), one is written from ``states``, so that ``--resume`` goes
+        on as if the failed iteration had not begun. When no iteration completed, a run
+        directory this run made is removed (a new run may then start in it again).
+        """
+        where = "the final evaluation" if iteration is None else f"iteration {iteration}"
+        what, internal = failure_source(error)
+        self.bar.close()
+        checkpoint = self.checkpoints.latest()
+        single = not self.dist.enabled  # under torchrun a checkpoint is a collective: the others cannot join
+        if single and last >= self.start and states is not None and checkpoint != self.checkpoints.path(last):
+            for generator, state in zip((self.sampling, self.shuffling), states):
+                generator.set_state(state)
+            self.save_checkpoint(last)
+            checkpoint = self.checkpoints.latest()
+        if self.logger is not None:
+            self.logger.close()
+        if checkpoint is not None:
+            how = (
+                f"The checkpoint {checkpoint} holds iteration {int(checkpoint.name.split('-')[1])}: fix the cause and "
+                f"continue with --run-dir {self.run_dir} --resume"
+            )
+        elif single and self.made_run_dir and last < self.start:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            how = f"No iteration completed, so {self.run_dir} was removed: fix the cause and start the run again"
+        else:
+            how = f"No iteration completed and {self.run_dir} holds no checkpoint: fix the cause and start again"
+        return TrainingFailed(f"{where} failed: {what}. {how}", internal)
+
+    def iterate(self, iteration: int) -> tuple[dict[str, float], Rollout]:
+        """One iteration: the evaluation (every ``eval_every``; iteration 0 evaluates the SFT policy), a rollout
+        and the update, with their metrics. ``updating`` says whether the update had begun."""
+        ppo, temperature = self.config.ppo, self.config.env.temperature
+        metrics = self.evaluate(iteration) if iteration % self.config.run.eval_every == 0 else {}
+        beta = self.kl_controller.value
+        self.env.kl_coef = 0.0 if ppo.kl_penalty == "loss" else beta  # "loss": the KL is a loss term
+        self.set_learning_rate(iteration)
+        self.agent.eval()
+        began = time.perf_counter()
+        group_size = ppo.group_size if not ppo.uses_critic else None
+        rollout = collect_rollout(
+            self.agent, self.env, temperature, self.seed + iteration, self.sampling, self.autocast, group_size
+        )
+        metrics["perf/tokens_per_s"] = float(rollout.mask.sum()) / (time.perf_counter() - began)
+        self.model.train()
+        self.updating = True
+        metrics |= ppo_update(
+            self.model,
+            self.optimizer,
+            rollout,
+            ppo,
+            temperature,
+            self.shuffling,
+            self.autocast,
+            kl_coef=beta,
+            max_new_tokens=self.env.unwrapped.config.max_new_tokens,
+        )
+        return metrics | rollout_metrics(rollout, "env", self.rate_key), rollout
+
+    def set_learning_rate(self, iteration: int) -> None:
+        """The learning rate of ``iteration`` (``learning_rate``), set on every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, iteration)
 
     def check_update(self, metrics: dict[str, float]) -> None:
         """Stop when too many updates in a row were skipped for NaN or inf gradients (one may be a fluke)."""
@@ -342,11 +454,10 @@ class Trainer:
         return budget is not None and self.tokens >= budget
 
     def evaluate(self, iteration: int) -> dict[str, float]:
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + 10**6 + iteration)
-        episodes, accuracy = self.config.run.eval_episodes, self.eval_env.unwrapped.core.accuracy
-        return evaluate(
-            self.agent, self.eval_env, self.config.env.temperature, episodes, generator, self.autocast, accuracy
-        )
+        generator = torch.Generator(device=self.device).manual_seed(eval_seed(self.seed, iteration))
+        episodes = self.config.run.eval_episodes
+        temperature = self.config.env.temperature
+        return evaluate(self.agent, self.eval_env, temperature, episodes, generator, self.autocast, self.rate_key)
 
     def gather_metrics(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
         """This rank's metrics (kept raw under torchrun), averaged over ranks, plus the loop's own state."""
@@ -357,7 +468,7 @@ class Trainer:
         in_reward = self.config.ppo.kl_penalty == "reward"  # else the rewards hold no KL: it is a loss term
         metrics["env/non_score_reward"] = -self.kl_controller.value * metrics["env/kl"] if in_reward else 0.0
         metrics["kl/coef"] = self.kl_controller.value
-        metrics["perf/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["perf/lr"] = self.optimizer.param_groups[0]["lr"]
         if not self.dist.fsdp:  # FSDP ranks hold different shards by design
             metrics["dist/parameter_spread"] = self.dist.parameter_spread(self.agent)
         return metrics
@@ -389,14 +500,10 @@ class Trainer:
     def log(self, iteration: int, metrics: dict[str, float], rollout: Rollout) -> None:
         if not self.dist.is_main:
             return
-        samples = [
-            {"prompt": p, "response": r, "score": float(s)}
-            for p, r, s in list(zip(rollout.prompts, rollout.responses, rollout.scores.tolist()))[:4]
-        ]
-        self.logger.log(iteration, metrics, samples)
+        self.logger.log(iteration, metrics, logged_samples(rollout, self.env.unwrapped.tokenizer))
         self.bar.set_postfix(
             score=f"{metrics['env/score']:+.2f}",
-            pos=f"{metrics['env/positive_rate']:.0%}",
+            pos=f"{metrics['env/' + self.rate_key]:.0%}",
             kl=f"{metrics['env/kl']:.2f}",
         )
         if iteration % self.config.run.eval_every == 0:
@@ -409,7 +516,7 @@ class Trainer:
         optimizer = self.dist.optimizer_state(self.model, self.optimizer)
         if self.dist.is_main:
             state = TrainerState(iteration, self.kl_controller.value, self.tokens, self.dist.world_size)
-            self.checkpoints.save(iteration, agent, optimizer, self.scheduler.state_dict(), generators, state)
+            self.checkpoints.save(iteration, agent, optimizer, generators, state)
 
     def finish(self, iteration: int) -> Path:
         """Evaluate the trained policy on the eval prompts, save it with its tokenizer to run_dir/final."""
@@ -425,6 +532,64 @@ class Trainer:
         self.dist.barrier()
         self.dist.shutdown()
         return final
+
+
+def logged_samples(rollout: Rollout, tokenizer, count: int = 4) -> list[dict]:
+    """The first ``count`` episodes as ``samples.jsonl`` rows: ``prompt`` is what the policy saw (its prompt ids,
+    decoded: after ``prompt_truncation='left'``, the kept tail); ``prompt_text``, the prompt as given, where that
+    differs."""
+    samples = []
+    for row in range(min(count, len(rollout.responses))):
+        seen = tokenizer.decode(rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist())
+        sample = {"prompt": seen, "response": rollout.responses[row], "score": float(rollout.scores[row])}
+        if seen != rollout.prompts[row]:
+            sample["prompt_text"] = rollout.prompts[row]
+        samples.append(sample)
+    return samples
+
+
+def failure_source(error: BaseException) -> tuple[str, bool]:
+    """What raised ``error``, in words, and whether it came from textenv's own code.
+
+    A reward function's error names the function itself; any other names the callable that
+    textenv's code called when it was raised (an interaction's ``respond``, a model's
+    forward), with the file and line where it was raised.
+    """
+    cause = error.__cause__ if isinstance(error, RewardFunctionError) and error.__cause__ is not None else error
+    frames = [frame for frame, _ in traceback.walk_tb(cause.__traceback__)]
+    ours = [i for i, frame in enumerate(frames) if is_own_code(frame.f_code.co_filename)]
+    if not frames or (ours and ours[-1] == len(frames) - 1):  # raised by textenv itself: a check's message says
+        return f"{type(error).__name__}: {error}", not isinstance(error, ValueError | TypeError)  # what was wrong
+    code = frames[ours[-1] + 1 if ours else 0].f_code
+    innermost = traceback.extract_tb(cause.__traceback__)[-1]
+    at = f"(at {innermost.filename}:{innermost.lineno})"
+    if cause is not error:  # the reward function's own message; the hint on its arguments only where they failed
+        text = str(error) if isinstance(cause, TypeError) else str(error).split(". It is called with")[0]
+        return f"{text} {at}", False
+    return f"{getattr(code, 'co_qualname', code.co_name)} raised {type(error).__name__}: {error} {at}", False
+
+
+def is_own_code(filename: str) -> bool:
+    """Whether ``filename`` belongs to textenv's packages (textenv/, agents/)."""
+    path = Path(filename).resolve()
+    return any(root in path.parents for root in OWN_CODE)
+
+
+OWN_CODE = tuple(Path(module.__file__).resolve().parent for module in (sys.modules["textenv"], sys.modules["agents"]))
+
+
+def learning_rate(config: TrainConfig, iteration: int) -> float:
+    """The learning rate of ``iteration``: linear decay from ``learning_rate`` at iteration 0 to 0 at ``iterations``,
+    from the settings as they are now. So a resumed run follows the schedule its settings say: with the same
+    iterations, the rates of the run that was not stopped; with others, the schedule of the new value from the
+    first resumed iteration on."""
+    return config.ppo.learning_rate * max(0.0, 1 - iteration / config.run.iterations)
+
+
+def eval_seed(seed: int, iteration: int) -> int:
+    """The seed of the sampling generator of the evaluation before ``iteration`` (and after the last), from the
+    process's seed: ``python -m agents.evaluate --seed`` with this value samples the same episodes."""
+    return seed + 10**6 + iteration
 
 
 SMALL_MODEL_PARAMETERS = 50_000_000
@@ -449,7 +614,24 @@ RESUMABLE_CHANGES = {
     "run.resume",
     "run.allow_existing_run_dir",
     "run.max_skipped_updates",
+    "run.trust_run_config",
+    "run.run_dir",  # the run is the directory --resume names, however named (relative, absolute) or wherever moved
 }
+# Settings that hold a path: the same file or folder named another way (relative, absolute) is no change.
+PATH_SETTINGS = {
+    "run.policy",
+    "run.tokenizer",
+    "run.eval_prompts",
+    "env.prompts",
+    "env.reward_model",
+    "env.reward_tokenizer",
+}
+# The settings that name code to import, as (field, what it is, its flag).
+CODE_SETTINGS = (
+    ("reward_fns", "reward function", "--reward-fn"),
+    ("step_reward_fn", "step_reward_fn", "--step-reward-fn"),
+    ("interaction", "interaction", "--interaction"),
+)
 
 
 def flat_config(config: TrainConfig | dict) -> dict[str, object]:
@@ -459,17 +641,73 @@ def flat_config(config: TrainConfig | dict) -> dict[str, object]:
 
 
 def saved_config(run_dir: Path) -> dict:
+    """``config.json`` of a run as written (``read_run_config`` completes and checks it)."""
     path = Path(run_dir) / CONFIG_FILE
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"--resume: cannot read {path} ({error}); it records the run's settings") from error
+    if not isinstance(data, dict) or not all(isinstance(part, dict) for part in data.values()):
+        raise ValueError(f"--resume: {path} is not a run's settings ({{'env': {{...}}, 'ppo': ...}}); was it edited?")
+    return data
+
+
+def read_run_config(run_dir: Path) -> tuple[dict, list[str]]:
+    """A run's ``config.json``, with each setting it lacks at its default, and notes that name those.
+
+    A setting this version added since the run was written is missing there: it takes its
+    default (the run ran without it). A setting this version does not know (written by a
+    newer version, or edited in) is refused, each named.
+    """
+    data, path = saved_config(run_dir), Path(run_dir) / CONFIG_FILE
+    defaults = json.loads(json.dumps(asdict(TrainConfig()), default=describe))
+    unknown = [f"{part}.{key}" for part, values in data.items() for key in values if key not in defaults.get(part, {})]
+    unknown += [part for part in data if part not in defaults]
+    if unknown:
+        raise ValueError(
+            f"--resume: {path} holds settings this version of textenv does not know: {', '.join(sorted(unknown))} "
+            "(written by a newer version, or edited by hand). Resume with the version that wrote it, or remove them "
+            "from config.json if the run should go on without them"
+        )
+    notes, completed = [], {}
+    for part, values in defaults.items():
+        completed[part] = dict(data.get(part, {}))
+        for key, value in values.items():
+            if key not in completed[part]:
+                completed[part][key] = value
+                notes.append(f"{part}.{key} = {value!r}")
+    if notes:
+        notes = [
+            f"note: {path} has no {', '.join(notes)} (settings added since the run was written); the resumed run "
+            "takes these defaults"
+        ]
+    return completed, notes
+
+
+def same_setting(key: str, saved, given) -> bool:
+    """Whether a setting is unchanged: equal, or for a path the same file or folder named another way."""
+    if saved == given:
+        return True
+    if key not in PATH_SETTINGS or not isinstance(saved, str) or not isinstance(given, str):
+        return False
+    first, second = Path(saved).expanduser(), Path(given).expanduser()
+    if not (first.exists() and second.exists()):
+        return False  # hub names, or nothing there to compare
+    return first.resolve() == second.resolve()
 
 
 def check_resumed_config(config: TrainConfig, run_dir: Path) -> None:
-    """A resumed run keeps its settings: any difference outside ``RESUMABLE_CHANGES`` is refused, each named."""
-    saved, given = flat_config(saved_config(run_dir)), flat_config(config)
-    changed = [key for key in sorted(saved.keys() | given.keys()) if saved.get(key) != given.get(key)]
+    """A resumed run keeps its settings: any difference outside ``RESUMABLE_CHANGES`` is refused, each named.
+
+    Nothing is imported: functions are compared by the ``module:function`` names config.json records. Settings
+    config.json lacks take their defaults (``read_run_config``, whose note is printed to stderr).
+    """
+    completed, notes = read_run_config(run_dir)
+    for note in notes:
+        print(note, file=sys.stderr)
+    saved, given = flat_config(completed), flat_config(config)
+    keys = sorted(saved.keys() | given.keys())
+    changed = [key for key in keys if not same_setting(key, saved.get(key), given.get(key))]
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
     if refused:
         listing = "; ".join(f"{key.split('.', 1)[1]}: {saved.get(key)!r} -> {given.get(key)!r}" for key in refused)
@@ -505,13 +743,12 @@ def check_new_run_dir(run_dir: Path, checkpoints: Checkpoints, allow_existing: b
         )
 
 
-def policy_source(run: RunConfig, task: str) -> str:
+def policy_source(run: RunConfig, env: TokenEnvConfig) -> str:
     """The policy's directory as an absolute path (a LoRA run's adapters then name a base that loads from
-    anywhere), or its hub name."""
-    if run.policy is None:
-        return str(get_task(task).policy_dir)
-    path = Path(run.policy).expanduser()
-    return str(path.resolve()) if path.is_dir() else run.policy
+    anywhere), or its hub name: --policy, else the resolved ``env``'s reference model (the task's SFT policy)."""
+    source = run.policy if run.policy is not None else env.reference_model
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(source)
 
 
 def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -> ActorCritic:
@@ -524,13 +761,12 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
     if saved is not None:
         agent = ActorCritic.from_pretrained(saved)
     else:
-        policy = AutoModelForCausalLM.from_pretrained(policy_source(run, config.env.task))
+        env = resolve_config(config.env)
+        policy = load_policy(policy_source(run, env))
         if run.lora_rank:
             targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
             policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
-        reward_source = config.env.reward_model
-        if reward_source is None and not config.env.reward_fns:
-            reward_source = get_task(config.env.task).reward_model_dir
+        reward_source = env.reward_model
         same_trunk = (
             reward_source is not None
             and load_config(reward_source, "reward model").model_type == policy.config.model_type
@@ -544,26 +780,34 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
 
 
 def build_envs(config: TrainConfig, agent: ActorCritic, device: torch.device):
-    """The training and evaluation envs; they share one set of frozen models.
+    """The training and evaluation envs, on the resolved env config; they share one set of frozen models.
 
     The reference model is the starting policy (with LoRA: the policy's own base,
     adapters off, with no second copy of the weights).
     """
-    run = config.run
-    source = policy_source(run, config.env.task)
+    run, env = config.run, resolve_config(config.env)
+    source = policy_source(run, env)
     reference = AdaptersDisabled(agent.policy) if run.lora_rank else source
-    env_config = replace(config.env, reference_model=reference, tokenizer=run.tokenizer or source, device=device)
-    env = make_rollout_env(run.batch_size, env_config)
-    frozen = env.unwrapped
+    env_config = replace(env, reference_model=reference, tokenizer=run.tokenizer or source, device=device)
+    train_env = make_rollout_env(run.batch_size, env_config)
+    frozen = train_env.unwrapped
+    # the loaded reward model has no directory to find its own tokenizer in: the eval env gets the one the training
+    # env found (None: the reward model reads the policy's token ids in both)
+    own_tokenizer = None
+    if frozen.reward_model is not None:
+        own_tokenizer = reward_model_tokenizer(env.reward_tokenizer, env.reward_model, frozen.tokenizer)
+    eval_prompts = run.eval_prompts or eval_prompt_source(config.env, run.eval_split)
     eval_config = replace(
         env_config,
-        prompts=run.eval_prompts or eval_prompt_source(config.env, run.eval_split),
-        split=run.eval_split,
+        prompts=eval_prompts,
+        # the eval split of the task or of a dataset dict; prompts without splits are used whole ("train")
+        split=run.eval_split if eval_prompts is None or has_splits(eval_prompts) else "train",
         reference_model=frozen.reference_model,
         reward_model=frozen.reward_model,
+        reward_tokenizer=own_tokenizer,
         tokenizer=frozen.tokenizer,
     )
-    return env, make_rollout_env(run.eval_episodes, eval_config)
+    return train_env, make_rollout_env(run.eval_episodes, eval_config)
 
 
 def eval_prompt_source(env: TokenEnvConfig, split: str):
@@ -587,16 +831,85 @@ def cli(argv: list[str] | None = None, description: str | None = None) -> TrainC
 
     With ``--resume`` the run's own ``config.json`` gives the defaults, so the flags
     given are exactly the changes asked for (and checked: see ``RESUMABLE_CHANGES``).
+    The names of code in config.json (``--reward-fn``, ``--step-reward-fn``,
+    ``--interaction``) are not taken as defaults: importing one runs it, so a resumed run
+    imports only what the command line names again (it must be what config.json names),
+    or with ``--trust-run-config`` what config.json names (``take_code_settings``).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     options = dict(config=(tyro.conf.OmitArgPrefixes,), description=description)
     config = tyro.cli(TrainConfig, args=argv, **options)
     if config.run.resume and (config.run.run_dir / CONFIG_FILE).is_file():
-        config = tyro.cli(TrainConfig, args=argv, default=config_from_json(saved_config(config.run.run_dir)), **options)
+        saved = config_from_json(read_run_config(config.run.run_dir)[0])
+        unnamed = {name: () if name == "reward_fns" else None for name, *_ in CODE_SETTINGS}
+        default = replace(saved, env=replace(saved.env, **unnamed), run=replace(saved.run, trust_run_config=False))
+        config = tyro.cli(TrainConfig, args=argv, default=default, **options)
+        config.env = take_code_settings(saved.env, config.env, config.run.trust_run_config, config.run.run_dir)
+    elif config.ppo.kl_penalty == "loss" and not any(arg.startswith("--kl-estimator") for arg in argv):
+        print(
+            f"note: --kl-penalty loss uses --kl-estimator {config.ppo.kl_estimator} (k1's gradient as a loss term "
+            "is about 0: it would apply almost no KL); --kl-estimator k2 or k3 chooses",
+            file=sys.stderr,
+        )
     return config
 
 
+def code_names(env: TokenEnvConfig) -> list[tuple[str, str]]:
+    """``(what, "module:function")`` for each function or interaction that ``env`` names as text."""
+    names = []
+    for name, what, _ in CODE_SETTINGS:
+        value = getattr(env, name)
+        values = list(value.values()) if isinstance(value, dict) else [value] if isinstance(value, str) else value
+        names += [(what, spec) for spec in values or () if isinstance(spec, str)]
+    return names
+
+
+def take_code_settings(saved: TokenEnvConfig, given: TokenEnvConfig, trust: bool, run_dir: Path) -> TokenEnvConfig:
+    """``given`` with each code setting that config.json names and the command line does not: with ``trust``,
+    config.json's, else refused (before anything is imported) with the flags that would name it again."""
+    taken, unnamed = {}, []
+    for name, what, flag in CODE_SETTINGS:
+        value = getattr(saved, name)
+        if not value or getattr(given, name):  # nothing named, or named again (then compared, as every setting)
+            continue
+        if trust:
+            taken[name] = value
+        else:
+            specs = list(value.values()) if isinstance(value, dict) else [value] if isinstance(value, str) else value
+            unnamed += [(what, flag, spec) for spec in specs]
+    if unnamed:
+        listing = ", ".join(f"{what} {spec!r}" for what, _, spec in unnamed)
+        flags = " ".join(f"{flag} {spec}" for _, flag, spec in unnamed)
+        raise RefusedCodeError(
+            f"--resume: {Path(run_dir) / CONFIG_FILE} names code that resuming would import (and so run): {listing}. "
+            f"A resumed run imports only the code you name again: add {flags} to the command if you trust it, or "
+            "--trust-run-config to take every name from config.json"
+        )
+    return replace(given, **taken)
+
+
+def check_recordable(env: TokenEnvConfig) -> None:
+    """Refuse, at start, a function or interaction that config.json could only record by its memory address (a
+    ``functools.partial`` of an object, a callable object): a resumed run could not name it again."""
+    for name, what, _ in CODE_SETTINGS:
+        value = getattr(env, name)
+        if name != "reward_fns" or callable(value) or isinstance(value, str):
+            items = [(None, value)]
+        else:
+            items = list(value.items()) if isinstance(value, dict) else [(None, fn) for fn in value or ()]
+        for key, fn in items:
+            text = None if fn is None or isinstance(fn, str) else unstable_description(fn)
+            if text is not None:
+                label = f"{what} {key!r}" if key is not None else what
+                raise ValueError(
+                    f"{label} would be recorded in config.json as {text!r}, which holds a memory address: a resumed "
+                    "run could not name it again. Pass a module-level function (def f(prompt, response, **kwargs) in "
+                    "a module; functools.partial of one with plain arguments works too), or its module:function text"
+                )
+
+
 def config_from_json(data: dict) -> TrainConfig:
-    """The ``TrainConfig`` a ``config.json`` holds."""
+    """The ``TrainConfig`` a ``config.json`` holds (complete it first: ``read_run_config``)."""
     run = {**data["run"], "run_dir": Path(data["run"]["run_dir"])}
     return TrainConfig(
         TokenEnvConfig(**data["env"]), PPOConfig(**data["ppo"]), KLConfig(**data["kl"]), RunConfig(**run)
