@@ -11,8 +11,13 @@ looks at every parameter's .grad and compares the weights before and after. It a
 backpropagates the actor loss alone and the critic loss alone to show which
 parameters each one reaches.
 
+It also draws the four models and one training iteration between them (which are
+trained, which frozen, what flows where, with textenv's and DeepSpeed-Chat's names):
+examples/four_models.py, which also writes the copy in docs/figures/.
+
 Run:  python examples/04_four_roles.py [--out DIR] [--seed N]
-Writes: DIR/04_four_roles.json, DIR/04_four_roles.png (gradient norm per parameter group and role).
+Writes: DIR/04_four_roles.json, DIR/04_four_roles.png (gradient norm per parameter group and role),
+        DIR/04_four_models.png (the diagram).
 """
 
 import numpy as np
@@ -28,6 +33,8 @@ from common import (
     tokenizer,
     warm_agent,
 )
+from four_models import NAME as DIAGRAM
+from four_models import draw as draw_four_models
 from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -52,7 +59,8 @@ before = {role: [p.detach().clone() for _, p in params] for role, params in role
 batch = rollout(agent, env, args.seed)  # the env uses reference and reward model to pay the rewards
 config = PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=8)  # one optimizer step
 optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=config.learning_rate, eps=1e-5)
-metrics = ppo_update(agent.train(), optimizer, batch, config, 1.0, torch.Generator().manual_seed(args.seed))
+generator = torch.Generator().manual_seed(args.seed)
+metrics = ppo_update(agent.train(), optimizer, batch, config, 1.0, generator, kl_coef=env.kl_coef)
 
 summary = []
 for role, params in roles.items():
@@ -140,3 +148,4 @@ right.set_title("Where each loss sends gradients (actor-critic only)")
 right.legend(loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)
 fig.tight_layout()
 save_figure(fig, args.out, "04_four_roles.png")
+save_figure(draw_four_models(), args.out, DIAGRAM)

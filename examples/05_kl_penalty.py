@@ -118,7 +118,10 @@ save_json(
     "05_kl_penalty.json",
     {"kl_coef": beta, "prompt": batch.prompts[row], "score": float(batch.scores[row]), "tokens": table,
      "batch_sequence_kl": sequence_kl.tolist(), "batch_exact_sequence_kl": exact_sequence_kl.tolist(),
-     "negative_sequences": negative, "all_kl": batch.kl[valid].tolist(), "all_exact_kl": exact_kl[valid].tolist()},
+     "negative_sequences": negative, "episodes": args.episodes,
+     "share_negative_tokens": float((batch.kl[valid] < 0).float().mean()),
+     "mean_sequence_kl": float(sequence_kl.mean()), "mean_exact_sequence_kl": float(exact_sequence_kl.mean()),
+     "all_kl": batch.kl[valid].tolist(), "all_exact_kl": exact_kl[valid].tolist()},
 )  # fmt: skip
 
 x = np.arange(steps)

@@ -103,6 +103,15 @@ for label, trunk in (("head fitted on the actor's trunk", agent.policy), ("head 
     ev[label] = explained_variance(fitted[label], returns, valid)
 for label, value in ev.items():
     print(f"explained variance of G_t, {label}: {value:+.3f}  (1: perfect, 0: no better than a constant)")
+# Explained variance, 1 - Var(G - V) / Var(G), is blind to a constant offset: V = G - 1 everywhere would score 1.
+# So look at the means and at the mean squared error too.
+predictions = {"warm agent's head": values, **fitted}
+means = {"G_t": float(returns[valid].mean()), **{k: float(v[valid].mean()) for k, v in predictions.items()}}
+mse = {k: float(((v - returns)[valid] ** 2).mean()) for k, v in predictions.items()}
+returns_variance = float(returns[valid].var(unbiased=False))  # the squared error of the best constant, the mean
+print(f"mean of G_t {means['G_t']:+.3f}; " + ", ".join(f"mean V of the {k} {means[k]:+.3f}" for k in predictions))
+print("mean squared error (V - G_t)^2: " + ", ".join(f"{k} {v:.3f}" for k, v in mse.items())
+      + f"; the best constant (the mean of G_t) would have {returns_variance:.3f}")  # fmt: skip
 
 row = args.episode
 steps = int(valid[row].sum())
@@ -122,9 +131,14 @@ table = [
 ]
 print(f"\nprompt: {batch.prompts[row]!r}\nresponse: {batch.responses[row]!r}")
 print_table(table, "the critic's prediction V(s_t) and the return G_t it predicts (gamma = 1)")
-save_json(args.out, "06_value_head.json", {"prompt": batch.prompts[row], "explained_variance": ev, "tokens": table})
+save_json(
+    args.out,
+    "06_value_head.json",
+    {"prompt": batch.prompts[row], "explained_variance": ev, "mean": means, "mean_squared_error": mse,
+     "returns_variance": returns_variance, "tokens": table},
+)  # fmt: skip
 
-fig = Figure(figsize=(15, 7.5))
+fig = Figure(figsize=(13.5, 7.5))
 axes = fig.subplots(2, 3, sharey=True)
 for b, ax in zip(range(min(6, len(valid))), axes.flat):
     n = int(valid[b].sum())

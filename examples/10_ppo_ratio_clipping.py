@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from common import (
-    WARM_ITERATIONS,
     ExampleArgs,
     make_env,
     parse_args,
@@ -38,11 +37,11 @@ from common import (
     token_strings,
     tokenizer,
     warm_agent,
+    warm_optimizer,
 )
 from matplotlib.figure import Figure
 
 from agents.advantages import compute_gae, masked_whiten
-from agents.checkpoint import Checkpoints, read_checkpoint
 from agents.losses import policy_loss
 from agents.ppo import PPOConfig, ppo_update, score_rollout
 
@@ -59,7 +58,8 @@ class Args(ExampleArgs):
 
 def update(agent, optimizer) -> tuple[dict[str, float], torch.Tensor]:
     """One real ppo_update of ``agent`` on the batch: (its metrics, log pi_new of the batch's tokens after it)."""
-    metrics = ppo_update(agent.train(), optimizer, batch, config, 1.0, torch.Generator().manual_seed(args.seed))
+    generator = torch.Generator().manual_seed(args.seed)
+    metrics = ppo_update(agent.train(), optimizer, batch, config, 1.0, generator, kl_coef=env.kl_coef)
     with torch.no_grad():
         return metrics, score_rollout(agent.eval(), batch, 1.0).logprobs
 
@@ -67,7 +67,8 @@ def update(agent, optimizer) -> tuple[dict[str, float], torch.Tensor]:
 args = parse_args(Args, __doc__)
 agent, tok, config = warm_agent(args.out), tokenizer(), PPOConfig()
 eps = config.clip_range
-batch = rollout(agent, make_env(args.episodes), args.seed)
+env = make_env(args.episodes)
+batch = rollout(agent, env, args.seed)
 mask = batch.mask
 with torch.no_grad():
     old = score_rollout(agent, batch, 1.0)  # log pi_old (B, T) and V_old (B, T + 1), as ppo_update computes them
@@ -82,11 +83,8 @@ fresh_metrics, fresh_logprobs = update(
 )
 fresh_ratio = torch.exp(fresh_logprobs - old.logprobs)  # (B, T)
 # Typical: Adam's moments as the warm agent's training left them (its last checkpoint), the run's learning rate.
-optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
-optimizer.load_state_dict(read_checkpoint(Checkpoints(args.out / f"warm_agent_{WARM_ITERATIONS}").latest()).optimizer)
-lr = config.learning_rate * (1 - WARM_ITERATIONS / args.run_iterations)  # the linear decay of agents.train
-for group in optimizer.param_groups:
-    group["lr"] = lr
+optimizer = warm_optimizer(agent, args.out, args.run_iterations)
+lr = optimizer.param_groups[0]["lr"]  # the linear decay of agents.train, at the warm agent's iteration
 metrics, new_logprobs = update(agent, optimizer)
 ratio = torch.exp(new_logprobs - old.logprobs)  # (B, T)
 unclipped = ratio * advantages
@@ -122,16 +120,20 @@ save_json(
     "10_ppo_ratio_clipping.json",
     {"clip_range": eps, "lr": lr, "policy_loss": float(loss), "clipfrac": float(stats["ppo/clipfrac"]),
      "approx_kl": float(stats["ppo/approx_kl"]), "update_metrics": metrics, "tokens": table,
+     "optimizer_steps": config.epochs * -(-args.episodes // config.minibatch_size),
+     "share_outside": float(((ratio - 1).abs() > eps)[mask].float().mean()),
      "all": {"ratio": ratio[mask].tolist(), "advantage": advantages[mask].tolist(),
              "objective": objective[mask].tolist(), "clipped": is_clipped[mask].tolist()},
      "fresh_optimizer": {"lr": config.learning_rate, "update_metrics": fresh_metrics,
+                         "share_outside": float(((fresh_ratio - 1).abs() > eps)[mask].float().mean()),
+                         "share_beyond_10x": float(((fresh_ratio > 10) | (fresh_ratio < 0.1))[mask].float().mean()),
                          "ratio": fresh_ratio[mask].tolist()}},
 )  # fmt: skip
 
 top = 2.5  # the objective is drawn for r in [0, top]; tokens beyond are counted, not drawn
 r = np.linspace(0, top, 501)
 a_all, r_all, c_all = advantages[mask].numpy(), ratio[mask].numpy(), is_clipped[mask].numpy()
-fig = Figure(figsize=(16, 4.8))
+fig = Figure(figsize=(14, 4.8))
 axes = fig.subplots(1, 3)
 for ax, sign in zip(axes[:2], (1, -1)):
     curve = np.minimum(r * sign, np.clip(r, 1 - eps, 1 + eps) * sign)  # the objective per unit |A|

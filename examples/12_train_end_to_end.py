@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 
 import numpy as np
-from common import ExampleArgs, make_env, parse_args, rollout, save_figure, save_json, sft_agent
+from common import ExampleArgs, make_env, metric_summary, parse_args, rollout, save_figure, save_json, sft_agent
 from matplotlib.figure import Figure
 
 from agents.logger import summary
@@ -89,22 +89,22 @@ save_json(
     args.out,
     "12_train_end_to_end.json",
     {**results, "kl_target": config.kl.kl_target, "kl_horizon": args.kl_horizon, "batch_size": args.batch_size,
-     "samples": samples, "metrics": metrics},
+     "summary": metric_summary(metrics), "samples": samples, "metrics": metrics},
 )  # fmt: skip
 
 # The learning curve: train rollouts as lines, evaluations on held-out prompts as points.
-PANELS = [  # (train key, eval key, title)
-    ("env/score", "eval/score", "reward-model score"),
-    ("env/kl", "eval/kl", f"KL to the reference per response (nats; target {config.kl.kl_target})"),
-    ("kl/coef", None, f"beta, the KL coefficient (adaptive, horizon {args.kl_horizon})"),
-    ("ppo/explained_variance", None, "critic's explained variance (1 perfect, <= 0 useless)"),
-    ("ppo/approx_kl", None, "approx_kl of the update (pi_old to pi)"),
-    ("ppo/clipfrac", None, "clip fraction of the update"),
-    ("loss/value", None, "value loss"),
-    ("policy/entropy", None, "entropy per token (nats)"),
+PANELS = [  # (train key, eval key, title, y label)
+    ("env/score", "eval/score", "reward-model score per response", "score (reward units)"),
+    ("env/kl", "eval/kl", f"KL to the reference per response\n(dashed: the target, {config.kl.kl_target})", "nats"),
+    ("kl/coef", None, f"beta, the KL coefficient\n(adaptive, horizon {args.kl_horizon})", "beta"),
+    ("ppo/explained_variance", None, "critic's explained variance\n(1 perfect, <= 0 useless)", "explained variance"),
+    ("ppo/approx_kl", None, "approx_kl of the update\n(pi_old to pi, log scale)", "nats per token"),
+    ("ppo/clipfrac", None, "clip fraction of the update", "share of tokens clipped"),
+    ("loss/value", None, "value loss", "0.5 (V - return)^2"),
+    ("policy/entropy", None, "entropy of the policy", "nats per token"),
 ]
-fig = Figure(figsize=(18, 7.5))
-for ax, (key, eval_key, title) in zip(fig.subplots(2, 4, sharex=True).flat, PANELS):
+fig = Figure(figsize=(14, 7.5))
+for ax, (key, eval_key, title, ylabel) in zip(fig.subplots(2, 4, sharex=True).flat, PANELS):
     train_points = [(m["iteration"], m[key]) for m in metrics if key in m]
     ax.plot(*zip(*train_points), color="tab:blue", label="train rollouts")
     if eval_key:
@@ -115,7 +115,10 @@ for ax, (key, eval_key, title) in zip(fig.subplots(2, 4, sharex=True).flat, PANE
         ax.axhline(config.kl.kl_target, color="grey", ls="--", lw=0.8)
     if key == "ppo/explained_variance":
         ax.axhline(0, color="grey", ls="--", lw=0.8)
+    if key == "ppo/approx_kl":
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.set_xlabel("iteration")
     ax.grid(alpha=0.3)
 fig.suptitle(f"PPO on the default task: {args.iterations} iterations of {args.batch_size} episodes")

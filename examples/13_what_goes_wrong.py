@@ -6,10 +6,11 @@ and size, with one setting changed from the healthy run ("baseline"):
     no KL penalty       kl_coef = 0, fixed: nothing holds the actor near the reference. The KL per response
                         runs away, and the text drifts into word strings the reward model still pays for.
     too large a step    learning rate x10 and 8 epochs: each update moves the policy far; approx_kl and the
-                        clip fraction jump (compare 0.001-0.07 in healthy runs).
+                        clip fraction jump far above a healthy run's (12), and the entropy falls as the
+                        policy collapses onto a few short answers, while the score still rises.
     a critic that       the default critic, a value head on the actor's own trunk, predicts the returns no
-      cannot see        better than a constant, often worse (explained variance <= 0, down to -0.4 in the
-                        truncated run below); a separate critic trunk initialised from the reward model
+      cannot see        better than a constant, often worse (explained variance <= 0, lowest in the
+                        truncated runs below); a separate critic trunk initialised from the reward model
                         (share_backbone = False) is the fix shown beside it.
     no missing-EOS      short responses (max_new_tokens 10) scored even when cut off: the EOS rate falls, as
       penalty           the actor learns to keep praising until the limit; with a penalty of 1 it does not.
@@ -19,7 +20,8 @@ it scores wrongly (a mixed review scored positive, a string of adjectives scored
 higher than a sentence).
 
 Run:  python examples/13_what_goes_wrong.py [--out DIR] [--seed N] [--iterations N] [--quick]
-Writes: DIR/13_runs/<name>/ (each run), DIR/13_what_goes_wrong.json, DIR/13_what_goes_wrong.png.
+Writes: DIR/13_runs/<name>/ (each run), DIR/13_what_goes_wrong.json (each run's metrics, their summary: first,
+        last, min, max, and the last samples), DIR/13_what_goes_wrong.png (one colour per run in every panel).
 """
 
 import json
@@ -27,8 +29,9 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-from common import ExampleArgs, parse_args, save_figure, save_json, tokenizer
+from common import ExampleArgs, metric_summary, parse_args, save_figure, save_json, tokenizer
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from transformers import AutoModelForSequenceClassification
 
 from agents.train import TrainConfig, train
@@ -87,7 +90,7 @@ results = {}
 for name in RUNS:
     print(f"run: {name} ({iterations} iterations of {batch_size} episodes)")
     metrics, samples = run(name)
-    results[name] = {"metrics": metrics, "last_samples": samples}
+    results[name] = {"metrics": metrics, "summary": metric_summary(metrics), "last_samples": samples}
     last = metrics[-1]
     print(f"  last iteration: score {last['env/score']:+.2f}, KL {last['env/kl']:.2f}, approx_kl "
           f"{last['ppo/approx_kl']:.3f}, clipfrac {last['ppo/clipfrac']:.2f}, explained variance "
@@ -119,40 +122,66 @@ save_json(
 )  # fmt: skip
 
 
-def curve(ax, key: str, names: list[str], title: str, warn: str) -> None:
+# One colour per run, the same in every panel.
+COLORS = {"baseline": "black", "no KL penalty": "tab:red", "too large a step": "tab:orange",
+          "no EOS penalty (10 tokens)": "tab:purple", "EOS penalty 1 (10 tokens)": "tab:blue",
+          "separate critic": "tab:green"}  # fmt: skip
+
+
+def curve(ax, key: str, names: list[str], title: str, ylabel: str, warn: str, log: bool = False) -> None:
     for name in names:
         points = [(m["iteration"], m[key]) for m in results[name]["metrics"] if key in m]
-        ax.plot(*zip(*points), marker=".", label=name, color="tab:grey" if name == "baseline" else None)
+        ax.plot(*zip(*points), marker=".", ms=4, lw=1.2, color=COLORS[name], alpha=0.6 if name == "baseline" else 1)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(f"{title}\nwarns you: {warn}", fontsize=9)
     ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
 
 
-fig = Figure(figsize=(20, 9))
-axes = fig.subplots(2, 4)
-curve(axes[0, 0], "env/kl", ["baseline", "no KL penalty"], "No KL penalty: KL per response (nats)", "env/kl grows")
-curve(axes[0, 1], "env/score", ["baseline", "no KL penalty"], "No KL penalty: score", "a score that still rises")
-curve(axes[0, 2], "ppo/approx_kl", ["baseline", "too large a step"], "Too large a step: approx_kl",
-      "approx_kl > 0.1")  # fmt: skip
-curve(axes[0, 3], "ppo/clipfrac", ["baseline", "too large a step"], "Too large a step: clip fraction",
-      "clipfrac > 0.3")  # fmt: skip
-curve(axes[1, 0], "ppo/explained_variance", ["baseline", "EOS penalty 1 (10 tokens)", "separate critic"],
-      "Critic: explained variance (shared trunk: baseline, EOS run)", "ppo/explained_variance <= 0")  # fmt: skip
+fig = Figure(figsize=(14, 12.5))
+axes = fig.subplots(3, 3)
+step_runs = ["baseline", "no KL penalty", "too large a step"]
+curve(axes[0, 0], "env/kl", step_runs, "KL to the reference per response", "KL (nats per response)",
+      "env/kl grows")  # fmt: skip
+curve(axes[0, 1], "env/score", step_runs, "Reward-model score per response", "score (reward units)",
+      "nothing: the score rises in all three")  # fmt: skip
+curve(axes[0, 2], "policy/entropy", step_runs, "Entropy of the policy per token", "entropy (nats per token)",
+      "entropy near 0: the policy collapsed")  # fmt: skip
+curve(axes[1, 0], "ppo/approx_kl", ["baseline", "too large a step"], "approx_kl of each update (log scale)",
+      "approx_kl (nats per token)", "approx_kl > 0.1 (dashed)", log=True)  # fmt: skip
+axes[1, 0].axhline(0.1, color="grey", ls="--", lw=0.8)
+curve(axes[1, 1], "ppo/clipfrac", ["baseline", "too large a step"], "Clip fraction of each update",
+      "share of tokens clipped", "clipfrac > 0.3 (dashed)")  # fmt: skip
+axes[1, 1].axhline(0.3, color="grey", ls="--", lw=0.8)
+critic_runs = ["baseline", "EOS penalty 1 (10 tokens)", "separate critic"]
+curve(axes[1, 2], "ppo/explained_variance", critic_runs, "The critic's explained variance of the returns",
+      "explained variance (1: perfect)", "<= 0: the critic does not help")  # fmt: skip
+axes[1, 2].axhline(0, color="grey", ls="--", lw=0.8)
 eos_runs = ["no EOS penalty (10 tokens)", "EOS penalty 1 (10 tokens)"]
-curve(axes[1, 1], "env/eos_rate", eos_runs, "Truncated responses: EOS rate", "env/eos_rate falls")
-curve(axes[1, 2], "env/response_length", eos_runs, "Truncated responses: length", "length at max_new_tokens")
-ax = axes[1, 3]
-ax.barh(range(len(probes)), probe_scores, color=["tab:blue" if s > 0 else "tab:red" for s in probe_scores], alpha=0.5)
-for i, (what, text) in enumerate(probes):
-    ax.text(-2.4, i, f"{what}: {text!r}", va="center", fontsize=6.5)
-ax.set_xlim(-2.5, 2.5)
+curve(axes[2, 0], "env/eos_rate", eos_runs, "Responses ended by EOS (cut at 10 tokens)", "share of responses",
+      "env/eos_rate falls")  # fmt: skip
+curve(axes[2, 1], "env/response_length", eos_runs, "Response length (cut at 10 tokens)", "tokens per response",
+      "length at max_new_tokens (dashed)")  # fmt: skip
+axes[2, 1].axhline(10, color="grey", ls="--", lw=0.8)
+ax = axes[2, 2]
+rows = [i + 0.25 for i in range(len(probes))]  # each probe: two lines of text, then its bar
+ax.barh(rows, probe_scores, height=0.28, color="0.55")  # grey: colours in this figure name the runs
+for i, ((what, text), score) in enumerate(zip(probes, probe_scores)):
+    box = {"facecolor": "white", "edgecolor": "none", "pad": 0.3}
+    ax.text(-2.9, i - 0.45, f"{what}: {score:+.2f}", va="top", fontsize=7.5, weight="bold", bbox=box)
+    ax.text(-2.9, i - 0.18, repr(text) if len(text) < 52 else repr(text[:50] + "…"), va="top", fontsize=7, bbox=box)
+ax.set_xlim(-3, 2.5)
+ax.set_ylim(len(probes) - 0.45, -0.5)
 ax.set_yticks([])
 ax.axvline(0, color="black", lw=0.8)
-ax.invert_yaxis()
-ax.set_xlabel("reward-model score")
+ax.set_xlabel("reward-model score (reward units)")
 ax.set_title("The reward model's blind spots (hand-written texts)\nwarns you: read samples, not only the score",
              fontsize=9)  # fmt: skip
-fig.suptitle(f"What goes wrong: short runs of {iterations} iterations x {batch_size} episodes, one change each")
-fig.tight_layout()
+handles = [Line2D([], [], color=color, marker=".", label=name) for name, color in COLORS.items()]
+fig.legend(handles=handles, loc="upper center", ncol=6, fontsize=8.5, bbox_to_anchor=(0.5, 0.965))
+fig.suptitle(f"What goes wrong: short runs of {iterations} iterations x {batch_size} episodes, one change each "
+             "(one colour per run)")  # fmt: skip
+fig.tight_layout(rect=(0, 0, 1, 0.95))
 save_figure(fig, args.out, "13_what_goes_wrong.png")

@@ -13,7 +13,8 @@ and computes the three advantages of that one batch with agents.ppo.ADVANTAGES, 
 functions ppo_update uses.
 
 Run:  python examples/14_ppo_grpo_rloo.py [--out DIR] [--seed N] [--prompts N] [--group-size K]
-Writes: DIR/14_ppo_grpo_rloo.json, DIR/14_ppo_grpo_rloo.png (the three advantage heatmaps side by side).
+Writes: DIR/14_ppo_grpo_rloo.json, DIR/14_ppo_grpo_rloo.png (PPO's per-token advantages beside RLOO's and GRPO's
+        one value per response, on one colour scale).
 """
 
 from dataclasses import dataclass
@@ -79,19 +80,32 @@ save_json(
 )  # fmt: skip
 
 labels = [token_strings(tok, batch.actions[b, : int(mask[b].sum())]) for b in range(episodes)]
-width = batch.actions.shape[1]
-fig = Figure(figsize=(3 * (0.55 * width + 1.5), 0.42 * episodes + 2))
-titles = {
-    "ppo": "PPO: GAE against the critic, per token",
-    "rloo": f"RLOO: R_i minus the other {args.group_size - 1} responses' mean",
-    "grpo": "GRPO: R_i standardised within its group",
-}
-for ax, (algo, a) in zip(fig.subplots(1, 3, sharey=True), advantages.items()):
-    image = token_heatmap(ax, a, mask, labels, titles[algo])
+longest = int(mask.sum(1).max())  # columns drawn: the longest response, not the env's max_new_tokens
+limit = max(float(a[mask].abs().max()) for a in advantages.values())  # one colour scale for all three panels
+fig = Figure(figsize=(min(14.0, 0.42 * longest + 7), 0.34 * episodes + 2.4))
+grid = fig.add_gridspec(1, 4, width_ratios=[longest, 2.8, 2.8, 0.5])
+ppo_ax = fig.add_subplot(grid[0])
+image = token_heatmap(ppo_ax, advantages["ppo"][:, :longest], mask[:, :longest], labels,
+                      "PPO: GAE against the critic, one value per token", limit=limit)  # fmt: skip
+ppo_ax.set_yticks(range(episodes), [f"{b}: prompt {b // args.group_size}, score {float(batch.scores[b]):+.2f}"
+                                    for b in range(episodes)], fontsize=8)  # fmt: skip
+for algo, column, title in (("rloo", 1, f"RLOO: R_i minus the\nmean of the other {args.group_size - 1}"),
+                            ("grpo", 2, "GRPO: R_i standardised\nin its group")):  # fmt: skip
+    ax = fig.add_subplot(grid[column], sharey=ppo_ax)
+    per_response = advantages[algo][:, :1].numpy()  # (B, 1): the same value on every token of a response
+    ax.imshow(per_response, cmap="RdBu", aspect="auto", vmin=-limit, vmax=limit)
+    for b, value in enumerate(per_response[:, 0]):
+        ax.text(0, b, f"{value:+.2f}", ha="center", va="center", fontsize=8,
+                color="white" if abs(value) > 0.6 * limit else "black")  # fmt: skip
+    ax.set_xticks([])
+    ax.tick_params(labelleft=False)
+    ax.set_xlabel("every token\nof the response")
+    ax.set_title(title, fontsize=9)
+for ax in fig.axes:
     for g in range(1, args.prompts):
         ax.axhline(g * args.group_size - 0.5, color="black", lw=1.2)  # group boundaries
-    fig.colorbar(image, ax=ax, fraction=0.04, label="advantage (before whitening)")
-ax.set_yticks(range(episodes), [f"{b} (prompt {b // args.group_size})" for b in range(episodes)])
-fig.suptitle("One batch, three advantages (blue: better than the baseline; lines separate the prompts' groups)")
+fig.colorbar(image, cax=fig.add_subplot(grid[3]), label="advantage (before whitening; reward units, GRPO's in stds)")
+fig.suptitle("One batch, three advantages, one colour scale (blue: better than the baseline, red: worse; lines "
+             "separate the prompts' groups)", fontsize=11)  # fmt: skip
 fig.tight_layout()
 save_figure(fig, args.out, "14_ppo_grpo_rloo.png")

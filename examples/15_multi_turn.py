@@ -46,7 +46,7 @@ class Args(ExampleArgs):
 
 
 args = parse_args(Args, __doc__)
-env_config = TokenEnvConfig(task="calculator", max_new_tokens=6, max_turns=3, max_env_tokens=6, kl_coef=0.05)
+env_config = TokenEnvConfig(task="calculator")  # the task's limits: 3 agent turns of 6 tokens, replies of 6
 run_dir = args.out / "15_run"
 shutil.rmtree(run_dir, ignore_errors=True)
 if args.iterations:
@@ -103,22 +103,38 @@ save_json(
         "lam": config.lam,
         "bootstrap_value": float(values[row, columns]),
         "called_rate": float(called.float().mean()),
+        "episodes": len(called),
+        "called": int(called.sum()),
+        "agent_steps": sum(r["whose"] == "agent" for r in rows),
+        "calculator_tokens": sum(r["whose"] == "calculator" for r in rows),
         "tokens": rows,
     },
 )
 
-fig = Figure(figsize=(9, 4), layout="constrained")
+fig = Figure(figsize=(10, 4.5), layout="constrained")
 ax = fig.subplots()
 xs = range(columns)
 for x, r in zip(xs, rows):
     if r["whose"] == "calculator":
-        ax.axvspan(x - 0.5, x + 0.5, color="0.85", zorder=0)
+        ax.axvspan(x - 0.5, x + 0.5, color="0.88", zorder=0)
 agent_x = [x for x, r in zip(xs, rows) if r["whose"] == "agent"]
-for key, style in (("reward", "o-"), ("value", "s--"), ("advantage", "^-")):
-    ax.plot(agent_x, [rows[x][key] for x in agent_x], style, label=key)
+turns = [[agent_x[0]]]  # the agent's turns: runs of agent columns, split where the calculator's reply sits
+for x in agent_x[1:]:
+    if x == turns[-1][-1] + 1:
+        turns[-1].append(x)
+    else:
+        turns.append([x])
+styles = (("reward", "o-", "tab:green"), ("value", "s--", "tab:grey"), ("advantage", "^-", "tab:purple"))
+for key, style, color in styles:
+    for i, turn in enumerate(turns):  # one line per turn: nothing is drawn across the environment's tokens
+        ax.plot(turn, [rows[x][key] for x in turn], style, color=color, label=key if i == 0 else None)
+for before, after in zip(turns, turns[1:]):  # the calculator's reply sits between two turns
+    ax.text((before[-1] + after[0]) / 2, 0.5, "the calculator's reply:\ncontext, not actions", ha="center",
+            va="center", fontsize=9, color="0.35", transform=ax.get_xaxis_transform())  # fmt: skip
 ax.axhline(0, color="black", lw=0.5)
 ax.set_xticks(list(xs), [f"{r['token']}" for r in rows])
-ax.set_xlabel("token (grey: the calculator's, context only)")
-ax.set_title(f"{tok.decode(prompt)}  one episode of {len(agent_x)} agent steps")
+ax.set_xlabel("token, in order (grey columns: the calculator's reply, context only: no reward, value or advantage)")
+ax.set_ylabel("reward units")
+ax.set_title(f"{tok.decode(prompt)}  one episode: {len(agent_x)} agent steps in {len(turns)} turns")
 ax.legend()
 save_figure(fig, args.out, "15_multi_turn.png")

@@ -108,6 +108,23 @@ def warm_agent(out: Path, iterations: int = WARM_ITERATIONS) -> ActorCritic:
     return ActorCritic.from_pretrained(run_dir / "final").eval()
 
 
+def warm_optimizer(agent: ActorCritic, out: Path, run_iterations: int = 20) -> torch.optim.Adam:
+    """Adam for ``agent`` as a real run's next update would have it: the moments the warm agent's training left
+    (its last checkpoint), at the learning rate a run of ``run_iterations`` has at iteration WARM_ITERATIONS
+    (agents.train's linear decay). A fresh Adam would instead move every weight by about the learning rate in its
+    first steps, several times further than any update of a real run."""
+    from agents.checkpoint import Checkpoints, read_checkpoint
+    from agents.ppo import PPOConfig
+
+    base = PPOConfig().learning_rate
+    optimizer = torch.optim.Adam(agent.parameters(), lr=base, eps=1e-5)
+    checkpoint = Checkpoints(Path(out) / f"warm_agent_{WARM_ITERATIONS}").latest()
+    optimizer.load_state_dict(read_checkpoint(checkpoint).optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = base * (1 - WARM_ITERATIONS / run_iterations)
+    return optimizer
+
+
 def print_table(rows: list[dict], title: str = "") -> None:
     """Rows of equal keys as aligned columns; floats with sign and 3 decimals."""
     if title:
@@ -130,6 +147,22 @@ def print_table(rows: list[dict], title: str = "") -> None:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
 
 
+def metric_summary(rows: list[dict], keys: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """first, last, min, max (and the iterations of min and max) of each metric over a run's logged rows, and the
+    min and max after the first row."""
+    summary = {}
+    for key in keys or sorted({k for row in rows for k in row if k != "iteration"}):
+        points = [(row["iteration"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+        if points:
+            low, high = min(points, key=lambda p: p[1]), max(points, key=lambda p: p[1])
+            summary[key] = {"first": points[0][1], "last": points[-1][1], "min": low[1], "max": high[1],
+                            "argmin": low[0], "argmax": high[0]}  # fmt: skip
+            if len(points) > 1:  # the first row is often special (an untrained critic's values are all 0)
+                later = [value for _, value in points[1:]]
+                summary[key] |= {"min_after_first": min(later), "max_after_first": max(later)}
+    return summary
+
+
 def save_json(out: Path, name: str, data: dict) -> Path:
     path = Path(out) / name
     path.write_text(json.dumps(data, indent=1) + "\n")
@@ -144,12 +177,18 @@ def save_figure(fig: Figure, out: Path, name: str) -> Path:
     return path
 
 
-def token_heatmap(ax, values, mask, labels: list[list[str]], title: str, cmap: str = "RdBu", center: bool = True):
-    """A (B, T) per-token quantity as a heatmap, each cell labelled with its token; masked cells blank."""
+def token_heatmap(
+    ax, values, mask, labels: list[list[str]], title: str, cmap: str = "RdBu", center: bool = True,
+    limit: float | None = None,
+):  # fmt: skip
+    """A (B, T) per-token quantity as a heatmap, each cell labelled with its token; masked cells blank.
+
+    ``limit``: the colour scale's half-width (shared by panels that compare); default the data's largest |value|."""
     import numpy as np
 
     data = np.ma.masked_array(np.asarray(values, dtype=float), mask=~np.asarray(mask, dtype=bool))
-    limit = float(np.abs(data).max()) if data.count() else 1.0
+    if limit is None:
+        limit = float(np.abs(data).max()) if data.count() else 1.0
     image = ax.imshow(data, cmap=cmap, aspect="auto", vmin=-limit if center else None, vmax=limit if center else None)
     for b, row in enumerate(labels):
         for t, label in enumerate(row):

@@ -1,17 +1,19 @@
 # %% [markdown]
 # # RLHF-PPO, one concept at a time, in one process
 #
-# This notebook runs the twelve examples of the walk (docs/concepts.md, in Chinese
-# docs/concepts.zh.md) one after the other in a single Python process, so torch and
-# transformers are imported once instead of twelve times, and shows each figure
-# inline. It is a plain Python file in jupytext's "percent" format: run it as a
+# This notebook runs all fifteen examples of the walk (docs/concepts.md, in Chinese
+# docs/concepts.zh.md), 01 to 15, one after the other in a single Python process, so
+# torch and transformers are imported once instead of fifteen times, and shows each
+# figure inline. It is a plain Python file in jupytext's "percent" format: run it as a
 # script (`python examples/walkthrough.py [--out DIR] [--quick]`), open it in VS Code
 # or JupyterLab with jupytext as a notebook, or convert it with
 # `jupytext --to ipynb examples/walkthrough.py`.
 #
 # Each cell runs one example exactly as the command line would (its module-level
-# code, with the arguments given here) and then displays the figures it wrote.
-# `--quick` uses the smallest batches, for tests.
+# code, with the arguments given here) and then displays the figures it wrote. The
+# longest cell is 13 (six short training runs, most of the walk's time); 12 and 15
+# each train one run. `--quick` uses the smallest batches and runs, for tests: it
+# checks the plumbing, and its numbers are not the ones the docs quote.
 
 # %%
 import runpy
@@ -78,7 +80,7 @@ show("03_returns_and_discount.png")
 
 # %%
 example("04_four_roles.py")
-show("04_four_roles.png")
+show("04_four_models.png", "04_four_roles.png")
 
 # %% [markdown]
 # ## 5. The KL penalty: a one-sample estimate, negative on some tokens and some responses
@@ -102,10 +104,10 @@ example("07_reward_on_last_token.py", *small)
 show("07_prefix_scores.png", "07_reward_heatmap.png")
 
 # %% [markdown]
-# ## 8. The actor loss: weighting by V_t pushes every token up; weighting by A_t = G_t - V_t does not
+# ## 8. The actor loss: V_t (pushes every sampled token up), G_t (REINFORCE), A_t = G_t - V_t (the advantage)
 
 # %%
-example("08_actor_loss.py", *(["--episodes", "8"] if QUICK else []))
+example("08_actor_loss.py", *(["--episodes", "8", "--samples", "64"] if QUICK else []))
 show("08_actor_loss.png")
 
 # %% [markdown]
@@ -139,11 +141,22 @@ example(
 show("12_learning_curve.png", "12_scores_before_after.png")
 
 # %% [markdown]
-# ## Beyond the walk
-#
-# `13_what_goes_wrong.py` (1.5-2 minutes: six short training runs) and
-# `14_ppo_grpo_rloo.py` run the same way; 14 is quick:
+# ## 13. What goes wrong: six short runs, one broken setting each, and the metric that warns you
+
+# %%
+example("13_what_goes_wrong.py", *(["--quick"] if QUICK else []))
+show("13_what_goes_wrong.png")
+
+# %% [markdown]
+# ## 14. PPO, RLOO and GRPO on the same batch
 
 # %%
 example("14_ppo_grpo_rloo.py", *(["--prompts", "2", "--group-size", "3"] if QUICK else []))
 show("14_ppo_grpo_rloo.png")
+
+# %% [markdown]
+# ## 15. An episode of several turns: the calculator's tokens are context, not actions
+
+# %%
+example("15_multi_turn.py", *(["--iterations", "2", "--episodes", "16"] if QUICK else []))
+show("15_multi_turn.png")

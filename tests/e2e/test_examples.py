@@ -37,10 +37,15 @@ def load(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
+MAX_WIDTH = 1600  # pixels: a figure a laptop shows whole
+
+
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n"), path
     assert len(data) > 5_000, f"{path} is only {len(data)} bytes"
+    width = int.from_bytes(data[16:20], "big")  # IHDR, the first chunk: width, then height
+    assert width <= MAX_WIDTH, f"{path} is {width} px wide (at most {MAX_WIDTH})"
 
 
 def close(a: float, b: float, tol: float = TOL) -> bool:
@@ -127,6 +132,16 @@ def test_04_four_roles(out):
     for group in ("trunk block 0", "trunk block 1"):  # the shared trunk hears from both losses
         assert per_loss["actor loss only"][group] > 0 and per_loss["critic loss only"][group] > 0
     assert_png(out / "04_four_roles.png")
+    assert_png(out / "04_four_models.png")  # the diagram of the four models and one iteration
+
+
+def test_four_models_diagram_is_in_both_concept_docs():
+    """The committed copy exists, is drawn by examples/four_models.py, and both concept docs show it."""
+    root = EXAMPLES.parent
+    assert_png(root / "docs" / "figures" / "04_four_models.png")
+    for doc in ("concepts.md", "concepts.zh.md"):
+        assert "](figures/04_four_models.png)" in (root / "docs" / doc).read_text(), doc
+    assert "docs/figures" in (EXAMPLES / "four_models.py").read_text()
 
 
 def test_05_kl_penalty(out):
@@ -178,7 +193,7 @@ def test_07_reward_on_last_token(out):
 
 
 def test_08_actor_loss(out):
-    run(out, "08_actor_loss.py", "--episodes", "8")
+    run(out, "08_actor_loss.py", "--episodes", "8", "--samples", "64")
     data = load(out, "08_actor_loss.json")
     every, rows = data["all"], data["tokens"]
     assert data["grad_max"] > 0
@@ -194,6 +209,26 @@ def test_08_actor_loss(out):
     assert close(agree / len(every["advantages"]), data["sign_agreement"])
     gain = sum(a * c for a, c in zip(every["advantages"], every["change_advantage"])) / len(every["advantages"])
     assert close(gain, data["mean_advantage_times_change"]) and gain > 0  # the step lowered the loss
+    # the three steps' shares, recomputed: tokens that rose, and those of negatively scored responses
+    negative = [s < 0 for s in every["score"]]
+    for name, key in (("naive", "change_naive"), ("reinforce", "change_reinforce"), ("advantage", "change_advantage")):
+        rose = [c > 0 for c in every[key]]
+        assert close(data[name]["share_rising"], sum(rose) / len(rose))
+        if any(negative):  # (a small batch may have no negatively scored response: then the share is NaN)
+            share = sum(r for r, n in zip(rose, negative) if n) / sum(negative)
+            assert close(data[name]["share_rising_negative"], share)
+    for example in (data["example"], data["negative_example"]):
+        assert close(example["A_0"], example["G_0"] - example["V_0"])
+        assert close(example["kl_terms"], example["G_0"] - example["score"])
+    assert data["negative_example"]["score"] == min(every["score"])
+    # the baseline on one state: the exact expectation of grad log pi is 0, and a state-only weight's sample mean
+    # is of the size of its sampling noise, while G's stands above its own
+    baseline = data["baseline"]
+    assert baseline["exact_expectation_norm"] < 1e-5
+    norms, noise = baseline["mean_gradient_norm"], baseline["noise_level"]
+    assert norms["V(s_0)"] < 3 * noise["V(s_0)"] and norms["mean G"] < 3 * noise["mean G"]
+    assert close(baseline["one_sample_spread"]["G"] / baseline["samples"] ** 0.5, noise["G"])
+    assert baseline["curve"]["n"][-1] == baseline["samples"]
     assert_png(out / "08_actor_loss.png")
 
 
@@ -275,6 +310,11 @@ def test_11_critic_loss(out):
             assert abs(new - old) > eps
     assert close(data["value_loss"], sum(terms) / len(terms))
     assert close(data["value_clipfrac"], sum(every["clipped"]) / len(every["clipped"]))
+    # the typical update (a run's Adam) moves the values less than the atypical one (a fresh Adam)
+    fresh = data["fresh_optimizer"]
+    assert data["moved"]["max"] < fresh["moved"]["max"] and data["lr"] < fresh["lr"]
+    moved = [abs(new - old) for new, old in zip(every["V_new"], every["V_old"])]
+    assert close(data["moved"]["max"], max(moved))
     for row in data["tokens"]:
         assert close(row["V_clipped"], row["V_old"] + min(max(row["V_new"] - row["V_old"], -eps), eps))
         assert close(row["(V-R)^2"], (row["V_new"] - row["return"]) ** 2)

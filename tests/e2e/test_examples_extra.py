@@ -1,4 +1,4 @@
-"""The examples beyond the twelve-step walk: 13 (what goes wrong) and 14 (PPO, RLOO, GRPO).
+"""The last examples of the walk: 13 (what goes wrong), 14 (PPO, RLOO, GRPO) and 15 (several turns).
 
 As in test_examples.py, each example runs in this process and the checks recompute
 its numbers from the JSON it writes: the three advantages of one batch by hand,
@@ -60,6 +60,10 @@ def test_13_what_goes_wrong(out):
             assert 0.0 <= m["env/eos_rate"] <= 1.0 and m["ppo/approx_kl"] >= 0.0
         for sample in result["last_samples"]:
             assert math.isfinite(sample["score"])
+        for key, summary in result["summary"].items():  # what the docs quote: first, last, min, max of each metric
+            points = [m[key] for m in metrics if key in m]
+            assert (summary["first"], summary["last"]) == (points[0], points[-1]), (name, key)
+            assert (summary["min"], summary["max"]) == (min(points), max(points)), (name, key)
     # the no-KL run pays no KL penalty: its non-score reward is 0; the baseline's is -beta * KL
     for m in runs["no KL penalty"]["metrics"]:
         assert m["kl/coef"] == 0.0 and m["env/non_score_reward"] == 0.0
@@ -95,3 +99,5 @@ def test_15_multi_turn(out):
     _, expected = gae(rewards, values, next_values, terminated, data["gamma"], data["lam"])
     assert all(close(t["advantage"], e) for t, e in zip(agent, expected))
     assert all(close(t["return"], t["advantage"] + t["value"]) for t in agent)
+    assert (data["agent_steps"], data["calculator_tokens"]) == (len(agent), len(calculator))
+    assert data["called"] == round(data["called_rate"] * data["episodes"])
