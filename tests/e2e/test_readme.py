@@ -24,3 +24,21 @@ def test_readme_reset_comment_shows_the_prompt_reset_gives():
     assert shown is not None
     _, info = gym.make("TokenRLHF-v0", device="cpu").reset(seed=0)
     assert info["prompt"] == shown.group(1)
+
+
+def test_readme_calculator_table_agrees_with_its_evaluation_files():
+    import json
+
+    results = README.parent / "docs" / "results" / "calculator"
+    rows = re.findall(
+        r"^\| (GRPO|PPO) \| (\d) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+        README.read_text(),
+        re.M,
+    )
+    assert len(rows) == 6
+    sft = json.loads((results / "sft.json").read_text())
+    for algo, seed, before, after, calls_before, calls_after, kl in rows:
+        run = json.loads((results / f"{algo.lower()}-{seed}.json").read_text())
+        assert before == f"{100 * sft['accuracy']:.1f}" and after == f"{100 * run['accuracy']:.1f}"
+        assert calls_before == f"{sft['replies']:.3f}" and calls_after == f"{run['replies']:.2f}"
+        assert kl == f"{run['kl']:.2f}"
