@@ -86,15 +86,18 @@ def fused_activations(config: PretrainedConfig) -> dict[str, str]:
 
 
 def load_policy(source: str | os.PathLike) -> PreTrainedModel:
-    """The causal LM in a directory (or of a hub name), loaded for the agent to train: activations fused."""
-    return AutoModelForCausalLM.from_pretrained(source, **fused_activations(AutoConfig.from_pretrained(source)))
+    """The causal LM in a directory (or of a hub name), loaded for the agent to train: activations fused, weights
+    in float32 whatever dtype the checkpoint was saved in (the master weights; bf16 is autocast's, per forward)."""
+    fused = fused_activations(AutoConfig.from_pretrained(source))
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **fused)
 
 
 def critic_trunk(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
     """A new trunk (no head) with the weights of ``source`` (a directory, hub name or model, left as it is);
     activations fused."""
     if not isinstance(source, PreTrainedModel):
-        return AutoModel.from_pretrained(source, **fused_activations(AutoConfig.from_pretrained(source)))
+        fused = fused_activations(AutoConfig.from_pretrained(source))
+        return AutoModel.from_pretrained(source, dtype=torch.float32, **fused)
     config = copy.deepcopy(source.config)
     for name, value in fused_activations(config).items():
         setattr(config, name, value)

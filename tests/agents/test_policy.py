@@ -1,11 +1,12 @@
-"""The actor-critic leaves a model handed to it as it was (but for dropout), and its gradients are autograd's."""
+"""The actor-critic leaves a model handed to it as it was (but for dropout), its gradients are autograd's, and it
+trains float32 master weights."""
 
 import copy
 
 import pytest
 import torch
 
-from agents.policy import ActorCritic
+from agents.policy import ActorCritic, critic_trunk, load_policy
 from tests.models import tiny_causal_lm
 from textenv.lm import position_ids_from_mask
 
@@ -87,3 +88,11 @@ def test_autograd_grad_of_an_agents_loss_is_the_plain_models_gradient(family, sp
     assert len(grads) == len(expected)
     for grad, want in zip(grads, expected):
         assert grad.layout == torch.strided and torch.equal(grad, want)
+
+
+def test_a_checkpoint_saved_in_bf16_trains_in_float32(tmp_path):
+    """The agent's weights are the master weights: float32, whatever dtype the checkpoint holds (bf16 would lose
+    updates smaller than its resolution); bf16 is for autocast's forwards."""
+    tiny_causal_lm("llama").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert load_policy(tmp_path / "bf16").dtype == torch.float32
+    assert {p.dtype for p in critic_trunk(tmp_path / "bf16").parameters()} == {torch.float32}
