@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 
 from agents.checkpoint import CheckpointError, Checkpoints, TrainerState
-from agents.logger import RunLogger, write_atomically
 
 
 class TinyAgent(torch.nn.Module):
@@ -139,31 +138,3 @@ def test_non_finite_weights_are_never_checkpointed_and_the_good_one_stays(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean resume: no fallback needed
         assert Checkpoints(tmp_path).resume().state.iteration == 0
-
-
-def test_an_interrupted_rewrite_of_the_metrics_keeps_the_old_file(tmp_path, monkeypatch):
-    history = "".join(json.dumps({"iteration": i, "env/score": float(i)}) + "\n" for i in range(2000))
-    (tmp_path / "metrics.jsonl").write_text(history)
-
-    def killed(path, text):  # the process dies halfway through writing the new file
-        with open(path.with_name(f".{path.name}.partial"), "w") as f:
-            f.write(text[: len(text) // 2])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("agents.logger.write_atomically", killed)
-    with pytest.raises(KeyboardInterrupt):
-        RunLogger(tmp_path, start_iteration=1500)
-    assert (tmp_path / "metrics.jsonl").read_text() == history
-
-    monkeypatch.undo()
-    logger = RunLogger(tmp_path, start_iteration=1500)  # the resume that follows keeps what the checkpoint covers
-    logger.close()
-    assert [r["iteration"] for r in logger.rows] == list(range(1500))
-
-
-def test_write_atomically_replaces_the_whole_file(tmp_path):
-    path = tmp_path / "metrics.csv"
-    path.write_text("old\n" * 100)
-    write_atomically(path, "new\n")
-    assert path.read_text() == "new\n"
-    assert list(tmp_path.iterdir()) == [path]

@@ -2,11 +2,13 @@
 
 The envs, the trainer and ``python -m agents.evaluate`` all run on ``resolve_config``'s result; the tests here
 check the function and that the envs hold what it returns. The envs' typed keyword arguments (``TokenEnvSettings``)
-are the config's fields.
+are the config's fields. Settings out of range or of the wrong type (non-finite numbers, unknown keywords,
+``config=`` with keywords) are refused where they enter: gym.make, gym.make_vec and TokenEnvConfig.
 """
 
 import ast
 import inspect
+import re
 import typing
 from dataclasses import fields, replace
 from pathlib import Path
@@ -180,3 +182,78 @@ def test_score_clip_has_one_default_for_env_training_and_evaluation():
 def test_the_limits_values_live_in_the_presets_not_in_the_configs_defaults():
     defaults = {f.name: f.default for f in fields(TokenEnvConfig)}
     assert all(defaults[name] is None for name in LIMITS)
+
+
+# --------------------------------------------------------------------------- settings refused
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+FLOAT_FIELDS = ["kl_coef", "score_clip", "missing_eos_penalty", "temperature"]
+
+
+def build_with(entry: str, field: str, value):
+    """Build an env (or a config) through ``entry`` with one field set; the check fails before any model loads."""
+    if entry == "make":
+        return gym.make(ENV_ID, device="cpu", **{field: value})
+    if entry == "make_vec":
+        return gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", device="cpu", **{field: value})
+    return TokenEnvConfig(**{field: value})
+
+
+@pytest.mark.parametrize("entry", ["make", "make_vec", "config"])
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_non_finite_number_is_refused_naming_the_field(entry, field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*finite, got {re.escape(str(value))}$"):
+        build_with(entry, field, value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "kind"),
+    [
+        ("max_new_tokens", "8", "an int"),
+        ("max_new_tokens", 8.0, "an int"),
+        ("kl_coef", "0.1", "a number"),
+        ("temperature", None, "a number"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["make", "make_vec", "config"])
+def test_setting_of_wrong_type_is_refused_naming_it(entry, field, value, kind):
+    with pytest.raises(TypeError, match=rf"^{field} must be {kind}, got {re.escape(repr(value))}"):
+        build_with(entry, field, value)
+
+
+@pytest.mark.parametrize("entry", ["make", "make_vec"])
+def test_unknown_keyword_is_refused_naming_it(entry):
+    with pytest.raises(TypeError, match=r"unknown env arguments \['foo'\]"):
+        build_with(entry, "foo", 1)
+
+
+@pytest.mark.parametrize("entry", ["make", "make_vec"])
+def test_config_and_keywords_together_are_refused(entry):
+    kwargs = {"config": TokenEnvConfig(), "max_new_tokens": 4}
+    with pytest.raises(TypeError, match=r"pass either config= or keyword arguments, not both.*max_new_tokens"):
+        if entry == "make":
+            gym.make(ENV_ID, **kwargs)
+        else:
+            gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"kl_coef": -0.1}, ValueError, r"kl_coef must be >= 0 .*got -0\.1"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1, got 0"),
+        ({"max_prompt_tokens": 0}, ValueError, "max_prompt_tokens must be >= 1, got 0"),
+        ({"temperature": 0}, ValueError, "temperature must be > 0 .*got 0"),
+        ({"temperature": -1}, ValueError, "temperature must be > 0 .*got -1"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be > 0"),
+        ({"reward_mode": "final"}, ValueError, r"reward_mode must be one of \('sparse', 'dense'\), got 'final'"),
+        ({"prompt_truncation": "right"}, ValueError, "prompt_truncation must be one of"),
+        ({"prompts": []}, ValueError, "prompts must be a non-empty list of strings"),
+        ({"prompts": ["fine", 3]}, ValueError, "prompts must be a non-empty list of strings"),
+        ({"prompts": [""]}, ValueError, "prompt 0 .* is empty after tokenization"),
+        ({"max_new_tokens": 200}, ValueError, "exceeds the reference model's 128 positions"),
+    ],
+)
+def test_invalid_constructor_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        gym.make(ENV_ID, **kwargs)

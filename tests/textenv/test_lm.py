@@ -1,5 +1,6 @@
-"""textenv/lm.py: padding helpers and probabilities against hand-worked numbers, and the KV-cached stepper
-against plain uncached forwards of a tiny random GPT-2."""
+"""textenv/lm.py: padding helpers and probabilities against hand-worked numbers, the KV-cached stepper
+against plain uncached forwards of a tiny random GPT-2, a reward model's score read at the last real token, and
+the refusal of a model whose KV cache is not a DynamicCache."""
 
 import math
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from tests.models import tiny_gpt2_reward_model
+from textenv.default_task import POLICY_DIR
 from textenv.lm import (
     CachedStepper,
     crop_left_padding,
@@ -14,6 +17,7 @@ from textenv.lm import (
     pad_batch,
     position_ids_from_mask,
     sample_tokens,
+    sequence_scores,
     to_left_padding,
     token_logprobs,
 )
@@ -64,6 +68,14 @@ def test_to_left_padding_moves_real_tokens_to_the_right_end_and_fills_pads():
     assert left_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1]]
 
 
+def test_to_left_padding_moves_real_tokens_to_the_end():
+    ids, mask = pad_batch([[1, 2], [3, 4, 5, 6]], pad_token_id=0, side="right")
+    left_ids, left_mask = to_left_padding(ids, mask, pad_token_id=0)
+    assert left_ids.tolist() == [[0, 0, 1, 2], [3, 4, 5, 6]]
+    assert left_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert position_ids_from_mask(left_mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
 # --------------------------------------------------------------------------- probabilities
 def test_token_logprobs_at_a_temperature():
     # logits [ln 16, ln 4, ln 4]: softmax = [16, 4, 4] / 24; at temperature 2, [ln 4, ln 2, ln 2]: [4, 2, 2] / 8
@@ -85,6 +97,11 @@ def test_entropy_from_logits():
     # [1/2, 1/4, 1/4]: 1/2 ln 2 + 2 * 1/4 ln 4 = 3/2 ln 2
     quarter = torch.tensor([math.log(2), 0.0, 0.0])
     assert math.isclose(float(entropy_from_logits(quarter)), 1.5 * math.log(2), abs_tol=1e-6)
+
+
+def test_entropy_of_uniform_and_one_hot():
+    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+    assert entropy_from_logits(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sample_tokens_follow_the_distribution_and_report_its_logprob():
@@ -171,3 +188,38 @@ def test_cached_stepper_matches_uncached_forwards(tiny_lm):
     contexts[0].append(40), contexts[1].append(41)
     assert_rows_match(tiny_lm, stepper, contexts, [0, 1])
     assert stepper.mask.sum(-1).tolist() == [len(contexts[0]), len(contexts[1])]
+
+
+# --------------------------------------------------------------------------- reward-model scores
+def test_score_is_read_at_the_last_real_token_for_either_padding_side():
+    model = tiny_gpt2_reward_model()
+    sequences = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    alone = torch.stack([model(input_ids=torch.tensor([s])).logits[0, 0] for s in sequences])
+    left = sequence_scores(model, *pad_batch(sequences, 0, side="left"))
+    right = sequence_scores(model, *pad_batch(sequences, 0, side="right"))
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    # and the score changes when the last real token does (it is really read there)
+    changed = sequence_scores(model, *pad_batch([[5, 6, 8]], 0))
+    assert not torch.allclose(changed, alone[:1])
+
+
+def test_reward_model_with_several_outputs_is_rejected():
+    with pytest.raises(ValueError, match=r"one scalar per sequence.*num_labels=1"):
+        sequence_scores(tiny_gpt2_reward_model(num_labels=2), *pad_batch([[1, 2]], 0))
+
+
+# --------------------------------------------------------------------------- KV caches
+def test_a_model_without_a_dynamic_cache_is_refused_naming_the_cache_class(tokenizer, make_env):
+    from transformers import AutoModelForCausalLM
+
+    class TupleCacheLM(type(AutoModelForCausalLM.from_pretrained(POLICY_DIR))):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            key = "cache" if "cache" in out else "past_key_values"  # its name since transformers 5.24, and before
+            out[key] = tuple(out[key].layers)  # a legacy tuple, not a DynamicCache
+            return out
+
+    model = TupleCacheLM.from_pretrained(POLICY_DIR)
+    with pytest.raises(TypeError, match=r"reference model \(TupleCacheLM\) returns a tuple KV cache.*DynamicCache"):
+        make_env(reference_model=model, tokenizer=tokenizer)

@@ -2,7 +2,8 @@
 
 The default task's policy samples the episodes; each test recomputes what the
 env should pay from the episode's own tokens (the reward model's score by an
-uncached forward, the functions by calling them again) and compares.
+uncached forward, the functions by calling them again) and compares. Reward values and
+weights must fit float32, weighted and summed; a function that edits its row changes nothing.
 """
 
 import functools
@@ -14,8 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.models import uncached_score
+import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from tests.models import end_episodes, lockstep_vec, uncached_score, zero
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
+from textenv.loading import read_prompt_rows
 from textenv.reward_fns import RewardFunctionError, batched, resolve_reward_fns
 
 ROWS = [
@@ -193,7 +196,6 @@ def test_rows_must_all_be_rows_and_name_the_prompt_key(make_env):
 
 
 def test_a_dataset_dict_gives_the_split_asked_for_eval_finding_test():
-    from textenv.loading import read_prompt_rows
 
     class Split:
         def __init__(self, rows):
@@ -318,3 +320,71 @@ def test_bool_returns_count_as_one_and_zero_and_torch_scalars_are_refused(make_e
     env = make_env(reward_fns=[lambda **kw: torch.tensor(1.0)], prompts=ROWS, max_new_tokens=2)
     with pytest.raises(TypeError, match="a Tensor"):
         run_episode(env)
+
+
+# --------------------------------------------------------------------------- float32 values
+@pytest.mark.parametrize(
+    ("value", "shown"), [(1e39, "1e\\+39"), (-1e39, "-1e\\+39"), (10**400, "an integer of about 10\\*\\*400")]
+)
+def test_a_reward_beyond_float32_is_refused_naming_the_function(value, shown):
+    def huge(**kwargs):
+        return value
+
+    env = lockstep_vec(reward_fns=[huge])
+    with pytest.raises(ValueError, match=rf"reward function 'huge' returned {shown} for .*within float32's range"):
+        end_episodes(env)
+
+
+@pytest.mark.parametrize(("weight", "shown"), [(1e39, "1e\\+39"), (10**400, "an integer of about 10\\*\\*400")])
+def test_a_weight_beyond_float32_is_refused_at_construction(weight, shown):
+    with pytest.raises(
+        ValueError, match=rf"the weight of reward function 'zero' must be a finite number within float32's .*{shown}"
+    ):
+        lockstep_vec(reward_fns=[zero], reward_weights=[weight])
+
+
+def test_a_weighted_value_or_sum_beyond_float32_is_refused():
+    def big(**kwargs):
+        return 3e38
+
+    def also_big(**kwargs):
+        return 3e38
+
+    with pytest.raises(ValueError, match=r"reward function 'big' times its weight 10 is 3e\+39 for slot 0"):
+        end_episodes(lockstep_vec(reward_fns=[big], reward_weights=[10.0]))
+    with pytest.raises(ValueError, match=r"the weighted sum of the reward functions 'big', 'also_big' is 6e\+38"):
+        end_episodes(lockstep_vec(reward_fns=[big, also_big]))
+
+
+def test_the_largest_float32_reward_is_paid_as_itself():
+    def largest(**kwargs):
+        return 3e38
+
+    _, rewards, _, _, info = end_episodes(lockstep_vec(reward_fns=[largest], kl_coef=0.0))
+    assert np.isfinite(rewards).all() and rewards == pytest.approx(3e38, rel=1e-6)
+    assert info["reward/largest"] == pytest.approx(3e38, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- edited rows
+def test_a_reward_function_that_edits_its_row_changes_nothing_for_later_episodes():
+    seen = []
+
+    def greedy(row, **kwargs):
+        seen.append(list(row["tags"]))
+        row["tags"].append("mine")  # nested: a shallow copy would share this list
+        row["new"] = 1
+        return 0.0
+
+    def other(row, **kwargs):
+        seen.append(list(row["tags"]))
+        return 0.0
+
+    rows = [{"prompt": "The movie was", "tags": ["a"]}]
+    env = lockstep_vec(reward_fns=[greedy, other], prompts=rows)
+    for _ in range(3):
+        end_episodes(env)
+    assert seen == [["a"]] * 12
+    assert env.unwrapped.rows[0] == {"tags": ["a"]}
+    _, info = env.reset(seed=0)
+    info["row"][0]["tags"].append("caller's")
+    assert env.unwrapped.rows[0] == {"tags": ["a"]}

@@ -7,10 +7,14 @@ through one plain forward over its final context (prompt, agent tokens and envir
 tokens, batch of one, no cache): each agent step's reference log-prob (and the policy's,
 where the env steps one), its reward and the score must match to 1e-5. Environment tokens
 are never steps: they earn nothing and carry no KL term.
+
+A turn reward beyond float32 is refused naming the interaction; end_of_turn_token's text is the one token it
+tokenizes to.
 """
 
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -18,7 +22,7 @@ from gymnasium.vector import AutoresetMode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
-from tests.models import tiny_causal_lm, uncached_logits, uncached_score
+from tests.models import ENV_ID, end_episodes, lockstep_vec, tiny_causal_lm, uncached_logits, uncached_score
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 from textenv.turns import Reply, Turn
 
@@ -306,3 +310,39 @@ def test_configuration_errors(make_env):
         make_env(interaction=Talk(), end_of_turn_token="no-such-token", **SETTINGS)
     with pytest.raises(ValueError, match=r"max_turns \* max_new_tokens.*exceeds the reference model's"):
         make_env(interaction=Talk(), max_turns=40, max_new_tokens=32)
+
+
+# --------------------------------------------------------------------------- turn rewards, end of turn
+def test_a_turn_reward_beyond_float32_is_refused_naming_the_interaction():
+    from textenv.turns import Reply
+
+    class Generous:
+        def respond(self, turn):
+            return Reply(done=True, reward=1e39)
+
+    env = lockstep_vec(interaction=Generous())
+    with pytest.raises(ValueError, match=r"interaction Generous returned the turn reward 1e\+39; .*float32"):
+        end_episodes(env)
+
+
+def test_end_of_turn_text_is_the_token_it_tokenizes_to():
+    from textenv.turns import Reply
+
+    class Done:
+        def respond(self, turn):
+            return Reply(done=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+    (word,) = tokenizer("and", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(word) == "▁and" != "and"
+    assert tokenizer.convert_tokens_to_ids("and") != word  # the word-internal piece the old lookup picked
+    env = gym.make(ENV_ID, interaction=Done(), end_of_turn_token="and", max_new_tokens=6, device="cpu")
+    assert word in env.unwrapped.core.turns.end_ids
+    env = gym.make(ENV_ID, interaction=Done(), end_of_turn_token=word, max_new_tokens=6, device="cpu")
+    assert word in env.unwrapped.core.turns.end_ids  # ids keep working
+    with pytest.raises(
+        ValueError,
+        match=r"end_of_turn_token 'the end' is not one token of the tokenizer: it tokenizes to 2 token\(s\) "
+        r"\['▁the', '▁end'\] \(ids \[\d+, \d+\]\); give a text that is exactly one token, or the token's id",
+    ):
+        gym.make(ENV_ID, interaction=Done(), end_of_turn_token="the end", max_new_tokens=6, device="cpu")

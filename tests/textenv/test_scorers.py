@@ -1,31 +1,27 @@
-"""A reward model with its own tokenizer reads text: it scores exactly what it scores when called on that text."""
+"""textenv/scorers.py: a reward model with its own tokenizer reads text: it scores exactly what it scores when
+called on that text.
 
-import string
+1. Its scores equal the reward model called on the decoded text, sparse and dense; the argument
+   reward_tokenizer names a loaded reward model's tokenizer; a reward model with the policy's tokenizer keeps
+   the token path.
+2. A prompt that spells the reward tokenizer's EOS reaches the reward model as text.
+3. A reward model with its own chat template reads the conversation in it.
+"""
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
+from tests.models import CONVERSATIONS, character_tokenizer, chat_env, eos_character_tokenizer, tiny_gpt2_classifier
 from textenv.default_task import POLICY_DIR
+from textenv.loading import UnknownTokensWarning
 from textenv.scorers import SparseScorer, TextScorer
 
+ENV_ID = "TokenRLHF-v0"
 PROMPTS = ["I thought the plot was", "The acting felt", "Honestly this film"]
-
-
-def character_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, with [PAD], [UNK] and a [CLS] the tokenizer adds at the end of every text."""
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2}
-    vocab |= {ch: i + 3 for i, ch in enumerate(string.printable)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    from tokenizers.processors import TemplateProcessing
-
-    core.post_processor = TemplateProcessing(single="$A [CLS]", special_tokens=[("[CLS]", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +45,7 @@ def direct_score(reward_dir, text: str) -> float:
         return float(model(**tokenizer(text, return_tensors="pt")).logits[0, 0])
 
 
+# --------------------------------------------------------------------------- 1. scores of the text
 def test_the_two_tokenizers_really_differ(reward_dir):
     policy, reward = AutoTokenizer.from_pretrained(POLICY_DIR), AutoTokenizer.from_pretrained(reward_dir)
     text = PROMPTS[0] + " great"
@@ -115,3 +112,50 @@ def test_reward_tokenizer_argument_names_a_loaded_reward_models_tokenizer(reward
     assert isinstance(env.unwrapped.core.scorer, TextScorer)
     with pytest.raises(ValueError, match="reward model embeds only .*pass it as reward_tokenizer="):
         gym.make("TokenRLHF-v0", reward_model=model, device="cpu")  # ids of another vocabulary: refused
+
+
+# --------------------------------------------------------------------------- 2. special-token text
+def test_a_prompt_that_spells_the_reward_tokenizers_eos_reaches_the_reward_model_as_text(tmp_path):
+    reward_tokenizer = eos_character_tokenizer()
+    model = tiny_gpt2_classifier(len(reward_tokenizer), reward_tokenizer.pad_token_id)
+    model.save_pretrained(tmp_path)
+    reward_tokenizer.save_pretrained(tmp_path)
+    prompt = "I liked <eos> it"
+    with pytest.warns(UnknownTokensWarning, match="no token for the characters '<>'"):  # the policy's tokenizer
+        env = gym.make(ENV_ID, prompts=[prompt], reward_model=str(tmp_path), max_new_tokens=2, device="cpu")
+    env.reset(seed=0)
+    *_, terminated, _, info = env.step(AutoTokenizer.from_pretrained(POLICY_DIR).eos_token_id)
+    assert terminated
+    ids = env.unwrapped.core.scorer.token_ids(0)
+    assert ids == reward_tokenizer.convert_tokens_to_ids(list(prompt)) + [reward_tokenizer.cls_token_id]
+    assert reward_tokenizer.eos_token_id not in ids
+    assert reward_tokenizer.eos_token_id in reward_tokenizer(prompt)["input_ids"]  # what a plain call does
+    with torch.no_grad():
+        expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+    assert info["score"] == pytest.approx(expected, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- 3. chat templates
+def test_a_reward_model_with_its_own_template_reads_the_conversation_in_it(chat_tokenizer, tmp_path):
+    reward_tokenizer = character_tokenizer()
+    reward_tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(reward_tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2, num_labels=1)
+    config.pad_token_id = reward_tokenizer.pad_token_id
+    GPT2ForSequenceClassification(config).eval().save_pretrained(tmp_path / "rm")
+    reward_tokenizer.save_pretrained(tmp_path / "rm")
+
+    env = chat_env(chat_tokenizer, prompts=CONVERSATIONS, reward_model=str(tmp_path / "rm"))
+    env.reset(seed=0, options={"prompt_index": 1})
+    great = chat_tokenizer.convert_tokens_to_ids("▁great")
+    env.step(great)
+    _, _, terminated, _, info = env.step(chat_tokenizer.eos_token_id)
+    assert terminated
+    text = reward_tokenizer.apply_chat_template(
+        [*CONVERSATIONS[1], {"role": "assistant", "content": "great"}], tokenize=False
+    )
+    assert text == "[system]Be brief[user]The plot was[assistant]great"
+    model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        expected = float(model(**reward_tokenizer(text, return_tensors="pt")).logits[0, 0])
+    assert np.isclose(info["score"], expected, atol=1e-5)

@@ -1,13 +1,24 @@
-"""The agent's pure math against values worked out by hand."""
+"""agents/advantages.py against values worked out by hand: GAE, masked statistics and explained variance, RLOO
+and GRPO advantages, their scaling, and the groups whose returns are all equal."""
+
+import math
 
 import pytest
 import torch
 
-from agents.advantages import compute_gae, grpo_advantages, masked_mean, masked_whiten, rloo_advantages
-from agents.kl_control import AdaptiveKLController, FixedKLController
-from agents.losses import policy_loss, value_loss
-from textenv.lm import entropy_from_logits
+from agents.advantages import (
+    compute_gae,
+    equal_groups,
+    explained_variance,
+    group_centered,
+    grpo_advantages,
+    masked_mean,
+    masked_whiten,
+    rloo_advantages,
+    scale_advantages,
+)
 
+# --------------------------------------------------------------------------- GAE
 GAMMA, LAM = 0.9, 0.8  # gamma * lam = 0.72
 
 
@@ -56,6 +67,7 @@ def test_gae_rejects_mismatched_shapes():
         compute_gae(x, x, torch.zeros(2, 4), x.bool(), x.bool(), 1.0, 0.95)
 
 
+# --------------------------------------------------------------------------- masked statistics
 def test_masked_mean_and_whiten_use_only_the_mask():
     values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
     mask = torch.tensor([[True, True, False], [True, True, False]])
@@ -70,55 +82,36 @@ def test_masked_mean_and_whiten_use_only_the_mask():
     assert scaled[mask].std().item() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_policy_loss_hand_values():
-    # ratios 1.5, 0.5, 1.5, 0.5 with advantages +1, +1, -1, -1 and clip 0.2:
-    # max(-A r, -A clip(r)) = max(-1.5,-1.2), max(-0.5,-0.8), max(1.5,1.2), max(0.5,0.8) = -1.2, -0.5, 1.5, 0.8
-    # mean = 0.6 / 4 = 0.15; clipped on tokens 1 and 4 -> clipfrac 0.5. A fifth, masked token is ignored.
-    ratio = torch.tensor([[1.5, 0.5, 1.5, 0.5, 7.0]])
-    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, 5.0]])
-    mask = torch.tensor([[True, True, True, True, False]])
-    loss, stats = policy_loss(ratio.log(), torch.zeros_like(ratio), advantages, mask, clip_range=0.2)
-    assert loss.item() == pytest.approx(0.15)
-    assert stats["ppo/clipfrac"].item() == pytest.approx(0.5)
-    assert stats["ppo/ratio_mean"].item() == pytest.approx(1.0)
-    # approx_kl = mean((r - 1) - log r)
-    expected_kl = sum((r - 1) - torch.tensor(r).log().item() for r in (1.5, 0.5, 1.5, 0.5)) / 4
-    assert stats["ppo/approx_kl"].item() == pytest.approx(expected_kl)
+# two episodes of two real steps each; the third column is padding with values that must not count
+RETURNS = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+MASK = torch.tensor([[True, True, False], [True, True, False]])
+# over the mask R = [1, 2, 3, 4]: mean 2.5, unbiased Var(R) = (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
 
 
-def test_value_loss_hand_values():
-    # V=1.5, V_old=1.0, R=2.0: clip(V) = 1.2 -> max(0.25, 0.64) = 0.64 (clipped is worse: counted)
-    # V=0.9, V_old=1.0, R=0.0: inside the clip range -> 0.81
-    # loss = 0.5 * (0.64 + 0.81) / 2 = 0.3625
-    values = torch.tensor([[1.5, 0.9, 3.0]])
-    old = torch.tensor([[1.0, 1.0, 0.0]])
-    returns = torch.tensor([[2.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False]])
-    loss, stats = value_loss(values, old, returns, mask, clip_range=0.2)
-    assert loss.item() == pytest.approx(0.3625)
-    assert stats["ppo/value_clipfrac"].item() == pytest.approx(0.5)
+def test_values_equal_to_returns_explain_everything():
+    values = RETURNS.clone()
+    values[:, 2] = 0.0  # off the mask: ignored
+    assert explained_variance(values, RETURNS, MASK) == 1.0
 
 
-def test_entropy_of_uniform_and_one_hot():
-    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
-    assert entropy_from_logits(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
+def test_constant_values_explain_nothing():
+    # R - c = [-1, 0, 1, 2] for c = 2: a shift, so Var(R - c) = Var(R) = 5/3 and 1 - (5/3) / (5/3) = 0
+    values = torch.full_like(RETURNS, 2.0)
+    assert math.isclose(explained_variance(values, RETURNS, MASK), 0.0, abs_tol=1e-6)
 
 
-def test_adaptive_kl_controller_moves_beta_towards_the_target():
-    high = AdaptiveKLController(value=0.1, target=1.0, horizon=100)
-    high.update(kl=100.0, n_steps=10)  # error clipped to +0.2: beta *= 1 + 0.2 * 10 / 100
-    assert high.value == pytest.approx(0.1 * 1.02)
-    low = AdaptiveKLController(value=0.1, target=1.0, horizon=100)
-    low.update(kl=0.5, n_steps=10)  # error -0.5 clipped to -0.2
-    assert low.value == pytest.approx(0.1 * 0.98)
-    near = AdaptiveKLController(value=0.1, target=1.0, horizon=100)
-    near.update(kl=1.1, n_steps=10)  # error 0.1, inside the clip
-    assert near.value == pytest.approx(0.1 * 1.01)
-    fixed = FixedKLController(0.1)
-    fixed.update(kl=100.0, n_steps=10)
-    assert fixed.value == 0.1
+def test_partial_explanation():
+    # V = [1, 1, 3, 3]: R - V = [0, 1, 0, 1], mean 0.5, Var = 4 * 0.25 / 3 = 1/3; 1 - (1/3) / (5/3) = 0.8
+    values = torch.tensor([[1.0, 1.0, 7.0], [3.0, 3.0, 7.0]])
+    assert math.isclose(explained_variance(values, RETURNS, MASK), 0.8, abs_tol=1e-6)
 
 
+def test_zero_variance_returns_give_nan():
+    returns = torch.tensor([[2.0, 2.0, 9.0], [2.0, 2.0, -9.0]])  # constant over the mask
+    assert math.isnan(explained_variance(torch.zeros_like(returns), returns, MASK))
+
+
+# --------------------------------------------------------------------------- group advantages
 def test_rloo_advantages_for_a_group_of_four():
     # returns 1, 2, 3, 6: leave-one-out baselines 11/3, 10/3, 9/3, 6/3
     returns = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
@@ -142,8 +135,31 @@ def test_group_advantages_reject_bad_groups(returns, k):
         rloo_advantages(returns, k)
 
 
-def test_value_clipfrac_counts_no_float_ties_inside_the_range():
-    # inside the clip range V_old + clamp(V - V_old) can differ from V by an ulp; that is not clipping
-    values, old = torch.tensor([[0.20507400]]), torch.tensor([[0.07690925]])
-    _, stats = value_loss(values, old, torch.tensor([[0.45358694]]), torch.ones(1, 1, dtype=torch.bool), 0.2)
-    assert stats["ppo/value_clipfrac"].item() == 0.0
+# two groups of two: returns (1, 3) and (0, 4)
+GROUP_RETURNS = torch.tensor([1.0, 3.0, 0.0, 4.0])
+
+
+def test_advantage_scaling_hand_values():
+    centered = group_centered(GROUP_RETURNS, 2)  # minus the group means 2 and 2
+    torch.testing.assert_close(centered, torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+    # group: unbiased stds sqrt((1 + 1) / 1) = sqrt(2) and sqrt((4 + 4) / 1) = 2 sqrt(2)
+    group_std = torch.tensor([2**0.5, 2**0.5, 8**0.5, 8**0.5])
+    torch.testing.assert_close(scale_advantages(centered, GROUP_RETURNS, 2, "group"), centered / (group_std + 1e-4))
+    # batch: mean 0, unbiased variance (1 + 1 + 4 + 4) / 3 = 10 / 3
+    expected = centered / ((10 / 3) ** 0.5 + 1e-4)
+    torch.testing.assert_close(scale_advantages(centered, GROUP_RETURNS, 2, "batch"), expected)
+    assert scale_advantages(centered, GROUP_RETURNS, 2, "none") is centered
+    # batch over the valid episodes only: (-1, 1) have unbiased std sqrt(2)
+    valid = torch.tensor([True, True, False, False])
+    halves = torch.tensor([-1.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(scale_advantages(halves, GROUP_RETURNS, 2, "batch", valid), halves / (2**0.5 + 1e-4))
+    # RLOO: R_i minus the other one's return: (-2, 2, -4, 4); over the group's std: -sqrt(2), sqrt(2), ...
+    loo = rloo_advantages(GROUP_RETURNS, 2)
+    root2 = 2 / (2**0.5 + 1e-4)
+    expected = torch.tensor([-root2, root2, -4 / (8**0.5 + 1e-4), 4 / (8**0.5 + 1e-4)])
+    torch.testing.assert_close(scale_advantages(loo, GROUP_RETURNS, 2, "group"), expected)
+
+
+def test_equal_groups():
+    returns = torch.tensor([1.0, 1.0 + 1e-7, 0.0, 1.0, 2.0, 2.0])
+    torch.testing.assert_close(equal_groups(returns, 2), torch.tensor([True, True, False, False, True, True]))

@@ -1,10 +1,16 @@
-"""The env's KV-cached log-probs, scores and rewards against an independent, uncached recomputation.
+"""textenv/core.py: the env's KV-cached log-probs, scores and rewards, and the numbers it refuses to trust.
 
-Every finished episode is replayed through plain full-sequence forwards of the
-reference and reward models (no cache, no padding, batch of one), and each
-per-step reward is rebuilt from the formula in docs/design.md (r_t = -beta * kl_t + score term).
+1. Every finished episode is replayed through plain full-sequence forwards of the reference and reward models
+   (no cache, no padding, batch of one), and each per-step reward is rebuilt from the formula in docs/design.md
+   (r_t = -beta * kl_t + score term).
+2. A reward model that scores NaN or +-inf raises, naming the reward model and the text, in both reward modes.
+3. Log-probs from the caller or from a policy callable must be numbers, finite and <= 0 on live slots (an ended
+   slot's are ignored); a policy callable that returns None is named with the shape it must return.
 """
 
+import re
+
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -12,15 +18,18 @@ from gymnasium.vector import AutoresetMode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import textenv  # noqa: F401  (registers TokenRLHF-v0)
-from tests.models import Episode
+from tests.models import Episode, lockstep_vec
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 
+ENV_ID = "TokenRLHF-v0"
 ATOL = 1e-5
 MAX_NEW = 6
 KL_COEF = 0.1
 SETTINGS = dict(max_new_tokens=MAX_NEW, kl_coef=KL_COEF)  # every env here, on CPU
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 
 
+# --------------------------------------------------------------------------- 1. against an uncached recomputation
 @pytest.fixture(scope="module")
 def models():
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
@@ -249,3 +258,124 @@ def test_score_clip_and_missing_eos_penalty(models, make_vec):
         assert episode.score == pytest.approx(score, abs=ATOL)  # info carries the raw score
         last = min(max(score, -0.5), 0.5) - (1.0 if episode.truncated else 0.0)
         assert episode.rewards[-1] == pytest.approx(KL_COEF * ref[-1] + last, abs=ATOL)
+
+
+# --------------------------------------------------------------------------- 2. non-finite scores
+class ConstantHead(torch.nn.Module):
+    """A score head that gives ``value`` at every position: a reward model gone wrong."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, hidden_states):
+        return torch.full((*hidden_states.shape[:-1], 1), self.value, dtype=hidden_states.dtype)
+
+
+def broken_reward_model(value: float):
+    model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR)
+    model.score = ConstantHead(value)
+    return model
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+def test_broken_reward_model_is_broken(value):
+    """The premise of the tests below: every score of the broken model is ``value``."""
+    model = broken_reward_model(value)
+    ids = torch.tensor([[5, 6, 2]])
+    score = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert score.shape == (1, 1)
+    np.testing.assert_equal(score.item(), value)
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("reward_mode", ["sparse", "dense"])
+def test_non_finite_score_raises_naming_the_reward_model_and_the_text(reward_mode, value, tokenizer, make_env):
+    prompt = "great movie"
+    env = make_env(reward_model=broken_reward_model(value), reward_mode=reward_mode, prompts=[prompt])
+    env.reset(options={"prompt_index": 0})  # constructing and resetting are fine: only a reward is wrong
+    eos = tokenizer.eos_token_id
+    text = tokenizer.decode(tokenizer(prompt)["input_ids"] + [eos])
+    with pytest.raises(ValueError, match=rf"the reward model scored slot 0's text {re.escape(repr(text))} as "):
+        env.step(eos)  # sparse: the score of the finished episode; dense: the first change of score
+
+
+# --------------------------------------------------------------------------- 3. log-probs
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), float("inf"), 0.5], ids=["nan", "-inf", "inf", "0.5"])
+def test_caller_logprobs_must_be_finite_and_not_positive(bad, vec_env):
+    vec_env.reset(seed=0)
+    before = vec_env.core.observation()
+    with pytest.raises(ValueError, match=r"logprobs passed to step\(\) must be finite log-probabilities.*slot 1"):
+        vec_env.step(np.array([5, 6]), logprobs=np.array([-1.0, bad]))
+    after = vec_env.core.observation()
+    assert all(np.array_equal(before[key], after[key]) for key in before)  # the refused step changed nothing
+
+
+@pytest.mark.parametrize("value", [-1e-7, 0.0, -0.0])
+def test_caller_logprobs_at_or_just_below_zero_are_accepted(value, vec_env):
+    vec_env.reset(seed=0)
+    _, rewards, _, _, info = vec_env.step(np.array([5, 6]), logprobs=np.array([value, -2.0]))
+    assert info["kl_source"].tolist() == ["caller", "caller"]
+    np.testing.assert_allclose(info["logprob"], [value, -2.0], atol=1e-12)
+    assert np.isfinite(rewards).all()
+
+
+def test_garbage_logprob_of_an_ended_slot_is_ignored(make_vec):
+    vec = make_vec(3, autoreset_mode="Disabled", max_new_tokens=4)
+    vec.reset(seed=0)
+    eos = vec.core.eos_token_id
+    _, _, terminated, _, _ = vec.step(np.array([eos, 5, 5]), logprobs=np.array([-1.0, -1.0, -1.0]))
+    assert terminated.tolist() == [True, False, False]
+    _, rewards, terminated, truncated, info = vec.step(
+        np.array([5, 5, 5]), logprobs=np.array([float("nan"), -1.0, -1.0])
+    )
+    assert rewards[0] == 0.0 and not terminated[0] and not truncated[0]
+    assert np.isfinite(rewards).all()
+    assert info["kl_source"].tolist() == ["", "caller", "caller"]
+    # the same NaN in a live slot is refused
+    with pytest.raises(ValueError, match=r"logprobs.*slot 1"):
+        vec.step(np.array([5, 5, 5]), logprobs=np.array([-1.0, float("nan"), -1.0]))
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan")], ids=["0.5", "nan"])
+def test_policy_callable_logprobs_must_be_finite_and_not_positive(bad, make_env):
+    action = 5
+
+    def policy(obs, chosen=None):
+        table = np.full((1, 446), np.log(1 / 446))
+        if chosen is not None:
+            table[0, action] = chosen
+        return table
+
+    good = make_env(policy=policy, max_new_tokens=4)
+    good.reset(seed=0)
+    _, _, _, _, info = good.step(action)
+    assert info["kl_source"] == "policy"
+    np.testing.assert_allclose(info["logprob"], np.log(1 / 446), rtol=1e-6)
+
+    env = make_env(policy=lambda obs: policy(obs, bad), max_new_tokens=4)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"the policy callable's log-probs of the chosen tokens must be finite"):
+        env.step(action)
+
+
+@pytest.mark.parametrize("logprobs", [["-1.0", "-2.0"], [None, None], "abc"])
+def test_logprobs_that_are_not_numbers_raise_a_type_error_naming_logprobs(logprobs):
+    env = lockstep_vec()
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match=r"logprobs passed to step\(\) must be numbers: .*shape \(2,\); got"):
+        env.step(np.array([5, 5]), logprobs=logprobs)
+
+
+def test_a_policy_callable_that_returns_none_is_named_with_the_shape_it_must_return():
+    def forgetful(observations):
+        return None
+
+    env = gym.make(ENV_ID, policy=forgetful, device="cpu")
+    env.reset(seed=0)
+    with pytest.raises(
+        TypeError,
+        match=r"the policy callable 'forgetful' must return log-probabilities of shape \(1, 446\) \(slots, "
+        r"vocabulary\), a tensor or array of numbers; got NoneType None",
+    ):
+        env.step(5)

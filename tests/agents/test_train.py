@@ -1,4 +1,4 @@
-"""What the trainer refuses to import or trust, and how a run fails and goes on.
+"""agents/train.py: what the trainer refuses to import or trust, how a run fails and goes on, what it builds.
 
 1. ``--resume`` imports nothing that config.json names unless the command line names it again or passes
    ``--trust-run-config``; code inside the run directory and standard-library callables are never imported.
@@ -10,11 +10,15 @@
    in a checkpoint (written if ``--checkpoint-every`` skipped it), ``--resume`` goes on to the weights of an
    uninterrupted run; at iteration 0 a run directory the run made is removed.
 5. ``--kl-penalty loss`` takes k3 unless told, and refuses k1.
+6. The learning-rate schedule of a run and of a resumed one: a function of the iteration and the settings in force.
+7. What the trainer builds: its fused Adam steps as the per-tensor loop does; ``samples.jsonl`` shows the prompt the
+   policy saw; the eval env scores with the reward model's own tokenizer, as the training env does.
 
 The command line runs in-process (``agents.__main__.main(argv)``): refusals are ``SystemExit`` with a message on
-stderr. Every run is tiny (batch 4, responses of 4 tokens, one torch thread).
+stderr. Every run is tiny (batch 4 or 8, responses of 4 tokens, one torch thread).
 """
 
+import copy
 import functools
 import json
 import os
@@ -28,11 +32,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
+import agents.train
 from agents.__main__ import main
+from agents.policy import ActorCritic
 from agents.ppo import PPOConfig
-from agents.train import TrainConfig, cli, train
+from agents.train import TrainConfig, Trainer, TrainingStopped, cli, learning_rate, train
+from tests.models import character_tokenizer
+from textenv.default_task import POLICY_DIR
 from textenv.reward_fns import describe
+from textenv.scorers import TextScorer
 
 TINY = [
     "--iterations", "1", "--batch-size", "4", "--minibatch-size", "4", "--micro-batch-size", "4", "--epochs", "1",
@@ -382,3 +392,118 @@ def test_kl_penalty_loss_takes_k3_and_refuses_k1(tmp_path, capsys):
     assert "kl_estimator 'k1' with kl_penalty 'loss' would apply no KL" in err and "Use 'k3'" in err
     with pytest.raises(ValueError, match="would apply no KL"):
         PPOConfig(kl_penalty="loss", kl_estimator="k1")
+
+
+# --------------------------------------------------------------------------- 6. the schedule
+def schedule_config(run_dir, iterations: int) -> TrainConfig:
+    config = TrainConfig()
+    config.run.iterations, config.run.batch_size, config.run.eval_every, config.run.eval_episodes = iterations, 8, 10, 8
+    config.run.run_dir, config.run.progress, config.run.threads = run_dir, False, 1
+    config.ppo.minibatch_size = config.ppo.micro_batch_size = 8
+    config.ppo.epochs = 1
+    config.env.max_new_tokens = 4
+    return config
+
+
+def logged_rates(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["iteration"]: row["perf/lr"] for row in rows if "perf/lr" in row}
+
+
+def test_the_rate_decays_linearly_to_zero_at_the_last_iteration():
+    config = schedule_config("unused", iterations=4)
+    rate = config.ppo.learning_rate
+    assert [learning_rate(config, i) for i in range(5)] == [rate, rate * 0.75, rate * 0.5, rate * 0.25, 0.0]
+    config.run.iterations = 8  # what a resumed run with --iterations 8 does from its next iteration on
+    assert learning_rate(config, 4) == rate * 0.5
+
+
+def test_a_resumed_run_with_more_iterations_follows_the_new_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    train(schedule_config(run_dir, iterations=2))
+    longer = schedule_config(run_dir, iterations=4)
+    longer.run.resume = True
+    train(longer)
+    rate = longer.ppo.learning_rate
+    # iterations 0-1 ran under --iterations 2, the resumed 2-3 under --iterations 4 (the first resumed one
+    # included: it does not keep the rate the checkpoint's optimizer held, 0 at the end of the first schedule)
+    assert logged_rates(run_dir) == {0: rate, 1: rate * 0.5, 2: rate * 0.5, 3: rate * 0.25}
+
+
+def test_a_resumed_run_with_the_same_iterations_ends_with_the_same_weights(tmp_path, monkeypatch):
+    straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
+    train(schedule_config(straight_dir, iterations=3))
+
+    def stop_after_the_first_iteration(self, dist):  # as Ctrl-C during iteration 0 does
+        return True
+
+    with monkeypatch.context() as patch:
+        patch.setattr(agents.train.StopSignals, "requested", stop_after_the_first_iteration)
+        patch.setattr(agents.train.StopSignals, "signal_name", property(lambda self: "SIGTERM"))
+        with pytest.raises(TrainingStopped):
+            train(schedule_config(stopped_dir, iterations=3))
+    assert sorted(logged_rates(stopped_dir)) == [0]
+    resumed = schedule_config(stopped_dir, iterations=3)
+    resumed.run.resume = True
+    train(resumed)
+    assert logged_rates(stopped_dir) == logged_rates(straight_dir)
+    straight = load_file(straight_dir / "final" / "model.safetensors")
+    final = load_file(stopped_dir / "final" / "model.safetensors")
+    assert straight.keys() == final.keys()
+    assert all(torch.equal(final[key], straight[key]) for key in straight), "the resumed run diverged"
+
+
+# --------------------------------------------------------------------------- 7. what it builds
+def test_fused_adam_steps_as_the_per_tensor_loop_does():
+    """The trainer's ``Adam(fused=True)``: one kernel over every parameter, the same update to float rounding."""
+    agent = ActorCritic.from_models(POLICY_DIR)
+    start = [p.detach().clone() for p in agent.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    gradients = [[torch.randn(p.shape, generator=generator) for p in start] for _ in range(3)]
+    weights = []
+    for options in ({"fused": True}, {"foreach": False}):
+        model = copy.deepcopy(agent)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, eps=1e-5, **options)
+        for step in gradients:
+            for parameter, gradient in zip(model.parameters(), step):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        weights.append([p.detach() for p in model.parameters()])
+    moved = max(float((p - q).abs().max()) for p, q in zip(weights[0], start))
+    apart = max(float((p - q).abs().max()) for p, q in zip(*weights))
+    assert moved > 5e-4 and apart <= 1e-4 * moved, (moved, apart)  # apart by a rounding of the weights (1.5e-8)
+
+
+def test_samples_show_the_prompt_the_policy_saw(tmp_path, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+    long = "The film opened with a long and slow shot of the sea, and then the actors"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{long}\n{long} were\n{long} said\n{long} felt\n")
+    flags = ["--prompts", str(prompts), "--eval-prompts", str(prompts), "--prompt-truncation", "left"]
+    main(["--run-dir", str(tmp_path / "run"), *flags, "--max-prompt-tokens", "4", *TINY])
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples
+    for sample in samples:
+        kept = tokenizer(sample["prompt_text"])["input_ids"][-4:]
+        assert sample["prompt"] == tokenizer.decode(kept) and sample["prompt_text"].startswith(long)
+
+
+def test_the_eval_env_scores_with_the_reward_models_own_tokenizer(tmp_path):
+    tokenizer = character_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2, num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "char_rm")
+    tokenizer.save_pretrained(tmp_path / "char_rm")
+
+    train = TrainConfig()
+    train.env.reward_model, train.env.max_new_tokens = str(tmp_path / "char_rm"), 4
+    train.run.run_dir, train.run.progress, train.run.device, train.run.threads = tmp_path / "run", False, "cpu", 1
+    train.run.batch_size, train.run.eval_episodes = 16, 4
+    trainer = Trainer(train)
+    try:
+        assert isinstance(trainer.env.unwrapped.core.scorer, TextScorer)
+        assert isinstance(trainer.eval_env.unwrapped.core.scorer, TextScorer)  # not the policy's token ids
+        trainer.evaluate(0)
+    finally:
+        trainer.logger.close()
+    shutil.rmtree(tmp_path / "run")
