@@ -554,4 +554,6 @@ def check_update_arguments(rollout: Rollout, config: PPOConfig, kl_coef: float, 
         return
     if max_new_tokens is None:
         raise ValueError("loss_aggregation 'constant' needs ppo_update(..., max_new_tokens=<the env's>)")
-    check_int("max_new_tokens", max_new_tokens, minimum=rollout.actions.shape[1])
+    # the constant L bounds an episode's agent steps (in episodes of several turns the rollout's columns also hold
+    # the environment's tokens, which are not steps)
+    check_int("max_new_tokens", max_new_tokens, minimum=int(rollout.mask.sum(1).max()))

@@ -240,6 +240,12 @@ def train(config: TrainConfig) -> Path:
             raise t.failed(error, None, last, None) from error
 
 
+
+def most_agent_steps(env: TokenEnvConfig) -> int:
+    """The most steps an episode can take (the constant L of ``--loss-aggregation constant``): ``max_new_tokens``
+    per agent turn, times ``max_turns`` in episodes of several turns."""
+    return env.max_new_tokens * (env.max_turns if env.interaction is not None else 1)
+
 @contextmanager
 def keep_torch_threads() -> Iterator[None]:
     """Give torch its thread count back afterwards: training sets its own (see ``default_threads``)."""
@@ -429,7 +435,7 @@ class Trainer:
             self.shuffling,
             self.autocast,
             kl_coef=beta,
-            max_new_tokens=self.env.unwrapped.config.max_new_tokens,
+            max_new_tokens=most_agent_steps(self.env.unwrapped.config),
         )
         return metrics | rollout_metrics(rollout, "env", self.rate_key), rollout
 

@@ -45,7 +45,9 @@ from agents.ppo import (
     swap_kl_estimator,
 )
 from agents.rollout import Rollout, collect_rollout
+from agents.train import most_agent_steps
 from tests.models import tiny_gpt2_config
+from textenv import TokenEnvConfig
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 from textenv.lm import (
     disable_dropout,
@@ -54,6 +56,7 @@ from textenv.lm import (
     position_ids_from_mask,
     token_logprobs,
 )
+from textenv.turns import SingleTurn
 
 LOCKSTEP = AutoresetMode.DISABLED  # every env here: rollouts reset all rows together
 
@@ -538,3 +541,19 @@ def test_environment_tokens_get_no_gradient(multi_turn_rollout_and_agent, kl_pen
         assert (grad[rollout.env_mask] == 0).all() and grad[rollout.mask].abs().sum() > 0, name
     value_grad = scored.values.grad[:, :-1]
     assert (value_grad[rollout.env_mask] == 0).all() and value_grad[rollout.mask].abs().sum() > 0
+
+
+def test_constant_aggregation_counts_agent_steps_not_environment_tokens(multi_turn_rollout_and_agent):
+    """Dr. GRPO's constant L bounds an episode's agent steps: the rollout's columns also hold the replies."""
+    rollout, agent = multi_turn_rollout_and_agent
+    steps = int(rollout.mask.sum(1).max())
+    assert rollout.actions.shape[1] > steps  # the replies' columns are not steps
+    config = PPOConfig(loss_aggregation="constant", epochs=1, minibatch_size=8, micro_batch_size=8)
+    agent = copy.deepcopy(agent).train()
+    optimizer = torch.optim.SGD(agent.parameters(), lr=0.1)
+    for longest in (steps, 2 * 14):  # the episodes' most agent steps, and the bound the trainer passes
+        ppo_update(agent, optimizer, rollout, config, 1.0, torch.Generator(), kl_coef=KL_COEF, max_new_tokens=longest)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ppo_update(agent, optimizer, rollout, config, 1.0, torch.Generator(), kl_coef=KL_COEF, max_new_tokens=steps - 1)
+    assert most_agent_steps(TokenEnvConfig(interaction=SingleTurn(), max_new_tokens=14, max_turns=2)) == 28
+    assert most_agent_steps(TokenEnvConfig(max_new_tokens=14, max_turns=2)) == 14
