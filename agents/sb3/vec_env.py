@@ -7,6 +7,7 @@ mode and restarts ended slots itself: docs/sb3.md, "Autoreset".
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -17,8 +18,14 @@ from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
+from textenv.config import TokenEnvSettings
 from textenv.info import slot_info
 from textenv.vector_env import TokenGenerationVectorEnv
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency of torch
+    from typing_extensions import Unpack
 
 __all__ = ["TokenVecEnv"]
 
@@ -47,7 +54,9 @@ class TokenVecEnv(VecEnv):
     (``rollout/ep_rew_mean``) wrap it in ``stable_baselines3.common.vec_env.VecMonitor``.
     """
 
-    def __init__(self, env: gym.vector.VectorEnv | None = None, *, num_envs: int = 8, **env_kwargs: Any):
+    def __init__(
+        self, env: gym.vector.VectorEnv | None = None, *, num_envs: int = 8, **env_kwargs: Unpack[TokenEnvSettings]
+    ):
         if env is None:
             env = TokenGenerationVectorEnv(num_envs=num_envs, autoreset_mode=AutoresetMode.DISABLED, **env_kwargs)
         else:
