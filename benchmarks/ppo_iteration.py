@@ -260,9 +260,9 @@ def run_textenv(spec: dict) -> None:
             clock.add("reward model", time.perf_counter() - start)
             env_forward["policy"] += time.perf_counter() - start
 
-    import textenv.core
+    import textenv.scorers
 
-    textenv.core.sequence_scores = scores
+    textenv.scorers.sequence_scores = scores  # where the env's reward model is called
 
     def save_checkpoint(self, iteration):  # the end of the last timed iteration; not run (TRL saves nothing)
         clock.starts.append(time.perf_counter())
