@@ -240,11 +240,11 @@ def train(config: TrainConfig) -> Path:
             raise t.failed(error, None, last, None) from error
 
 
-
 def most_agent_steps(env: TokenEnvConfig) -> int:
     """The most steps an episode can take (the constant L of ``--loss-aggregation constant``): ``max_new_tokens``
     per agent turn, times ``max_turns`` in episodes of several turns."""
     return env.max_new_tokens * (env.max_turns if env.interaction is not None else 1)
+
 
 @contextmanager
 def keep_torch_threads() -> Iterator[None]:
@@ -543,15 +543,31 @@ class Trainer:
 def logged_samples(rollout: Rollout, tokenizer, count: int = 4) -> list[dict]:
     """The first ``count`` episodes as ``samples.jsonl`` rows: ``prompt`` is what the policy saw (its prompt ids,
     decoded: after ``prompt_truncation='left'``, the kept tail); ``prompt_text``, the prompt as given, where that
-    differs."""
+    differs; and per token after the prompt (``python -m agents.viewer`` colours them): ``tokens`` (each decoded
+    alone), ``env`` (the environment's tokens), ``logprob``, ``ref_logprob``, ``kl`` and ``reward`` (None on the
+    environment's tokens, which are not steps)."""
     samples = []
     for row in range(min(count, len(rollout.responses))):
         seen = tokenizer.decode(rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist())
         sample = {"prompt": seen, "response": rollout.responses[row], "score": float(rollout.scores[row])}
         if seen != rollout.prompts[row]:
             sample["prompt_text"] = rollout.prompts[row]
-        samples.append(sample)
+        samples.append(sample | per_token(rollout, row, tokenizer))
     return samples
+
+
+def per_token(rollout: Rollout, row: int, tokenizer) -> dict[str, list]:
+    """Episode ``row``'s tokens after its prompt, and the step numbers of each (None on the environment's tokens)."""
+    steps = rollout.mask[row]
+    env = rollout.env_mask[row] if rollout.env_mask is not None else torch.zeros_like(steps)
+    length = int(torch.nonzero(steps | env).max()) + 1 if bool((steps | env).any()) else 0
+    columns = {"logprob": rollout.logprobs, "ref_logprob": rollout.ref_logprobs, "kl": rollout.kl}
+    columns["reward"] = rollout.rewards
+    found = {"tokens": [tokenizer.decode([t]) for t in rollout.actions[row, :length].tolist()]}
+    found["env"] = env[:length].tolist()
+    for name, values in columns.items():
+        found[name] = [float(v) if step else None for v, step in zip(values[row, :length].tolist(), steps[:length])]
+    return found
 
 
 def failure_source(error: BaseException) -> tuple[str, bool]:

@@ -507,3 +507,29 @@ def test_the_eval_env_scores_with_the_reward_models_own_tokenizer(tmp_path):
     finally:
         trainer.logger.close()
     shutil.rmtree(tmp_path / "run")
+
+
+def test_samples_carry_each_tokens_numbers_for_the_viewer(multi_turn_rollout_and_agent, tmp_path):
+    """A samples row holds every token after the prompt with its step numbers (None on the environment's tokens),
+    which ``python -m agents.viewer`` reads as a per-token episode."""
+    from agents.train import logged_samples
+    from agents.viewer import page_data
+
+    rollout, _ = multi_turn_rollout_and_agent
+    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+    samples = logged_samples(rollout, tokenizer, count=8)
+    assert any(any(sample["env"]) for sample in samples)  # replies are in the rows, marked
+    for row, sample in enumerate(samples):
+        n = len(sample["tokens"])
+        assert all(len(sample[key]) == n for key in ("env", "logprob", "ref_logprob", "kl", "reward"))
+        steps = rollout.mask[row, :n]
+        assert int(steps.sum()) == int(rollout.mask[row].sum())  # every agent step is in the row
+        for t in range(n):
+            if steps[t]:
+                assert sample["logprob"][t] == float(rollout.logprobs[row, t]) and not sample["env"][t]
+            else:
+                assert sample["logprob"][t] is None and sample["reward"][t] is None and sample["env"][t]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    episodes = page_data([path])["episodes"]
+    assert [len(episode["tokens"]) for episode in episodes] == [len(sample["tokens"]) for sample in samples]
