@@ -85,19 +85,23 @@ def fused_activations(config: PretrainedConfig) -> dict[str, str]:
     }
 
 
-def load_policy(source: str | os.PathLike) -> PreTrainedModel:
-    """The causal LM in a directory (or of a hub name), loaded for the agent to train: activations fused, weights
-    in float32 whatever dtype the checkpoint was saved in (the master weights; bf16 is autocast's, per forward)."""
+def load_for_training(auto_class, source: str | os.PathLike) -> PreTrainedModel:
+    """``auto_class.from_pretrained(source)`` as the agent trains it: activations fused, weights in float32
+    whatever dtype the checkpoint was saved in (the master weights; bf16 is autocast's, per forward)."""
     fused = fused_activations(AutoConfig.from_pretrained(source))
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **fused)
+    return auto_class.from_pretrained(source, dtype=torch.float32, **fused)
+
+
+def load_policy(source: str | os.PathLike) -> PreTrainedModel:
+    """The causal LM in a directory (or of a hub name), loaded for the agent to train (``load_for_training``)."""
+    return load_for_training(AutoModelForCausalLM, source)
 
 
 def critic_trunk(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
     """A new trunk (no head) with the weights of ``source`` (a directory, hub name or model, left as it is);
     activations fused."""
     if not isinstance(source, PreTrainedModel):
-        fused = fused_activations(AutoConfig.from_pretrained(source))
-        return AutoModel.from_pretrained(source, dtype=torch.float32, **fused)
+        return load_for_training(AutoModel, source)
     config = copy.deepcopy(source.config)
     for name, value in fused_activations(config).items():
         setattr(config, name, value)
