@@ -52,7 +52,7 @@ from agents.policy import ActorCritic
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_int, resolve_config
-from textenv.loading import has_splits, looks_like_path, resolve_device
+from textenv.loading import eval_split, looks_like_path, resolve_device
 from textenv.reward_fns import import_from_working_directory
 from textenv.tasks import get_task
 
@@ -357,8 +357,7 @@ def run_evaluation(config: EvalConfig, progress: bool = True) -> dict[str, float
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     env_config = resolve_config(config.env)  # the task's SFT policy is its reference model
-    if env_config.prompts is not None and not has_splits(env_config.prompts):
-        env_config = replace(env_config, split="train")  # prompts of your own without splits: all of them
+    env_config = replace(env_config, split=eval_split(env_config.prompts, env_config.split))
     policy, reference, why = evaluation_reference(config, env_config)
     agent = load_agent(policy).to(device)
     tokenizer = config.tokenizer or env_config.tokenizer or policy

@@ -42,7 +42,7 @@ from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_float, check_int, resolve_config
 from textenv.loading import (
-    has_splits,
+    eval_split,
     load_config,
     looks_like_path,
     read_prompts,
@@ -240,12 +240,6 @@ def train(config: TrainConfig) -> Path:
             raise t.failed(error, None, last, None) from error
 
 
-def most_agent_steps(env: TokenEnvConfig) -> int:
-    """The most steps an episode can take (the constant L of ``--loss-aggregation constant``): ``max_new_tokens``
-    per agent turn, times ``max_turns`` in episodes of several turns."""
-    return env.max_new_tokens * (env.max_turns if env.interaction is not None else 1)
-
-
 @contextmanager
 def keep_torch_threads() -> Iterator[None]:
     """Give torch its thread count back afterwards: training sets its own (see ``default_threads``)."""
@@ -331,6 +325,9 @@ class Trainer:
         torch.set_num_threads(run.threads or default_threads(self.agent.policy, self.device))
         self.model = dist.wrap(self.agent)
         self.env, self.eval_env = build_envs(config, self.agent, self.device)
+        env = self.env.unwrapped.config  # resolved: the task's limits filled in
+        # the constant L of --loss-aggregation constant: the most steps an episode can take (replies are not steps)
+        self.agent_tokens = env.agent_tokens(turns=env.interaction is not None)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and run.bf16 else None
         )
@@ -435,7 +432,7 @@ class Trainer:
             self.shuffling,
             self.autocast,
             kl_coef=beta,
-            max_new_tokens=most_agent_steps(self.env.unwrapped.config),
+            max_new_tokens=self.agent_tokens,
         )
         return metrics | rollout_metrics(rollout, "env", self.rate_key), rollout
 
@@ -822,8 +819,7 @@ def build_envs(config: TrainConfig, agent: ActorCritic, device: torch.device):
     eval_config = replace(
         env_config,
         prompts=eval_prompts,
-        # the eval split of the task or of a dataset dict; prompts without splits are used whole ("train")
-        split=run.eval_split if eval_prompts is None or has_splits(eval_prompts) else "train",
+        split=eval_split(eval_prompts, run.eval_split),
         reference_model=frozen.reference_model,
         reward_model=frozen.reward_model,
         reward_tokenizer=own_tokenizer,

@@ -171,6 +171,13 @@ class TokenEnvConfig:
             self.max_prompt_tokens + self.max_turns * self.max_new_tokens + (self.max_turns - 1) * self.max_env_tokens
         )
 
+    def agent_tokens(self, turns: bool) -> int:
+        """The most tokens the agent writes in an episode: ``max_new_tokens``, or with ``turns`` that for each of
+        ``max_turns`` turns (the replies between them are not the agent's). Needs the limits resolved."""
+        if self.max_new_tokens is None or (turns and self.max_turns is None):
+            raise ValueError("max_new_tokens or max_turns unset: agent_tokens is of a resolved config (resolve_config)")
+        return self.max_new_tokens * (self.max_turns if turns else 1)
+
     @property
     def context_length(self) -> int:
         """Length of the observation window of a single-turn episode: the longest prompt plus the longest

@@ -251,6 +251,13 @@ def has_splits(prompts) -> bool:
     return hasattr(prompts, "column_names") and isinstance(prompts.column_names, Mapping)
 
 
+def eval_split(prompts, split: str) -> str:
+    """The split to evaluate on: ``split`` of the task's prompts (``prompts`` None) or of prompts that have splits;
+    "train", the default that reads every row, of prompts of one's own that have none (all of them are eval
+    prompts then; ``split="eval"`` would be refused)."""
+    return split if prompts is None or has_splits(prompts) else "train"
+
+
 def describe_prompts(prompts, what: str) -> str:
     if hasattr(prompts, "column_names"):
         return f"{what} (a datasets.Dataset, not a DatasetDict)"

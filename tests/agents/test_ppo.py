@@ -45,7 +45,6 @@ from agents.ppo import (
     swap_kl_estimator,
 )
 from agents.rollout import Rollout, collect_rollout
-from agents.train import most_agent_steps
 from tests.models import tiny_gpt2_config
 from textenv import TokenEnvConfig
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
@@ -56,7 +55,6 @@ from textenv.lm import (
     position_ids_from_mask,
     token_logprobs,
 )
-from textenv.turns import SingleTurn
 
 LOCKSTEP = AutoresetMode.DISABLED  # every env here: rollouts reset all rows together
 
@@ -555,5 +553,5 @@ def test_constant_aggregation_counts_agent_steps_not_environment_tokens(multi_tu
         ppo_update(agent, optimizer, rollout, config, 1.0, torch.Generator(), kl_coef=KL_COEF, max_new_tokens=longest)
     with pytest.raises(ValueError, match="max_new_tokens"):
         ppo_update(agent, optimizer, rollout, config, 1.0, torch.Generator(), kl_coef=KL_COEF, max_new_tokens=steps - 1)
-    assert most_agent_steps(TokenEnvConfig(interaction=SingleTurn(), max_new_tokens=14, max_turns=2)) == 28
-    assert most_agent_steps(TokenEnvConfig(max_new_tokens=14, max_turns=2)) == 14
+    assert TokenEnvConfig(max_new_tokens=14, max_turns=2).agent_tokens(turns=True) == 28  # what the trainer passes
+    assert TokenEnvConfig(max_new_tokens=14, max_turns=2).agent_tokens(turns=False) == 14
