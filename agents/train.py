@@ -872,14 +872,24 @@ def cli(argv: list[str] | None = None, description: str | None = None) -> TrainC
     return config
 
 
+def code_entries(value) -> list:
+    """A code setting's entries: nothing for None, a dict's values, a list's items, else the one value (a text, a
+    callable, an interaction object)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def code_names(env: TokenEnvConfig) -> list[tuple[str, str]]:
     """``(what, "module:function")`` for each function or interaction that ``env`` names as text."""
-    names = []
-    for name, what, _ in CODE_SETTINGS:
-        value = getattr(env, name)
-        values = list(value.values()) if isinstance(value, dict) else [value] if isinstance(value, str) else value
-        names += [(what, spec) for spec in values or () if isinstance(spec, str)]
-    return names
+    return [
+        (what, spec)
+        for name, what, _ in CODE_SETTINGS
+        for spec in code_entries(getattr(env, name))
+        if isinstance(spec, str)
+    ]
 
 
 def take_code_settings(saved: TokenEnvConfig, given: TokenEnvConfig, trust: bool, run_dir: Path) -> TokenEnvConfig:
@@ -893,8 +903,7 @@ def take_code_settings(saved: TokenEnvConfig, given: TokenEnvConfig, trust: bool
         if trust:
             taken[name] = value
         else:
-            specs = list(value.values()) if isinstance(value, dict) else [value] if isinstance(value, str) else value
-            unnamed += [(what, flag, spec) for spec in specs]
+            unnamed += [(what, flag, spec) for spec in code_entries(value)]
     if unnamed:
         listing = ", ".join(f"{what} {spec!r}" for what, _, spec in unnamed)
         flags = " ".join(f"{flag} {spec}" for _, flag, spec in unnamed)

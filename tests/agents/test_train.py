@@ -40,6 +40,7 @@ from agents.policy import ActorCritic
 from agents.ppo import PPOConfig
 from agents.train import TrainConfig, Trainer, TrainingStopped, cli, learning_rate, train
 from tests.models import character_tokenizer
+from textenv import TokenEnvConfig
 from textenv.default_task import POLICY_DIR
 from textenv.reward_fns import describe
 from textenv.scorers import TextScorer
@@ -533,3 +534,22 @@ def test_samples_carry_each_tokens_numbers_for_the_viewer(multi_turn_rollout_and
     path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     episodes = page_data([path])["episodes"]
     assert [len(episode["tokens"]) for episode in episodes] == [len(sample["tokens"]) for sample in samples]
+
+
+def test_code_given_from_python_as_one_callable_or_object_is_checked_without_error():
+    """``reward_fns`` may be one callable and ``interaction`` an object: only text names are checked as code names."""
+    from agents.train import code_names
+    from textenv.turns import SingleTurn
+
+    def length(response_ids, **kwargs):
+        return float(len(response_ids))
+
+    config = TrainConfig(env=TokenEnvConfig(reward_fns=length, interaction=SingleTurn()))
+    config.validate()
+    assert code_names(config.env) == []
+    named = TokenEnvConfig(reward_fns={"a": "mod:a", "b": length}, step_reward_fn="mod:step", interaction="mod:Talk")
+    assert code_names(named) == [
+        ("reward function", "mod:a"),
+        ("step_reward_fn", "mod:step"),
+        ("interaction", "mod:Talk"),
+    ]
