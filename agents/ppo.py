@@ -1,6 +1,6 @@
 """One policy-gradient update on a rollout: re-score, advantages, K epochs of clipped losses.
 
-The same update serves three algorithms; they differ only in their advantages and
+The same update serves four algorithms; they differ only in their advantages and
 in whether a critic is trained:
 
 - ``ppo``: GAE(gamma, lambda) from the critic's values; clipped value loss.
@@ -8,9 +8,12 @@ in whether a critic is trained:
   same prompt (leave-one-out baseline), on every token; no critic.
 - ``grpo``: the episode's return minus its group's mean, divided by the group's std
   (``advantage_scaling`` picks another divisor); no critic.
+- ``reinforce``: each token's reward-to-go, no baseline but the whitening; no critic.
 
 The algorithm picks its advantage function once (``ADVANTAGES``); the rest of
-the update is the same code for all three.
+the update is the same code for all four. ``recipe`` names a published algorithm
+(GRPO, Dr. GRPO, DAPO, GSPO, CISPO, dual-clip PPO, REINFORCE++) and sets the
+fields its paper sets (``RECIPES``; ``docs/algorithms.md`` has each formula).
 
 Where this departs from the textbook PPO (Schulman et al. 2017) and why:
 
@@ -21,14 +24,19 @@ Where this departs from the textbook PPO (Schulman et al. 2017) and why:
   ratio exactly 1. The sampling log-probs still feed the env's KL penalty.
 - the critic is a value head on the policy's trunk (or a separate trunk) and one
   combined loss ``pg + vf_coef * vf - ent_coef * entropy (+ beta * KL)`` trains both.
-- advantages are whitened over valid tokens; rewards optionally scaled (no shift).
+- advantages are whitened over valid tokens (not with ``advantage_scaling`` 'none', Dr. GRPO's
+  unscaled advantages); rewards optionally scaled (no shift).
 - the per-token losses are a token mean over the minibatch by default
   (``loss_aggregation``: per-sequence means, or Dr. GRPO's constant divisor);
   micro-batches are weighted so that accumulation gives the minibatch's aggregate.
 - the ratio may be clipped asymmetrically (``clip_range_high``, DAPO's clip-higher).
 - by default the KL penalty stays in the reward, where the env puts it (k1 per
-  token), unlike the GRPO paper's loss term; ``kl_estimator`` swaps in k2 or k3 and
-  ``kl_penalty='loss'`` moves it into the loss (then the env's kl_coef must be 0).
+  token), unlike the GRPO paper's loss term; ``kl_estimator`` swaps in k2 or k3,
+  ``kl_penalty='loss'`` moves it into the loss and ``'none'`` drops it (with either the
+  env's kl_coef must be 0).
+- the rollout's own log-probs (the sampler's, from the KV cache) are compared with the
+  first re-score every update (``mismatch/*`` metrics); ``sampler_correction`` weights the
+  policy loss by their truncated or masked ratio (TRL's ``vllm_importance_sampling_mode``).
 - rloo/grpo can drop the groups whose returns are all equal (``filter_equal_groups``,
   DAPO's dynamic-sampling filter, without its resampling): they leave the mask.
 """
@@ -38,7 +46,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -56,23 +64,74 @@ from agents.advantages import (
     rloo_advantages,
     scale_advantages,
 )
-from agents.losses import Aggregation, KLEstimator, aggregate, aggregation_size, kl_estimate, policy_loss, value_loss
+from agents.losses import (
+    Aggregation,
+    KLEstimator,
+    RatioLevel,
+    SamplerCorrection,
+    Surrogate,
+    aggregate,
+    aggregation_size,
+    kl_estimate,
+    mismatch_stats,
+    policy_loss,
+    sampler_weights,
+    value_loss,
+)
 from agents.packing import packing_works, plan_packing
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
 from textenv.config import check_choice, check_float, check_int
 from textenv.lm import crop_left_padding, logprobs_from_logits, position_ids_from_mask
 
-Algo = Literal["ppo", "rloo", "grpo"]
-KLPenalty = Literal["reward", "loss"]
+Algo = Literal["ppo", "rloo", "grpo", "reinforce"]
+KLPenalty = Literal["reward", "loss", "none"]
+Recipe = Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo", "dual_clip", "reinforce_pp"]
+
+# What each recipe sets, as its paper does (docs/algorithms.md gives the paper and the formula of each). Every
+# field not named keeps its default or the value given; a field given a value other than both its default and
+# the recipe's is refused (PPOConfig.implied_settings).
+GROUP_NORMALISED = {"algo": "grpo", "advantage_scaling": "group", "whiten_advantages": False}
+RECIPES: dict[str, dict[str, object]] = {
+    # Shao et al. 2024: per-sequence means, symmetric clip, KL as a k3 loss term
+    "grpo": GROUP_NORMALISED
+    | {"loss_aggregation": "sequence_mean", "clip_range": 0.2, "clip_range_high": None}
+    | {"kl_penalty": "loss", "kl_estimator": "k3"},
+    # Liu et al. 2025: no std division, no length normalisation (a constant), no whitening, no KL
+    "dr_grpo": {"algo": "grpo", "advantage_scaling": "none", "whiten_advantages": False}
+    | {"loss_aggregation": "constant", "clip_range": 0.2, "clip_range_high": None, "kl_penalty": "none"},
+    # Yu et al. 2025: token mean, clip-higher, no KL, dynamic sampling's filter (without resampling)
+    "dapo": GROUP_NORMALISED
+    | {"loss_aggregation": "token_mean", "clip_range": 0.2, "clip_range_high": 0.28}
+    | {"kl_penalty": "none", "filter_equal_groups": True},
+    # Zheng et al. 2025: one length-normalised ratio per sequence, clipped to [1 - 3e-4, 1 + 4e-4], no KL
+    "gspo": GROUP_NORMALISED
+    | {"loss_aggregation": "sequence_mean", "importance_sampling_level": "sequence"}
+    | {"clip_range": 3e-4, "clip_range_high": 4e-4, "kl_penalty": "none"},
+    # MiniMax-M1 (Chen et al. 2025): the detached, clipped weight times log pi; token mean, no KL
+    "cispo": GROUP_NORMALISED
+    | {"loss_aggregation": "token_mean", "surrogate": "cispo", "clip_range_high": 0.28, "kl_penalty": "none"},
+    # Ye et al. 2020: PPO, and for A < 0 the loss bounded by -3 A
+    "dual_clip": {"algo": "ppo", "clip_range": 0.2, "dual_clip_c": 3.0},
+    # Hu 2025: no critic, k1 KL in the reward, reward-to-go whitened over the batch, token mean
+    "reinforce_pp": {"algo": "reinforce", "whiten_advantages": True, "loss_aggregation": "token_mean"}
+    | {"clip_range": 0.2, "clip_range_high": None, "kl_penalty": "reward", "kl_estimator": "k1"},
+}
 
 
 @dataclass
 class PPOConfig:
     """The PPO update. Defaults are tuned for the embedded default task on a CPU."""
 
+    recipe: Recipe | None = None
+    """A published algorithm by the name TRL and verl give it: 'grpo', 'dr_grpo', 'dapo', 'gspo', 'cispo',
+    'dual_clip' (PPO) or 'reinforce_pp' (REINFORCE++). It sets the fields its paper sets (advantages, whitening,
+    aggregation, clipping, where the KL goes; agents.ppo.RECIPES, docs/algorithms.md). A flag that gives one of
+    them another value than the recipe's is refused, naming both; from Python, a field left at its default takes
+    the recipe's value."""
     algo: Algo = "ppo"
-    """'ppo' (critic + GAE), 'rloo' or 'grpo' (critic-free group baselines)."""
+    """'ppo' (critic + GAE), 'rloo' or 'grpo' (critic-free group baselines), 'reinforce' (reward-to-go, no
+    critic)."""
     group_size: int = 4
     """rloo/grpo: episodes per prompt (each rollout holds batch_size / group_size prompts)."""
     epochs: int = 4
@@ -95,6 +154,15 @@ class PPOConfig:
     clip_range_high: float | None = None
     """Upper epsilon: the ratio is clipped to [1 - clip_range, 1 + clip_range_high] ("clip-higher", DAPO,
     Yu et al. 2025). None: clip_range."""
+    dual_clip_c: float | None = None
+    """Dual-clip PPO (Ye et al. 2020): where the advantage is negative the policy loss is at most -c * A (c > 1;
+    3 in the paper). None: off."""
+    importance_sampling_level: RatioLevel = "token"
+    """The ratio pi / pi_old per 'token', or per 'sequence': exp of the mean log-ratio over the response, clipped
+    per sequence (GSPO, Zheng et al. 2025)."""
+    surrogate: Surrogate = "clip"
+    """'clip': PPO's clipped surrogate. 'cispo': -sg(min(r, 1 + clip_range_high)) * A * log pi, the clipped and
+    detached ratio as a weight, so every token keeps a gradient (CISPO, MiniMax-M1 2025; no lower bound)."""
     clip_range_value: float = 0.2
     """Epsilon of the clipped value loss."""
     vf_coef: float = 0.1
@@ -107,28 +175,50 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
     whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the valid tokens of the rollout."""
+    """Normalise advantages to mean 0, std 1 over the valid tokens of the rollout. advantage_scaling 'none' turns
+    it off (Dr. GRPO's unscaled advantages; 'batch' with whitening is the whitened one)."""
     whiten_rewards: bool = False
     """Scale rewards to unit std over valid tokens (no mean shift) before GAE."""
     advantage_scaling: GroupScaling | None = None
     """rloo/grpo: divide advantages by the group's return std ('group', GRPO), the batch's advantage std ('batch',
-    REINFORCE++, Hu 2025) or nothing ('none', Dr. GRPO). None: grpo 'group', rloo 'none'. whiten_advantages runs
-    after and undoes any batch-wide scale, so 'batch' and 'none' differ only with it off."""
+    REINFORCE++ with a group baseline, Hu 2025) or nothing ('none', Dr. GRPO: it also turns whiten_advantages
+    off). None: grpo 'group', rloo 'none' (whitened)."""
     filter_equal_groups: bool = False
     """rloo/grpo: drop groups whose returns are all equal (within 1e-6) from the loss and its denominators
     (DAPO's dynamic-sampling filter, Yu et al. 2025, without resampling)."""
     kl_estimator: KLEstimator | None = None
     """Per-token KL(pi || pi_ref) estimate, log r = log pi_ref - log pi: 'k1' -log r, 'k2' (log r)^2 / 2,
-    'k3' (r - 1) - log r (Schulman, "Approximating KL divergence"). None: 'k1' with kl_penalty 'reward', 'k3' with
-    'loss'. 'k1' with 'loss' is refused: as a loss term its expected gradient is 0, so it would apply no KL."""
+    'k3' (r - 1) - log r (Schulman, "Approximating KL divergence"). None: 'k1' with kl_penalty 'reward' (and
+    'none', where nothing reads it), 'k3' with 'loss'. 'k1' with 'loss' is refused: as a loss term its expected
+    gradient is 0, so it would apply no KL."""
     kl_penalty: KLPenalty = "reward"
-    """Where beta * KL goes: 'reward' (each step's reward, from the env) or 'loss' (a loss term, as in GRPO,
-    Shao et al. 2024; the trainer then sets the env's kl_coef to 0)."""
+    """Where beta * KL goes: 'reward' (each step's reward, from the env), 'loss' (a loss term, as in GRPO,
+    Shao et al. 2024) or 'none' (no KL at all: DAPO, Dr. GRPO, GSPO, CISPO). With 'loss' and 'none' the trainer
+    sets the env's kl_coef to 0."""
+    sampler_correction: SamplerCorrection | None = None
+    """Weight each token's policy loss by rho = pi_learner / pi_sampler (the update's first re-score over the
+    rollout's own log-probs), per token or per sequence (the product over it), truncated at sampler_correction_cap
+    ('*_truncate') or 0 beyond it ('*_mask'); TRL's vllm_importance_sampling_mode. None: no correction (the
+    mismatch is logged either way)."""
+    sampler_correction_cap: float = 3.0
+    """The cap C of sampler_correction."""
 
     def __post_init__(self):
+        apply_settings(self, self.implied_settings())
         if self.kl_estimator is None:  # the estimator that fits where the KL goes
             self.kl_estimator = "k3" if self.kl_penalty == "loss" else "k1"
         self.validate()
+
+    def implied_settings(self) -> dict[str, tuple[object, str]]:
+        """Field -> (value, what sets it): the recipe's fields, and advantage_scaling 'none''s no whitening."""
+        if self.recipe is not None:
+            check_choice("recipe", self.recipe, Recipe)
+        implied = {name: (value, f"recipe {self.recipe!r}") for name, value in RECIPES.get(self.recipe, {}).items()}
+        scaling = implied.get("advantage_scaling", (self.advantage_scaling,))[0]
+        if scaling == "none" and "whiten_advantages" not in implied:
+            source = "advantage_scaling 'none' (Dr. GRPO: no whitening; 'batch' is the whitened one)"
+            implied["whiten_advantages"] = (False, source)
+        return implied
 
     def validate(self) -> None:
         """Raise on a setting out of range, of the wrong type or not finite, naming the field."""
@@ -144,14 +234,25 @@ class PPOConfig:
             )
         if self.advantage_scaling is not None:
             check_choice("advantage_scaling", self.advantage_scaling, GroupScaling)
+        check_choice("importance_sampling_level", self.importance_sampling_level, RatioLevel)
+        check_choice("surrogate", self.surrogate, Surrogate)
         if self.clip_range_high is not None:
             check_float("clip_range_high", self.clip_range_high, "> 0", lambda v: v > 0)
+        if self.dual_clip_c is not None:
+            check_float("dual_clip_c", self.dual_clip_c, "> 1", lambda v: v > 1)
+            if self.surrogate != "clip":
+                raise ValueError(f"dual_clip_c bounds PPO's clipped surrogate; surrogate {self.surrogate!r} has none")
+        if self.sampler_correction is not None:
+            check_choice("sampler_correction", self.sampler_correction, SamplerCorrection)
+        check_float("sampler_correction_cap", self.sampler_correction_cap, "> 0", lambda v: v > 0)
         for name in ("filter_equal_groups", "pack_episodes"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.uses_critic and (self.advantage_scaling is not None or self.filter_equal_groups):
+        if not self.uses_groups and (self.advantage_scaling is not None or self.filter_equal_groups):
             name = "advantage_scaling" if self.advantage_scaling is not None else "filter_equal_groups"
-            raise ValueError(f"{name} applies to the group baselines (algo 'rloo' or 'grpo'), not to algo 'ppo'")
+            raise ValueError(
+                f"{name} applies to the group baselines (algo 'rloo' or 'grpo'), not to algo {self.algo!r}"
+            )
         for name in ("group_size", "epochs", "minibatch_size", "micro_batch_size"):
             check_int(name, getattr(self, name), minimum=1)
         check_float("learning_rate", self.learning_rate, "> 0", lambda v: v > 0)
@@ -172,9 +273,27 @@ class PPOConfig:
         return self.algo == "ppo"
 
     @property
+    def uses_groups(self) -> bool:
+        """Whether the episodes come in groups of group_size on one prompt (rloo, grpo)."""
+        return self.algo in ("rloo", "grpo")
+
+    @property
     def group_scaling(self) -> GroupScaling:
         """advantage_scaling, or the algorithm's own: 'group' for grpo, 'none' for rloo (and ppo, unused)."""
         return self.advantage_scaling or ("group" if self.algo == "grpo" else "none")
+
+
+def apply_settings(config: PPOConfig, implied: dict[str, tuple[object, str]]) -> None:
+    """Set each implied field still at its default; refuse one given another value, naming both settings."""
+    defaults = {f.name: f.default for f in fields(config)}
+    for name, (value, source) in implied.items():
+        given = getattr(config, name)
+        if given == defaults[name]:
+            setattr(config, name, value)
+        elif given != value:
+            raise ValueError(
+                f"{source} sets {name}={value!r}, but {name}={given!r} was given: drop one of the two settings"
+            )
 
 
 @dataclass
@@ -295,6 +414,22 @@ def gae(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, confi
     turns the environment's tokens sit between them, and the next state of a turn's last
     token is the state before the agent's next token, after the reply (``agent_steps``).
     """
+    return gae_over_agent_steps(rewards, values, terminated, mask, config.gamma, config.lam)
+
+
+def reward_to_go(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, config: PPOConfig):
+    """REINFORCE (REINFORCE++, Hu 2025): A_t = sum over the agent's steps k >= t of gamma^(k - t) r_k; no critic.
+
+    GAE with V = 0 and lambda = 1 is exactly this sum (a truncated episode bootstraps from V = 0). No returns.
+    """
+    advantages, _ = gae_over_agent_steps(rewards, torch.zeros_like(values), terminated, mask, config.gamma, 1.0)
+    return advantages, torch.zeros_like(rewards)
+
+
+def gae_over_agent_steps(
+    rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """``compute_gae`` over each row's agent steps gathered to its front (``agent_steps``), scattered back."""
     order, next_columns, steps = agent_steps(mask)
     advantages, returns = compute_gae(
         rewards.gather(1, order),
@@ -302,8 +437,8 @@ def gae(rewards: Tensor, values: Tensor, terminated: Tensor, mask: Tensor, confi
         values.gather(1, next_columns),
         terminated.gather(1, order),
         steps,
-        config.gamma,
-        config.lam,
+        gamma,
+        lam,
     )
     back = torch.zeros_like(rewards)
     return back.scatter(1, order, advantages), back.scatter(1, order, returns)
@@ -346,6 +481,7 @@ ADVANTAGES: dict[str, AdvantageFn] = {
     "ppo": gae,
     "rloo": group_baseline(rloo_advantages),
     "grpo": group_baseline(group_centered),
+    "reinforce": reward_to_go,
 }
 
 
@@ -402,6 +538,7 @@ class Targets:
     advantages: Tensor
     returns: Tensor
     mask: Tensor  # the rollout's, less the filtered groups
+    sampler_weights: Tensor | None = None  # sampler_correction's importance weights, no gradient
 
 
 def micro_batch_loss(
@@ -417,6 +554,10 @@ def micro_batch_loss(
         mask,
         config.clip_range,
         clip_range_high=config.clip_range_high,
+        level=config.importance_sampling_level,
+        surrogate=config.surrogate,
+        dual_clip_c=config.dual_clip_c,
+        weights=None if targets.sampler_weights is None else targets.sampler_weights[rows],
         **agg,
     )
     if config.uses_critic:
@@ -522,7 +663,8 @@ def ppo_update(
     old_logprobs, old_values = rescore(agent, rollout, first_epoch, temperature, autocast, config.pack_episodes)
     advantages, returns, mask = rollout_advantages(rollout, old_values, config, kl_coef)
     ref_logprobs = rollout.ref_logprobs.to(mask.device)
-    targets = Targets(old_logprobs, old_values, ref_logprobs, advantages, returns, mask)
+    weights, mismatch = sampler_mismatch(old_logprobs, rollout, config)
+    targets = Targets(old_logprobs, old_values, ref_logprobs, advantages, returns, mask, weights)
 
     stats: dict[str, list[float]] = defaultdict(list)
     for perm in permutations:
@@ -536,7 +678,10 @@ def ppo_update(
     metrics["ppo/skipped_steps"] = sum(stats["ppo/skipped_steps"])
     metrics["ppo/steps"] = len(stats["ppo/skipped_steps"])
     metrics["ppo/first_ratio_mean"] = stats["ppo/ratio_mean"][0]
-    metrics["ppo/advantage_mean"] = float(masked_mean(advantages, mask))
+    # one read of the device for the advantages' mean and the mismatch
+    advantage_mean, *read = torch.stack([masked_mean(advantages, mask), *mismatch.values()]).tolist()
+    metrics["ppo/advantage_mean"] = advantage_mean
+    metrics |= dict(zip(mismatch, read))
     if config.filter_equal_groups:  # a group is filtered when its episodes lost every step
         metrics["ppo/filtered_groups"] = float((~mask.any(1)).float().mean())
         metrics["ppo/idle_steps"] = sum(stats["ppo/idle_steps"])  # steps not taken: every token filtered
@@ -545,6 +690,28 @@ def ppo_update(
         metrics["ppo/return_mean"] = float(masked_mean(returns, mask))
         metrics["ppo/value_mean"] = float(masked_mean(old_values[:, :-1], mask))
     return metrics
+
+
+def sampler_mismatch(
+    old_logprobs: Tensor, rollout: Rollout, config: PPOConfig
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """The sampler correction's weights (None without one) and the ``mismatch/*`` stats, on the device.
+
+    The sampler's log-probs are the rollout's own (the KV-cached sampling pass); the learner's
+    are the update's first re-score, before any step: any gap is the two computations', not
+    the policy's change. With a correction, also the mean weight and the share of tokens whose
+    weight the cap changed.
+    """
+    sampler, mask = rollout.logprobs.to(old_logprobs.device), rollout.mask.to(old_logprobs.device)
+    stats = mismatch_stats(old_logprobs, sampler, mask)
+    if config.sampler_correction is None:
+        return None, stats
+    mode, cap = config.sampler_correction, config.sampler_correction_cap
+    weights = sampler_weights(old_logprobs, sampler, mask, mode, cap)
+    uncapped = sampler_weights(old_logprobs, sampler, mask, mode.split("_")[0] + "_truncate", math.inf)
+    stats["mismatch/weight_mean"] = masked_mean(weights, mask)
+    stats["mismatch/capped_frac"] = masked_mean((weights != uncapped).float(), mask)
+    return weights, stats
 
 
 def check_update_arguments(rollout: Rollout, config: PPOConfig, kl_coef: float, max_new_tokens: int | None) -> None:

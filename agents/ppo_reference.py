@@ -1,4 +1,4 @@
-"""PPO, RLOO and GRPO's update on one page: the readable spec of ``agents.ppo.ppo_update``.
+"""PPO, RLOO, GRPO and REINFORCE's update on one page: the readable spec of ``agents.ppo.ppo_update``.
 
 ``ppo_update`` is the update the trainer runs, five calls deep for speed; this is the
 same update written plainly, in the manner of CleanRL's ``ppo.py``: one episode to a
@@ -37,11 +37,12 @@ from agents.advantages import (
     compute_gae,
     equal_groups,
     group_centered,
+    masked_mean,
     masked_whiten,
     rloo_advantages,
     scale_advantages,
 )
-from agents.losses import aggregate, kl_estimate
+from agents.losses import aggregate, kl_estimate, sampler_weights
 from agents.policy import ActorCritic
 from agents.ppo import PPOConfig
 from agents.rollout import Rollout
@@ -69,18 +70,22 @@ def ppo_update_reference(
         old_logprobs, old_values, _ = score(agent, rollout, torch.arange(batch), temperature)
 
     mask, advantages, returns = rewards_to_advantages(rollout, mask, rewards, old_values, config, kl_coef)
+    weights = None  # the sampler correction: rho = pi_learner / pi_sampler per token or sequence, capped
+    if config.sampler_correction is not None:
+        sampler = rollout.logprobs.to(device)
+        weights = sampler_weights(old_logprobs, sampler, mask, config.sampler_correction, config.sampler_correction_cap)
 
     ref_logprobs = rollout.ref_logprobs.to(device)
     agg = {"aggregation": config.loss_aggregation, "max_new_tokens": max_new_tokens}
-    low, high = config.clip_range, config.clip_range if config.clip_range_high is None else config.clip_range_high
     for permutation in permutations:
         for rows in permutation.split(config.minibatch_size):
             logprobs, values, entropy = score(agent, rollout, rows, temperature)
             m, adv = mask[rows], advantages[rows]
 
-            # the clipped surrogate (Schulman et al. 2017, eq. 7), as a loss
-            ratio = torch.exp(logprobs - old_logprobs[rows])
-            pg_loss = aggregate(torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high)), m, **agg)
+            per_token = surrogate_loss(logprobs, old_logprobs[rows], adv, m, config)
+            if weights is not None:
+                per_token = per_token * weights[rows]
+            pg_loss = aggregate(per_token, m, **agg)
             loss = pg_loss
             if config.uses_critic:  # the clipped value loss: V may move at most clip_range_value from V_old
                 new, old, target = values[:, :-1], old_values[rows, :-1], returns[rows]
@@ -101,6 +106,21 @@ def ppo_update_reference(
                 optimizer.step()
 
 
+def surrogate_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, m: Tensor, config: PPOConfig) -> Tensor:
+    """The per-token policy loss (B, T): the clipped surrogate (Schulman et al. 2017, eq. 7), as a loss, with its
+    variants: GSPO's sequence ratio, dual-clip's bound for A < 0, or CISPO's clipped, detached weight."""
+    low, high = config.clip_range, config.clip_range if config.clip_range_high is None else config.clip_range_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    if config.importance_sampling_level == "sequence":  # GSPO: exp(mean log-ratio of the sequence), on its tokens
+        ratio = torch.exp(masked_mean(logprobs - old_logprobs, m, dim=1))[:, None].expand_as(ratio)
+    if config.surrogate == "cispo":  # the weight min(r, 1 + high), no gradient, times log pi
+        return -ratio.clamp(max=1 + high).detach() * adv * logprobs
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
+    if config.dual_clip_c is not None:  # for A < 0, at most -c A
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -config.dual_clip_c * adv), per_token)
+    return per_token
+
+
 def rewards_to_advantages(
     rollout: Rollout, mask: Tensor, rewards: Tensor, old_values: Tensor, config: PPOConfig, kl_coef: float
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -116,11 +136,14 @@ def rewards_to_advantages(
     if config.filter_equal_groups:  # a group of equal returns has no advantage: its tokens leave the mask
         mask = mask & ~equal_groups((rewards * mask).sum(1), config.group_size)[:, None]
 
-    # advantages: GAE from the critic (ppo), or each episode's return against its group's (rloo, grpo)
+    # advantages: GAE from the critic (ppo), the reward-to-go (reinforce: GAE with V = 0 and lambda = 1), or each
+    # episode's return against its group's (rloo, grpo)
     returns = None
+    terminated = rollout.terminated_steps.to(device)
     if config.algo == "ppo":
-        terminated = rollout.terminated_steps.to(device)
         advantages, returns = gae(rewards, old_values, terminated, mask, config.gamma, config.lam)
+    elif config.algo == "reinforce":
+        advantages, _ = gae(rewards, torch.zeros_like(old_values), terminated, mask, config.gamma, 1.0)
     else:
         episode_returns = (rewards * mask).sum(1)  # (B,)
         baseline = rloo_advantages if config.algo == "rloo" else group_centered

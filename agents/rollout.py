@@ -37,7 +37,9 @@ class Rollout(NamedTuple):
     prompt_ids: Tensor  # (B, W) left-padded
     prompt_mask: Tensor  # (B, W)
     actions: Tensor  # (B, T)
-    logprobs: Tensor  # (B, T) log-probs at sampling time, from the KV cache
+    # (B, T) the sampler's log-probs, at sampling time from the KV cache: they price the env's KL penalty, and the
+    # update measures its first re-score against them (agents.ppo.sampler_mismatch)
+    logprobs: Tensor
     rewards: Tensor  # (B, T) the env's rewards, 0 after the end
     mask: Tensor  # (B, T) bool, True on steps the episode took
     terminated: Tensor  # (B,) bool: ended with EOS

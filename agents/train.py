@@ -186,7 +186,7 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size ({run.batch_size}) must be a multiple of minibatch_size ({ppo.minibatch_size})"
             )
-        if not ppo.uses_critic and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
+        if ppo.uses_groups and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
             raise ValueError(
                 f"{ppo.algo} needs group_size >= 2 dividing batch_size ({run.batch_size}); got {ppo.group_size}"
             )
@@ -412,11 +412,11 @@ class Trainer:
         ppo, temperature = self.config.ppo, self.config.env.temperature
         metrics = self.evaluate(iteration) if iteration % self.config.run.eval_every == 0 else {}
         beta = self.kl_controller.value
-        self.env.kl_coef = 0.0 if ppo.kl_penalty == "loss" else beta  # "loss": the KL is a loss term
+        self.env.kl_coef = beta if ppo.kl_penalty == "reward" else 0.0  # "loss": the KL is a loss term; "none": none
         self.set_learning_rate(iteration)
         self.agent.eval()
         began = time.perf_counter()
-        group_size = ppo.group_size if not ppo.uses_critic else None
+        group_size = ppo.group_size if ppo.uses_groups else None
         rollout = collect_rollout(
             self.agent, self.env, temperature, self.seed + iteration, self.sampling, self.autocast, group_size
         )
@@ -863,13 +863,56 @@ def cli(argv: list[str] | None = None, description: str | None = None) -> TrainC
         default = replace(saved, env=replace(saved.env, **unnamed), run=replace(saved.run, trust_run_config=False))
         config = tyro.cli(TrainConfig, args=argv, default=default, **options)
         config.env = take_code_settings(saved.env, config.env, config.run.trust_run_config, config.run.run_dir)
-    elif config.ppo.kl_penalty == "loss" and not any(arg.startswith("--kl-estimator") for arg in argv):
+        return config
+    check_flags_against_recipe(config.ppo, argv)
+    if config.ppo.kl_penalty == "loss" and not any(arg.startswith("--kl-estimator") for arg in argv):
         print(
             f"note: --kl-penalty loss uses --kl-estimator {config.ppo.kl_estimator} (k1's gradient as a loss term "
             "is about 0: it would apply almost no KL); --kl-estimator k2 or k3 chooses",
             file=sys.stderr,
         )
     return config
+
+
+def check_flags_against_recipe(ppo: PPOConfig, argv: list[str]) -> None:
+    """Refuse a flag whose value the recipe (or advantage_scaling 'none') replaced, naming both settings.
+
+    ``PPOConfig`` refuses a field given a value other than its default and the recipe's, but
+    cannot tell a value given at its default from one left there: the command line can.
+    """
+    for name, (value, source) in ppo.implied_settings().items():
+        given = flag_value(argv, "--" + name.replace("_", "-"))
+        if given is not NOT_GIVEN and given != value:
+            raise ValueError(
+                f"{source} sets {name}={value!r}, but --{name.replace('_', '-')} {given!r} was given: drop one of "
+                "the two settings"
+            )
+
+
+NOT_GIVEN = object()
+
+
+def flag_value(argv: list[str], flag: str):
+    """The value the last ``flag`` in ``argv`` gives (``--flag``/``--no-flag`` for a bool; None, a number or a
+    text), or ``NOT_GIVEN``."""
+    given = NOT_GIVEN
+    negated = "--no-" + flag[2:]
+    for i, arg in enumerate(argv):
+        if arg in (flag, negated) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            given = arg == flag  # a bool's flag pair
+        elif arg == flag or arg.startswith(flag + "="):
+            given = parse_flag_text(arg.partition("=")[2] if "=" in arg else argv[i + 1])
+    return given
+
+
+def parse_flag_text(text: str):
+    """A flag's text as tyro reads the settings a recipe sets: None, a number, else the text."""
+    if text == "None":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def code_entries(value) -> list:

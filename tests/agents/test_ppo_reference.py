@@ -98,6 +98,13 @@ SIZES = dict(epochs=2, minibatch_size=8, micro_batch_size=4, group_size=4)
         },
         {"algo": "grpo", "kl_penalty": "loss", "kl_estimator": "k3", "loss_aggregation": "sequence_mean"},
         {"algo": "grpo", "advantage_scaling": "none", "whiten_advantages": False, "kl_estimator": "k3"},
+        {"recipe": "dr_grpo"},
+        # GSPO's sequence ratio with a wider clip than the paper's 3e-4 (which would stop it after a step)
+        {"algo": "grpo", "importance_sampling_level": "sequence", "loss_aggregation": "sequence_mean"},
+        {"recipe": "cispo"},
+        {"algo": "ppo", "dual_clip_c": 1.1, "clip_range": 0.05},  # a small c, so the bound acts
+        {"recipe": "reinforce_pp"},
+        {"algo": "grpo", "sampler_correction": "sequence_truncate", "sampler_correction_cap": 1.01},
     ],
     ids=[
         "ppo",
@@ -106,12 +113,28 @@ SIZES = dict(epochs=2, minibatch_size=8, micro_batch_size=4, group_size=4)
         "rloo-kl-loss-constant",
         "grpo-kl-loss-sequence",
         "grpo-unscaled-unwhitened-k3",
+        "dr-grpo",
+        "gspo",
+        "cispo",
+        "dual-clip",
+        "reinforce-pp",
+        "grpo-sampler-correction",
     ],  # fmt: skip
 )
 def test_fast_update_ends_at_the_references_weights(grouped_rollout, options):
     rollout, agent = grouped_rollout
     config = PPOConfig(**options, **SIZES)
     moved, apart = both_updates(agent, rollout, config, kl_coef=KL_COEF, max_new_tokens=MAX_NEW_TOKENS)
+    assert moved > 1e-3 and apart < TOLERANCE * moved
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_fast_update_ends_at_the_references_weights_with_a_perturbed_sampler(grouped_rollout, mode):
+    rollout, agent = grouped_rollout
+    noise = 0.3 * torch.randn(rollout.logprobs.shape, generator=torch.Generator().manual_seed(1))
+    perturbed = rollout._replace(logprobs=torch.where(rollout.mask, rollout.logprobs + noise, 0.0))
+    config = PPOConfig(algo="grpo", sampler_correction=mode, sampler_correction_cap=1.5, **SIZES)
+    moved, apart = both_updates(agent, perturbed, config, kl_coef=KL_COEF)
     assert moved > 1e-3 and apart < TOLERANCE * moved
 
 
