@@ -43,8 +43,9 @@ def read_jsonl(path: Path) -> list[dict]:
 class RunLogger:
     """Appends one row of metrics per iteration; after a resume, drops rows the checkpoint does not cover."""
 
-    def __init__(self, run_dir: Path, start_iteration: int):
+    def __init__(self, run_dir: Path, start_iteration: int, curves=CURVES):
         self.run_dir = Path(run_dir)
+        self.curves = curves  # (train key, eval key or None, title) per panel of learning_curve.png
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.rows: list[dict] = []
         if self.jsonl.exists():
@@ -84,7 +85,7 @@ class RunLogger:
         write_atomically(self.run_dir / "metrics.csv", text.getvalue())
 
     def plot(self, wait: bool = True) -> Path:
-        """Score, KL, value loss and entropy over iterations, as ``learning_curve.png``.
+        """The curves (by default score, KL, value loss and entropy) over iterations, as ``learning_curve.png``.
 
         ``wait=False`` draws on a background thread (a drawing took 0.4 s, a third of an
         iteration of the default task) from a copy of the rows; a request while one is
@@ -98,9 +99,11 @@ class RunLogger:
             self._drawing.join()
         rows = list(self.rows)
         if wait:
-            draw_curves(rows, path)
+            draw_curves(rows, path, self.curves)
         else:
-            self._drawing = threading.Thread(target=draw_curves, args=(rows, path), name="learning-curve", daemon=True)
+            self._drawing = threading.Thread(
+                target=draw_curves, args=(rows, path, self.curves), name="learning-curve", daemon=True
+            )
             self._drawing.start()
         return path
 
@@ -110,11 +113,13 @@ class RunLogger:
         self.tensorboard.close()
 
 
-def draw_curves(rows: list[dict], path: Path) -> None:
-    """The learning curves of ``rows`` (one dict per logged iteration) to the PNG ``path``, replaced in one step."""
-    fig = Figure(figsize=(10, 7))
-    axes = fig.subplots(2, 2, sharex=True)
-    for ax, (key, eval_key, title) in zip(axes.flat, CURVES):
+def draw_curves(rows: list[dict], path: Path, curves=CURVES) -> None:
+    """The learning curves of ``rows`` (one dict per logged iteration) to the PNG ``path``, replaced in one step:
+    one panel per ``(train key, eval key or None, title)`` of ``curves``, two to a row."""
+    n_rows = (len(curves) + 1) // 2
+    fig = Figure(figsize=(10, 3.5 * n_rows))
+    axes = fig.subplots(n_rows, 2, sharex=True, squeeze=False)
+    for ax, (key, eval_key, title) in zip(axes.flat, curves):
         for name, label in ((key, "train rollouts"), (eval_key, "eval prompts")):
             points = [(r["iteration"], r[name]) for r in rows if name and not math.isnan(r.get(name, math.nan))]
             if points:
@@ -123,7 +128,7 @@ def draw_curves(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if eval_key:
             ax.legend()
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("iteration")
     fig.tight_layout()
     partial = path.with_name(f".{path.name}.partial")

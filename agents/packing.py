@@ -80,9 +80,9 @@ def plan_packing(ids: Tensor, attention: Tensor, filler: int | None = None) -> P
     """The packing of ``ids`` (B, L) with fewer cells than B x L, or None when packing saves nothing.
 
     Rows are ``WIDTHS`` x L wide (first-fit decreasing; the width with the fewest cells);
-    the cells after a row's last episode hold ``filler`` with positions 0, 1, ..., a
-    sequence of its own that no episode attends to (attention is causal). None: the batch's
-    first real token, not the pad token (transformers warns of padding without a mask).
+    the cells after a row's last episode hold ``filler`` with positions 0, 1, ..., L - 1, 0, 1, ...: sequences of
+    their own that no episode attends to (attention is causal), and no position beyond the padded layout's.
+    ``filler`` None: the batch's first real token, not the pad token (transformers warns of padding without a mask).
     """
     real = attention.bool()
     lengths = real.sum(1).tolist()
@@ -107,7 +107,9 @@ def plan_packing(ids: Tensor, attention: Tensor, filler: int | None = None) -> P
     positions = position_ids_from_mask(real)
     index = torch.where(real, start.to(device)[:, None] + positions, 0)
     columns = torch.arange(capacity, device=device)
-    packed_positions = (columns - used.to(device)[:, None]).clamp(min=0).flatten()  # the filler: 0, 1, ...
+    # the filler: 0, 1, ..., restarting every ``width`` cells, so that no position exceeds the padded layout's (a
+    # model with as many positions as the layout is wide reads a row twice as wide)
+    packed_positions = ((columns - used.to(device)[:, None]).clamp(min=0) % width).flatten()
     packed_positions[index[real]] = positions[real]
     tokens = ids[real]
     packed_ids = ids.new_empty(len(rows) * capacity).fill_(tokens[0] if filler is None else filler)  # no host sync

@@ -48,7 +48,7 @@ def looks_like_path(source: str | os.PathLike) -> bool:
     return isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
-def _from_pretrained(auto_class, source: str | os.PathLike, what: str, **kwargs):
+def load_pretrained(auto_class, source: str | os.PathLike, what: str, **kwargs):
     """``auto_class.from_pretrained`` with an error that names the path when it cannot be found."""
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -78,7 +78,7 @@ def load_tokenizer(
     """``what`` names the argument the path came from in errors (the tokenizer may come from a model's path)."""
     if isinstance(source, PreTrainedTokenizerBase):
         return source
-    return _from_pretrained(AutoTokenizer, source, what)
+    return load_pretrained(AutoTokenizer, source, what)
 
 
 def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -93,7 +93,7 @@ def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def load_causal_lm(source: ModelLike, device: torch.device, what: str = "reference model") -> PreTrainedModel:
     if isinstance(source, torch.nn.Module):
         return freeze(source, device)
-    return freeze(_from_pretrained(AutoModelForCausalLM, source, what), device)
+    return freeze(load_pretrained(AutoModelForCausalLM, source, what), device)
 
 
 def load_reward_model(source: ModelLike, device: torch.device) -> PreTrainedModel:
@@ -102,12 +102,12 @@ def load_reward_model(source: ModelLike, device: torch.device) -> PreTrainedMode
         return freeze(source, device)
     config = load_config(source, "reward model")
     check_reward_model_config(config, os.fspath(source))
-    return freeze(_from_pretrained(AutoModelForSequenceClassification, source, "reward model"), device)
+    return freeze(load_pretrained(AutoModelForSequenceClassification, source, "reward model"), device)
 
 
 def load_config(source: str | os.PathLike, what: str):
     """A model's ``AutoConfig``; ``what`` names the argument in errors."""
-    return _from_pretrained(AutoConfig, source, what)
+    return load_pretrained(AutoConfig, source, what)
 
 
 def check_reward_model_config(config, source: str) -> None:

@@ -1,6 +1,6 @@
 """Build the arithmetic task from nothing: problems, tokenizer, SFT policy.
 
-    python -m textenv.arithmetic build --out DIR
+    python -m agents.build arithmetic --out DIR
 
 writes into DIR:
 
@@ -9,8 +9,7 @@ writes into DIR:
     task.json                the BuildConfig used and the report measured after building
 
 The shipped artifacts (``textenv/arithmetic/artifacts``) are this command's
-output with the default config. The policy is trained with the default task's
-SFT loop, with the loss on the answer and EOS only (the operands are random, so
+output with the default config. The policy is trained by ``agents.sft``, with the loss on the answer and EOS only (the operands are random, so
 predicting them teaches nothing).
 """
 
@@ -23,11 +22,13 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
+from agents.sft import Encoded, train_policy
+from agents.supervised import FitConfig, gpt2_config
+
 from textenv.arithmetic import load_rows
 from textenv.arithmetic.data import BuildConfig, encode_sft, problem, sft_corpus, splits
 from textenv.arithmetic.report import accuracy_report
 from textenv.arithmetic.tokenizer import build_tokenizer
-from textenv.default_task.training import gpt2_config, train_policy
 
 __all__ = ["BuildConfig", "build"]
 
@@ -43,9 +44,8 @@ def build(config: BuildConfig, out: Path, progress: bool = True, n_report_sample
     torch.manual_seed(config.seed)
     policy = GPT2LMHeadModel(gpt2_config(tokenizer, config.n_embd, config.n_layer, config.n_head, config.n_positions))
     ids, mask, labels = encode_sft(tokenizer, sft_corpus(sft_pairs, config))
-    train_policy(
-        policy, ids, mask, config.sft_steps, config.sft_batch_size, config.sft_lr, generator, progress, labels=labels
-    )
+    sft = FitConfig(steps=config.sft_steps, batch_size=config.sft_batch_size, learning_rate=config.sft_lr)
+    train_policy(policy, Encoded(ids, mask, labels, prompt_ids=[]), sft, generator, progress)
 
     policy.save_pretrained(out / "policy")
     tokenizer.save_pretrained(out / "policy")

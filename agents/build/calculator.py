@@ -1,6 +1,6 @@
 """Build the calculator task's SFT policy from nothing: tokenizer, corpus, training.
 
-    python -m textenv.calculator build --out DIR
+    python -m agents.build calculator --out DIR
 
 writes into DIR:
 
@@ -9,8 +9,7 @@ writes into DIR:
 
 The problems are not written: they are the arithmetic task's (``load_rows``).
 The shipped artifacts (``textenv/calculator/artifacts``) are this command's
-output with the default config. The policy is trained with the default task's
-SFT loop, with the loss on the agent's turns only (see ``textenv.calculator.data``).
+output with the default config. The policy is trained by ``agents.sft``, with the loss on the agent's turns only (see ``textenv.calculator.data``).
 """
 
 from __future__ import annotations
@@ -22,10 +21,12 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
+from agents.sft import Encoded, train_policy
+from agents.supervised import FitConfig, gpt2_config
+
 from textenv.calculator import load_rows
 from textenv.calculator.data import BuildConfig, build_tokenizer, encode_transcripts, sft_corpus, sft_pairs
 from textenv.calculator.report import calculator_report
-from textenv.default_task.training import gpt2_config, train_policy
 
 __all__ = ["BuildConfig", "build"]
 
@@ -40,9 +41,8 @@ def build(config: BuildConfig, out: Path, progress: bool = True, n_report_sample
     torch.manual_seed(config.seed)
     policy = GPT2LMHeadModel(gpt2_config(tokenizer, config.n_embd, config.n_layer, config.n_head, config.n_positions))
     ids, mask, labels = encode_transcripts(tokenizer, sft_corpus(sft_pairs(), config))
-    train_policy(
-        policy, ids, mask, config.sft_steps, config.sft_batch_size, config.sft_lr, generator, progress, labels=labels
-    )
+    sft = FitConfig(steps=config.sft_steps, batch_size=config.sft_batch_size, learning_rate=config.sft_lr)
+    train_policy(policy, Encoded(ids, mask, labels, prompt_ids=[]), sft, generator, progress)
 
     policy.save_pretrained(out / "policy")
     tokenizer.save_pretrained(out / "policy")

@@ -1,6 +1,6 @@
-"""Build the default task from nothing: corpus, tokenizer, SFT policy, reward model, prompts.
+"""Build the review task (the default task) from nothing: corpus, tokenizer, SFT policy, reward model, prompts.
 
-    python -m textenv.default_task build --out DIR
+    python -m agents.build reviews --out DIR
 
 writes into DIR:
 
@@ -10,7 +10,10 @@ writes into DIR:
     task.json        the BuildConfig used and the quality report measured after building
 
 The shipped artifacts (``textenv/default_task/artifacts``) are this command's
-output with the default config.
+output with the default config. The policy is trained by ``agents.sft`` and the
+reward model by ``agents.reward_model`` (the Bradley-Terry loss, then calibrated:
+neutral reviews score 0 on average, the corpus' scores have standard deviation 1, so
+"scored positive" means score > 0), the same loop as their commands.
 """
 
 from __future__ import annotations
@@ -23,16 +26,13 @@ from pathlib import Path
 import torch
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
+from agents.reward_model import Pairs, calibrate_reward_model, train_reward_model
+from agents.sft import Encoded, train_policy
+from agents.supervised import FitConfig, gpt2_config
 from textenv.default_task.corpus import openings, preference_pairs, split
 from textenv.default_task.data import BuildConfig, corpus_splits, encode
 from textenv.default_task.report import quality_report
 from textenv.default_task.tokenizer import build_tokenizer
-from textenv.default_task.training import (
-    calibrate_reward_model,
-    gpt2_config,
-    train_policy,
-    train_reward_model,
-)
 
 __all__ = ["BuildConfig", "build"]
 
@@ -52,7 +52,8 @@ def build(config: BuildConfig, out: Path, progress: bool = True) -> dict:
         gpt2_config(tokenizer, config.policy_n_embd, config.policy_n_layer, config.policy_n_head, config.n_positions)
     )
     ids, mask = encode(tokenizer, [r.text for r in train_reviews], eos=True, side="right")
-    train_policy(policy, ids, mask, config.sft_steps, config.sft_batch_size, config.sft_lr, generator, progress)
+    sft = FitConfig(steps=config.sft_steps, batch_size=config.sft_batch_size, learning_rate=config.sft_lr)
+    train_policy(policy, Encoded(ids, mask, labels=ids, prompt_ids=[]), sft, generator, progress)
 
     reward_model = GPT2ForSequenceClassification(
         gpt2_config(tokenizer, config.reward_n_embd, config.reward_n_layer, config.reward_n_head, config.n_positions)
@@ -62,16 +63,8 @@ def build(config: BuildConfig, out: Path, progress: bool = True) -> dict:
     # whether a response stopped or was cut off.
     chosen = encode(tokenizer, [c for c, _ in pairs], [rng.random() < 0.5 for _ in pairs], side="right")
     rejected = encode(tokenizer, [r for _, r in pairs], [rng.random() < 0.5 for _ in pairs], side="right")
-    train_reward_model(
-        reward_model,
-        chosen,
-        rejected,
-        config.reward_steps,
-        config.reward_batch_size,
-        config.reward_lr,
-        generator,
-        progress,
-    )
+    fit = FitConfig(steps=config.reward_steps, batch_size=config.reward_batch_size, learning_rate=config.reward_lr)
+    train_reward_model(reward_model, Pairs(chosen, rejected), fit, generator, progress)
     texts = [r.text for r in train_reviews]
     calibrate_reward_model(
         reward_model,

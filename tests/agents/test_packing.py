@@ -1,6 +1,7 @@
 """Packed micro-batches: the plan by hand, and packed forwards equal to padded ones in every family."""
 
 import copy
+import random
 
 import pytest
 import torch
@@ -171,3 +172,22 @@ def test_a_packed_update_ends_at_the_padded_updates_weights(rollout_and_agent, a
     moved = max(float((weights[True][k] - start[k]).abs().max()) for k in start)
     apart = max(float((weights[True][k] - weights[False][k]).abs().max()) for k in start)
     assert moved > 1e-4 and apart < 1e-3 * moved  # 16 Adam steps apart by float rounding only
+
+
+def test_no_packed_position_exceeds_the_padded_layouts_width():
+    # a model reads as many positions as the padded layout is wide; a packed row may be twice as wide, and the
+    # filler after its last episode must restart its positions rather than count past the model's positions
+    rng, long_fillers = random.Random(0), 0
+    for _ in range(300):
+        width, batch = rng.randint(3, 10), rng.randint(2, 12)
+        lengths = torch.tensor([rng.randint(1, width) for _ in range(batch)])
+        mask = (torch.arange(width) >= width - lengths[:, None]).long()  # left-padded
+        packing = plan_packing(mask * 3, mask, filler=0)
+        if packing is None:
+            continue
+        occupied = torch.zeros(packing.ids.numel(), dtype=torch.bool)
+        occupied[packing.index[packing.real]] = True
+        filler = (~occupied.view(packing.ids.shape)).sum(1)  # each row's cells after its last episode
+        long_fillers += int((filler > width).sum())
+        assert int(packing.position_ids.max()) < width
+    assert long_fillers > 0  # some rows ended in more filler than the layout is wide

@@ -22,7 +22,7 @@ In a check made while choosing the build, a minimal GRPO loop (32 train prompts 
 8 samples per update, one gradient step each, lr 3e-4, no KL) raised the held-out
 sampled accuracy to 0.955 in 150 s on one CPU thread.
 
-Rebuild it with ``python -m textenv.arithmetic build --out DIR``.
+Rebuild it with ``python -m agents.build arithmetic --out DIR``.
 """
 
 from __future__ import annotations

@@ -1,37 +1,16 @@
-"""Command line of the arithmetic task: ``build`` it from scratch or print its accuracy ``report``."""
+"""Command line of the arithmetic task: its accuracy ``report`` (``python -m agents.build arithmetic`` builds it)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Annotated
 
-import torch
 import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from textenv.arithmetic import ARTIFACTS_DIR, load_rows
-from textenv.arithmetic.build import build as build_task
-from textenv.arithmetic.data import BuildConfig
 from textenv.arithmetic.report import accuracy_report, format_report
-
-DEFAULT_BUILD = BuildConfig()
-
-
-def build(out: Path, config: Annotated[BuildConfig, tyro.conf.OmitArgPrefixes] = DEFAULT_BUILD) -> None:
-    """Build the problems, tokenizer and SFT policy into OUT, then report on them.
-
-    Args:
-        out: Directory to write (created if missing; existing files are overwritten).
-        config: Sizes, steps and seed of the build.
-    """
-    torch.set_num_threads(1)  # the model is tiny: one thread is as fast, and the build is the same on any machine
-    start = time.perf_counter()
-    report = build_task(config, out)
-    print(format_report(report))
-    print(f"\nwrote {out} in {time.perf_counter() - start:.0f} s")
 
 
 def report(
@@ -52,7 +31,9 @@ def report(
     """
     policy_dir = Path(task_dir) / "policy"
     if not policy_dir.is_dir():
-        raise SystemExit(f"error: {task_dir} is not a built task (no policy/); build one with `build --out {task_dir}`")
+        raise SystemExit(
+            f"error: {task_dir} is not a built task (no policy/); build one with `python -m agents.build arithmetic`"
+        )
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     result = accuracy_report(policy, tokenizer, load_rows("eval", task_dir), samples, max_new_tokens, seed)
@@ -63,7 +44,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # one bar per saved or loaded tiny model is noise
-    tyro.extras.subcommand_cli_from_dict({"build": build, "report": report}, description=__doc__, args=argv)
+    tyro.extras.subcommand_cli_from_dict({"report": report}, description=__doc__, args=argv)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ tokens, lr 3e-4, no KL) raised the held-out sampled success to 0.925 and the cal
 rate to 0.91 after 30 updates (about 10 s on one CPU thread), and both to 0.99
 after 150.
 
-Rebuild it with ``python -m textenv.calculator build [--out DIR]`` (by default
-into the shipped artifacts; about 2 minutes on one thread).
+Rebuild it with ``python -m agents.build calculator --out DIR`` (about 2 minutes
+on one thread).
 """
 
 from __future__ import annotations

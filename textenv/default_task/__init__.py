@@ -6,8 +6,8 @@ It ships with the package and loads offline with plain ``from_pretrained``::
     from textenv.default_task import POLICY_DIR
     policy = AutoModelForCausalLM.from_pretrained(POLICY_DIR)
 
-Rebuild or inspect it with ``python -m textenv.default_task build --out DIR`` and
-``python -m textenv.default_task report``.
+Rebuild it with ``python -m agents.build reviews --out DIR`` (the learner side trains it) and
+inspect it with ``python -m textenv.default_task report``.
 """
 
 from __future__ import annotations

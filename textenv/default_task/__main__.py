@@ -1,32 +1,15 @@
-"""Command line of the default task: ``build`` it from scratch or print its quality ``report``."""
+"""Command line of the default task: print its quality ``report`` (``python -m agents.build reviews`` builds it)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
 import tyro
 from transformers.utils import logging as hf_logging
 
 from textenv.default_task import ARTIFACTS_DIR
-from textenv.default_task.build import build as build_task
-from textenv.default_task.data import BuildConfig
 from textenv.default_task.report import format_report, quality_report
-
-DEFAULT_BUILD = BuildConfig()
-
-
-def build(out: Path, config: Annotated[BuildConfig, tyro.conf.OmitArgPrefixes] = DEFAULT_BUILD) -> None:
-    """Build the corpus, tokenizer, SFT policy, reward model and prompts into OUT, then report on them.
-
-    Args:
-        out: Directory to write (created if missing; existing files are overwritten).
-        config: Sizes, steps and seed of the build.
-    """
-    report = build_task(config, out)
-    print(format_report(report))
-    print(f"\nwrote {out}")
 
 
 def report(
@@ -47,7 +30,7 @@ def report(
     """
     if not (Path(task_dir) / "task.json").is_file():
         raise SystemExit(
-            f"error: {task_dir} is not a built task (no task.json); build one with `build --out {task_dir}`"
+            f"error: {task_dir} is not a built task (no task.json); build one with `python -m agents.build reviews`"
         )
     result = quality_report(task_dir, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed)
     print(format_report(result))
@@ -57,7 +40,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # one bar per saved or loaded tiny model is noise
-    tyro.extras.subcommand_cli_from_dict({"build": build, "report": report}, description=__doc__, args=argv)
+    tyro.extras.subcommand_cli_from_dict({"report": report}, description=__doc__, args=argv)
 
 
 if __name__ == "__main__":

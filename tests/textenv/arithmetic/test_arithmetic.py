@@ -1,4 +1,4 @@
-"""The shipped arithmetic task: its problems, tokenizer, reward, policy quality, and the build code on a tiny config."""
+"""The shipped arithmetic task: its problems, tokenizer, reward, policy quality."""
 
 import json
 import random
@@ -10,13 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textenv.arithmetic import ARTIFACTS_DIR, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, POLICY_DIR, exact_match, load_rows
 from textenv.arithmetic.__main__ import main
-from textenv.arithmetic.build import BuildConfig, build
-from textenv.arithmetic.data import encode_sft, problem, sft_corpus, splits
+from textenv.arithmetic.data import BuildConfig, encode_sft, problem, sft_corpus, splits
 from textenv.arithmetic.report import accuracy_report, generate
 from textenv.arithmetic.tokenizer import build_tokenizer
 from textenv.lm import sample
-
-TINY = dict(n_eval=50, n_train=100, sft_copies=1, n_embd=32, n_layer=1, n_head=2, sft_steps=20, sft_batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -157,19 +154,3 @@ def test_report_command_prints_its_figures(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert f"accuracy/sampled   {report['accuracy/sampled']:.4f}" in printed
     assert report["policy/n_samples"] == 64 and report["policy/n_prompts"] == 200
-
-
-# ---------------------------------------------------------------- the build
-
-
-def test_tiny_build_writes_a_loadable_task_deterministically(tmp_path):
-    report = build(BuildConfig(**TINY), tmp_path / "first", progress=False, n_report_samples=16)
-    build(BuildConfig(**TINY), tmp_path / "again", progress=False, n_report_samples=16)
-    saved = json.loads((tmp_path / "first" / "task.json").read_text())
-    assert saved["config"] == {**saved["config"], **TINY} and saved["report"] == report
-    assert len(load_rows("train", tmp_path / "first")) == 100 and len(load_rows("eval", tmp_path / "first")) == 50
-    first = AutoModelForCausalLM.from_pretrained(tmp_path / "first" / "policy")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again" / "policy").state_dict()
-    assert all(torch.equal(value, again[key]) for key, value in first.state_dict().items())
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "first" / "policy")
-    assert first.config.vocab_size == len(tokenizer) and first.config.n_embd == 32

@@ -1,4 +1,4 @@
-"""The shipped calculator task: its tokenizer, the calculator's replies, the reward, policy quality, and the build."""
+"""The shipped calculator task: its tokenizer, the calculator's replies, the reward, policy quality."""
 
 import json
 import pickle
@@ -21,12 +21,9 @@ from textenv.calculator import (
     load_rows,
 )
 from textenv.calculator.__main__ import main
-from textenv.calculator.build import BuildConfig, build
-from textenv.calculator.data import build_tokenizer, encode_transcripts, sft_corpus, sft_pairs, transcript
+from textenv.calculator.data import BuildConfig, build_tokenizer, encode_transcripts, sft_corpus, sft_pairs, transcript
 from textenv.calculator.report import Episode, episode_figures, reward, simulate, step
 from textenv.turns import Interaction, Reply, Turn
-
-TINY = dict(sft_copies=1, n_embd=32, n_layer=1, n_head=2, n_positions=32, sft_steps=20, sft_batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -226,19 +223,3 @@ def test_report_command_prints_its_figures(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert f"tool/call_rate          {report['tool/call_rate']:.4f}" in printed
     assert report["policy/n_samples"] == 64 and report["policy/n_prompts"] == 200
-
-
-# ---------------------------------------------------------------- the build
-
-
-def test_tiny_build_writes_a_loadable_task_deterministically(tmp_path):
-    report = build(BuildConfig(**TINY), tmp_path / "first", progress=False, n_report_samples=16)
-    build(BuildConfig(**TINY), tmp_path / "again", progress=False, n_report_samples=16)
-    saved = json.loads((tmp_path / "first" / "task.json").read_text())
-    assert saved["config"] == {**saved["config"], **TINY} and saved["report"] == report
-    first = AutoModelForCausalLM.from_pretrained(tmp_path / "first" / "policy")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again" / "policy").state_dict()
-    assert all(torch.equal(value, again[key]) for key, value in first.state_dict().items())
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "first" / "policy")
-    assert first.config.vocab_size == len(tokenizer) == 17 and first.config.n_embd == 32
-    assert tokenizer.convert_tokens_to_ids([CALL, SEPARATOR]) == [15, 16]
