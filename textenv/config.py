@@ -24,7 +24,7 @@ import torch
 import tyro
 
 from textenv.reward_fns import RewardFnLike, RewardFnsLike
-from textenv.tasks import LIMITS, TaskName, get_task
+from textenv.tasks import LIMITS, TaskName, check_task, get_task
 from textenv.turns import Interaction
 
 # On the command line a model, tokenizer or prompt file is a path or hub name;
@@ -40,10 +40,11 @@ PromptTruncation = Literal["error", "left"]
 class TokenEnvConfig:
     """The task an env poses: models, prompts, episode limits and the reward."""
 
-    task: TaskName = "reviews"
+    task: TaskName | str = "reviews"
     """The embedded task whose preset the unset fields take: 'reviews' (a reward model pays positive movie
     reviews), 'arithmetic' (the reward function exact_match pays the right sum of '17+25=') or 'calculator' (the
-    same, with a calculator the agent may call in a turn of its own)."""
+    same, with a calculator the agent may call in a turn of its own); or 'reasoning_gym:NAME' (a reasoning-gym
+    generator's questions paid by its score_answer; the reasoning-gym extra, docs/adapters.md)."""
     reward_model: Annotated[ModelLike | None, AsPath] = None
     """Reward model: a loaded sequence classifier with one label, a local directory or a hub name. Default: the
     task's (reviews: its sentiment model; arithmetic and calculator have none) when no reward_fns are given; with
@@ -142,7 +143,7 @@ class TokenEnvConfig:
                 ">= 0 (it is subtracted from the score)",
                 lambda p: p >= 0,
             )
-        check_choice("task", self.task, TaskName)
+        check_task(self.task)
         if not isinstance(self.split, str) or not self.split:
             raise TypeError(f"split must be a split's name, e.g. 'train', got {self.split!r}")
         check_choice("reward_mode", self.reward_mode, RewardMode)
@@ -233,7 +234,7 @@ class TokenEnvSettings(TypedDict, total=False):
     """The fields of ``TokenEnvConfig`` as the envs' keyword arguments (``gym.make("TokenRLHF-v0", **settings)``);
     each means what the field of the same name means."""
 
-    task: TaskName
+    task: TaskName | str
     reward_model: ModelLike | None
     reward_fns: RewardFnsLike
     reward_weights: Sequence[float]

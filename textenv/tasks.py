@@ -8,6 +8,11 @@
   a calculator (``?<eos>``), which appends the result, before it answers; the reward
   function ``final_answer`` pays the right answer (``textenv.calculator``).
 
+Names with an adapter's prefix are tasks of an optional extra, loaded by its module
+on first use: ``reasoning_gym:NAME`` poses a reasoning-gym generator's questions and
+pays its ``score_answer`` (``textenv.adapters.reasoning_gym``). Such a task ships no
+model: the user gives the policy, reference model and tokenizer.
+
 A task is a preset: it gives the config fields left unset their values (the
 policy and reference model, the reward model or reward functions, the answer
 check, the interaction, the episode limits) and the prompts of each split with
@@ -17,6 +22,8 @@ envs, the trainer and the evaluator alike.
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,7 +52,7 @@ class EmbeddedTask:
     """An embedded task: its models, reward, data and episode limits."""
 
     name: str
-    policy_dir: Path
+    policy_dir: Path | os.PathLike  # an adapter's task: a path-like that raises, naming the arguments to pass
     reward_model_dir: Path | None
     rows: Callable[[str], list[dict]]  # split -> rows, each {"prompt": ..., other columns}
     reward_fns: dict[str, Callable] = field(default_factory=dict)
@@ -105,8 +112,32 @@ TASKS: dict[str, Callable[[], EmbeddedTask]] = {
 }
 
 
+ADAPTER_TASKS = {"reasoning_gym:": "textenv.adapters.reasoning_gym"}
+"""Task-name prefixes of the optional extras, and the module (imported on first use) whose ``task(name)`` and
+``check_name(name)`` build and check such a task."""
+
+
+def adapter_module(name: str):
+    """The adapter module whose prefix ``name`` has, imported; None for any other name."""
+    for prefix, module in ADAPTER_TASKS.items():
+        if isinstance(name, str) and name.startswith(prefix):
+            return importlib.import_module(module)
+    return None
+
+
+def check_task(name) -> None:
+    """Raise unless ``name`` is an embedded task or an adapter's task name of valid form (its library unloaded)."""
+    adapter = adapter_module(name)
+    if adapter is not None:
+        adapter.check_name(name)
+    elif name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)} or 'reasoning_gym:NAME', got {name!r}")
+
+
 def get_task(name: str) -> EmbeddedTask:
-    """The embedded task ``name``; an unknown name raises, listing the tasks."""
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    """The embedded task ``name``, or an adapter's task; an unknown name raises, listing the tasks."""
+    adapter = adapter_module(name)
+    if adapter is not None:
+        return adapter.task(name)
+    check_task(name)
     return TASKS[name]()
