@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -126,40 +127,63 @@ def packing_works(agent: nn.Module) -> bool:
 
     Probed once per agent (no gradient); a failure warns and is remembered.
     """
-    if agent in _PROBED:
-        return _PROBED[agent]
-    parameter = next(agent.parameters())
-    vocab = min(_vocabulary_size(agent), 1000)
+    if agent not in _PROBED:
+        name = type(_unwrapped(agent).policy).__name__
+        vocab = _unwrapped(agent).policy.get_input_embeddings().num_embeddings
+        _PROBED[agent] = probe(lambda ids, mask, positions: agent(ids, mask, positions), vocab, agent, name)
+    return _PROBED[agent]
+
+
+def lm_packing_works(model: nn.Module) -> bool:
+    """``packing_works`` for a plain causal LM (supervised fine-tuning packs demonstrations the same way)."""
+    if model not in _PROBED:
+        base = _unwrapped(model)
+        vocab = base.get_input_embeddings().num_embeddings
+
+        def forward(ids, mask, positions):
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+
+        _PROBED[model] = probe(forward, vocab, model, type(base).__name__)
+    return _PROBED[model]
+
+
+def probe(forward, vocab: int, module: nn.Module, name: str) -> bool:
+    """Two short sequences packed in one row (positions restarting, no mask) give the outputs (logits, and values
+    where there are) they give apart; else a warning, and False."""
+    parameter = next(module.parameters())
+    vocab = min(vocab, 1000)
     ids = torch.arange(7, device=parameter.device) * 37 % max(vocab - 3, 1) + 3  # 7 ordinary tokens
     first, second = ids[:4], ids[4:]
     positions = torch.cat([torch.arange(4), torch.arange(3)]).to(parameter.device)
     with torch.no_grad(), torch.autocast(parameter.device.type, enabled=False):
         apart = [
-            agent(x[None], torch.ones_like(x)[None], p[None])
-            for x, p in zip((first, second), (positions[:4], positions[4:]))
+            forward(x[None], torch.ones_like(x)[None], p[None])
+            for x, p in ((first, positions[:4]), (second, positions[4:]))
         ]
-        packed = agent(ids[None], None, positions[None])
-    logits = torch.cat([out.logits[0] for out in apart])
-    values = torch.cat([out.values[0] for out in apart])
+        packed = forward(ids[None], None, positions[None])
     tolerance = 1e-4 if parameter.dtype == torch.float32 else 3e-2
-    scale = max(1.0, float(logits.abs().max()))
-    works = bool(
-        (packed.logits[0].float() - logits.float()).abs().max() <= tolerance * scale
-        and (packed.values[0] - values).abs().max() <= tolerance * max(1.0, float(values.abs().max()))
-    )
+    works = True
+    for key in ("logits", "values"):
+        if output(packed, key) is None:
+            continue
+        whole = torch.cat([output(out, key)[0] for out in apart]).float()
+        scale = max(1.0, float(whole.abs().max()))
+        works = works and bool((output(packed, key)[0].float() - whole).abs().max() <= tolerance * scale)
     if not works:
         warnings.warn(
-            f"{type(_unwrapped(agent).policy).__name__} does not keep packed sequences apart (transformers' "
-            "position-id convention); the update runs its micro-batches padded, one episode per row",
+            f"{name} does not keep packed sequences apart (transformers' position-id convention); its batches run "
+            "padded, one sequence per row",
             stacklevel=3,
         )
-    _PROBED[agent] = works
     return works
+
+
+def output(out, key: str) -> Tensor | None:
+    """A model output's ``key`` (a transformers output is a dict: its ``values`` attribute is the dict method)."""
+    if isinstance(out, Mapping):
+        return out.get(key)
+    return getattr(out, key, None)
 
 
 def _unwrapped(agent: nn.Module) -> nn.Module:
     return getattr(agent, "module", agent)  # DistributedDataParallel keeps the agent as .module
-
-
-def _vocabulary_size(agent: nn.Module) -> int:
-    return _unwrapped(agent).policy.get_input_embeddings().num_embeddings

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -33,6 +34,7 @@ from transformers.utils import logging as hf_logging
 from agents.checkpoint import Checkpoints
 from agents.distributed import Distributed
 from agents.lora import add_lora
+from agents.packing import lm_packing_works, plan_packing
 from agents.supervised import (
     Evaluation,
     FitConfig,
@@ -99,6 +101,9 @@ class SFTConfig:
     """Held-out prompts sampled at each evaluation (written to samples.jsonl)."""
     sample_tokens: int = 32
     """Longest sampled response."""
+    packing: bool = True
+    """Pack each batch's demonstrations several to a row (positions restarting, none attending to another) where
+    that saves work and the model keeps packed sequences apart (probed once; else padded rows, with a warning)."""
 
     def validate(self) -> None:
         for part in (self.data, self.model, self.fit, self.run):
@@ -204,9 +209,26 @@ def response_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
-def batch_loss(data: Encoded, device: torch.device, crop: bool = True):
+def packed_response_loss(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """``response_loss`` with the batch's demonstrations packed several to a row (``agents.packing``): each one's
+    positions restart at 0 and no mask is passed, so none attends to another; the same mean over the labelled
+    tokens, up to float rounding. Rows that do not pack into fewer cells run padded."""
+    packing = plan_packing(ids, mask)
+    if packing is None:
+        return response_loss(model, ids, mask, labels)
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-1] = labels[:, 1:]  # right-padded rows: token t + 1's label at position t, as the loss shifts
+    packed_target = torch.full((packing.ids.numel(),), IGNORE, dtype=labels.dtype, device=labels.device)
+    packed_target[packing.index[packing.real]] = target[packing.real]
+    # no cache: transformers reads restarting positions as sequence boundaries only without one
+    logits = model(input_ids=packing.ids, position_ids=packing.position_ids, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), packed_target, ignore_index=IGNORE)
+
+
+def batch_loss(data: Encoded, device: torch.device, crop: bool = True, pack: bool = False):
     """``loss(model, rows)`` over the demonstrations at ``rows``; ``crop`` drops the columns that are padding in
-    every row of the batch (the embedded tasks' builds keep the full width, as they always did)."""
+    every row of the batch (the embedded tasks' builds keep the full width, as they always did); ``pack`` packs
+    them (``packed_response_loss``) where the model keeps packed sequences apart (``lm_packing_works``)."""
     labels = data.labels.masked_fill(data.mask == 0, IGNORE)
 
     def loss(model: nn.Module, rows: Tensor) -> Tensor:
@@ -214,7 +236,8 @@ def batch_loss(data: Encoded, device: torch.device, crop: bool = True):
         if crop:
             width = int(mask.sum(1).max())
             ids, mask, target = ids[:, :width], mask[:, :width], target[:, :width]
-        return response_loss(model, ids.to(device), mask.to(device), target.to(device))
+        compute = packed_response_loss if pack and lm_packing_works(model) else response_loss
+        return compute(model, ids.to(device), mask.to(device), target.to(device))
 
     return loss
 
@@ -367,7 +390,8 @@ def train_sft(config: SFTConfig) -> Path:
     writer = RunWriter(
         run, evaluator(held_out, tokenizer, config, device), 0 if resumed is None else resumed.state.iteration + 1, dist
     )
-    loop = SupervisedLoop(model, batch_loss(train, device), len(train), config.fit, generator, "SFT", writer, dist)
+    loss = batch_loss(train, device, pack=config.packing)
+    loop = SupervisedLoop(model, loss, len(train), config.fit, generator, "SFT", writer, dist)
     if resumed is not None:
         loop.restore(resumed.optimizer, resumed.generators, resumed.state.iteration)
     if loop.start == 0:

@@ -16,6 +16,7 @@ from textenv.calculator.report import format_report as calculator_report
 from textenv.default_task.report import format_report as reviews_report
 
 Omit = tyro.conf.OmitArgPrefixes
+REVIEWS, ARITHMETIC, CALCULATOR = reviews.BuildConfig(), arithmetic.BuildConfig(), calculator.BuildConfig()
 
 
 def timed(build, report, config, out: Path, threads: int | None) -> None:
@@ -26,7 +27,7 @@ def timed(build, report, config, out: Path, threads: int | None) -> None:
     print(f"\nwrote {out} in {time.perf_counter() - start:.0f} s")
 
 
-def build_reviews(out: Path, config: Annotated[reviews.BuildConfig, Omit] = reviews.BuildConfig()) -> None:
+def build_reviews(out: Path, config: Annotated[reviews.BuildConfig, Omit] = REVIEWS) -> None:
     """The review task: corpus, BPE tokenizer, SFT policy, reward model, prompts.
 
     Args:
@@ -36,7 +37,7 @@ def build_reviews(out: Path, config: Annotated[reviews.BuildConfig, Omit] = revi
     timed(reviews.build, reviews_report, config, out, threads=None)
 
 
-def build_arithmetic(out: Path, config: Annotated[arithmetic.BuildConfig, Omit] = arithmetic.BuildConfig()) -> None:
+def build_arithmetic(out: Path, config: Annotated[arithmetic.BuildConfig, Omit] = ARITHMETIC) -> None:
     """The arithmetic task: problems, character tokenizer, SFT policy (one torch thread: the same build anywhere).
 
     Args:
@@ -46,7 +47,7 @@ def build_arithmetic(out: Path, config: Annotated[arithmetic.BuildConfig, Omit] 
     timed(arithmetic.build, arithmetic_report, config, out, threads=1)
 
 
-def build_calculator(out: Path, config: Annotated[calculator.BuildConfig, Omit] = calculator.BuildConfig()) -> None:
+def build_calculator(out: Path, config: Annotated[calculator.BuildConfig, Omit] = CALCULATOR) -> None:
     """The calculator task: tokenizer and SFT policy of the tool-using agent (one torch thread).
 
     Args:

@@ -9,8 +9,9 @@ writes into DIR:
     task.json                the BuildConfig used and the report measured after building
 
 The shipped artifacts (``textenv/arithmetic/artifacts``) are this command's
-output with the default config. The policy is trained by ``agents.sft``, with the loss on the answer and EOS only (the operands are random, so
-predicting them teaches nothing).
+output with the default config. The policy is trained by ``agents.sft``, with
+the loss on the answer and EOS only (the operands are random, so predicting them
+teaches nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from transformers import GPT2LMHeadModel
 
 from agents.sft import Encoded, train_policy
 from agents.supervised import FitConfig, gpt2_config
-
 from textenv.arithmetic import load_rows
 from textenv.arithmetic.data import BuildConfig, encode_sft, problem, sft_corpus, splits
 from textenv.arithmetic.report import accuracy_report

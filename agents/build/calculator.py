@@ -9,7 +9,8 @@ writes into DIR:
 
 The problems are not written: they are the arithmetic task's (``load_rows``).
 The shipped artifacts (``textenv/calculator/artifacts``) are this command's
-output with the default config. The policy is trained by ``agents.sft``, with the loss on the agent's turns only (see ``textenv.calculator.data``).
+output with the default config. The policy is trained by ``agents.sft``, with
+the loss on the agent's turns only (see ``textenv.calculator.data``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from transformers import GPT2LMHeadModel
 
 from agents.sft import Encoded, train_policy
 from agents.supervised import FitConfig, gpt2_config
-
 from textenv.calculator import load_rows
 from textenv.calculator.data import BuildConfig, build_tokenizer, encode_transcripts, sft_corpus, sft_pairs
 from textenv.calculator.report import calculator_report

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import agents.sft as sft
+from agents.packing import lm_packing_works, plan_packing
 from agents.supervised import FitConfig, RunDirConfig, gpt2_config, learning_rate_factor, train_tokenizer
 from textenv.loading import tokenize_prompts
 
@@ -87,6 +88,25 @@ def test_chat_messages_label_the_assistant_turns_only():
     assert tokenizer.decode(data.prompt_ids[0]) == "<user>hi|<assistant>"
 
 
+def test_packed_demonstrations_give_the_padded_loss_and_gradients():
+    tokenizer = train_tokenizer([r["prompt"] + r["response"] for r in ROWS], "characters", 0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config(tokenizer, 16, 1, 2, 32))
+    rows = ROWS[:3] + [{"prompt": "a:", "response": " b"}, {"prompt": "b:", "response": " a c"}] * 3  # ragged
+    data = sft.encode_demonstrations(rows, tokenizer, sft.DemonstrationData(), 32, "demonstrations")
+    assert plan_packing(data.ids, data.mask) is not None and lm_packing_works(model)  # this batch does pack
+    results = []
+    for pack in (False, True):
+        model.zero_grad()
+        loss = sft.batch_loss(data, torch.device("cpu"), pack=pack)(model, torch.arange(len(rows)))
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (padded, padded_grads), (packed, packed_grads) = results
+    assert packed == pytest.approx(padded, rel=1e-5)
+    for a, b in zip(padded_grads, packed_grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     factors = [learning_rate_factor(step, 100) for step in range(100)]
     assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5 warm-up steps of 100
@@ -137,7 +157,7 @@ def final_weights(run_dir, auto=AutoModelForCausalLM):
 def test_a_run_stopped_by_ctrl_c_resumes_bitwise(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "demos.jsonl", ROWS * 2)
     sft.main(tiny_flags(tmp_path / "straight", data))
-    interrupt_at(monkeypatch, sft, "response_loss", call=4)  # during step 3 (0-based): stops after it
+    interrupt_at(monkeypatch, torch.nn.utils, "clip_grad_norm_", call=4)  # during step 3 (0-based): stops after it
     with pytest.raises(SystemExit) as stopped:
         sft.main(tiny_flags(tmp_path / "stopped", data))
     assert stopped.value.code == 128 + signal.SIGINT
