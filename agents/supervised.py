@@ -356,7 +356,10 @@ class RunWriter:
             self.pending |= self.dist.mean_metrics(evaluation.metrics)
             samples = evaluation.samples
         if (step + 1) % self.run.log_every == 0 or last or samples:
-            self.log(step, self.dist.mean_metrics(self.pending), samples)
+            metrics = self.dist.mean_metrics(self.pending)
+            if self.dist.enabled:  # 0 when the replicas hold the same weights, as DDP keeps them
+                metrics["dist/parameter_spread"] = self.dist.parameter_spread(loop.model)
+            self.log(step, metrics, samples)
         if (step + 1) % self.run.checkpoint_every == 0 or last:
             self.save_checkpoint(loop, step)
 

@@ -92,3 +92,20 @@ def test_fsdp_run_saves_a_full_model(tmp_path):
     assert trained.keys() == initial.keys()
     assert all(trained[k].shape == initial[k].shape for k in initial)
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sft", "reward_model"])
+def test_supervised_steps_under_torchrun_keep_the_replicas_identical(tmp_path, command):
+    examples = [{"prompt": f"say {w}:", "response": f" {w} {w}", "chosen": f" {w} {w}", "rejected": f" {w}"} for w in
+            ("ab", "ba", "cab", "bc", "ca", "acb", "cc", "bb")] * 2  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in examples))
+    flags = ["--data", str(data), "--steps", "4", "--batch-size", "4", "--log-every", "1", "--no-progress"]
+    tiny = ["--model", "scratch", "--tokenizer-kind", "characters", "--layers", "1", "--width", "16", "--heads", "2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    run_ok([*launch, f"agents.{command}", "--run-dir", str(tmp_path / "run"), *flags, *tiny, "--positions", "32"])
+    logged = [r for r in rows(tmp_path / "run" / "metrics.jsonl") if "dist/parameter_spread" in r]
+    assert [r["iteration"] for r in logged] == [0, 1, 2, 3]
+    assert all(r["dist/parameter_spread"] == 0.0 for r in logged)
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
