@@ -1,4 +1,5 @@
-"""textenv/lm.py: padding helpers and probabilities against hand-worked numbers, the KV-cached stepper
+"""textenv/lm.py: padding helpers and probabilities against hand-worked numbers, sampling against torch.multinomial
+and model.generate with the same seed, the KV-cached stepper
 against plain uncached forwards of a tiny random GPT-2, a reward model's score read at the last real token, and
 the refusal of a model whose KV cache is not a DynamicCache."""
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from tests.models import tiny_gpt2_reward_model
 from textenv.default_task import POLICY_DIR
@@ -14,8 +15,10 @@ from textenv.lm import (
     CachedStepper,
     crop_left_padding,
     entropy_from_logits,
+    exponential_draws,
     pad_batch,
     position_ids_from_mask,
+    sample,
     sample_tokens,
     sequence_scores,
     to_left_padding,
@@ -127,6 +130,61 @@ def test_sample_tokens_one_hot_at_any_temperature():
         for _ in range(20):
             tokens, logprobs = sample_tokens(logits, temperature, generator)
             assert tokens.tolist() == [1, 2] and logprobs.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("vocab", [2, 446, 50257])
+def test_sample_tokens_draw_what_multinomial_draws_from_the_same_generator(vocab):
+    """The tokens of ``torch.multinomial`` over the softmax (model.generate's sampling) with the same seed, the
+    generator left in the same state, and the log-probs of ``token_logprobs``."""
+    for seed, (batch, temperature) in enumerate([(1, 1.0), (16, 1.0), (64, 0.7), (5, 1.6)]):
+        logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(100 + seed)) * 4
+        logits[0, : vocab // 2] = -INF  # a row with impossible tokens
+        ours, theirs = (torch.Generator().manual_seed(seed) for _ in range(2))
+        for _ in range(3):
+            tokens, logprobs = sample_tokens(logits, temperature, ours)
+            expected = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=theirs)[:, 0]
+            assert torch.equal(tokens, expected)
+            assert torch.equal(logprobs, token_logprobs(logits, tokens, temperature))
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    # the default generator, as model.generate draws
+    torch.manual_seed(7)
+    tokens, _ = sample_tokens(logits)
+    torch.manual_seed(7)
+    assert torch.equal(tokens, torch.multinomial(torch.softmax(logits, -1), 1)[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exponential_draws_are_the_numbers_of_exponential_(dtype):
+    like = torch.empty(64, 50257, dtype=dtype)
+    ours, theirs = (torch.Generator().manual_seed(3) for _ in range(2))
+    for _ in range(2):
+        draws = exponential_draws(like, ours)
+        assert draws.dtype == dtype and torch.equal(draws, torch.empty_like(like).exponential_(generator=theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), INF])
+def test_sample_tokens_refuse_logits_that_give_no_distribution(bad):
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, bad, 1.0]])
+    with pytest.raises(RuntimeError, match="NaN or \\+inf"):
+        sample_tokens(logits)
+
+
+def test_sample_draws_what_generate_draws_on_the_default_task():
+    """``sample`` (prefill, then ``sample_tokens`` and ``advance``) against ``model.generate``'s pure sampling."""
+    model = AutoModelForCausalLM.from_pretrained(POLICY_DIR).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]  # of equal lengths: no padding
+    eos = model.config.eos_token_id
+    torch.manual_seed(0)
+    ours = sample(model, prompts, eos_token_id=eos, pad_token_id=0, max_new_tokens=14)
+    torch.manual_seed(0)
+    ids = long(prompts)
+    generated = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=14, pad_token_id=0
+    )
+    responses = [row[: row.index(eos) + 1] if eos in row else row for row in generated[:, 4:].tolist()]
+    assert ours.response_ids == responses
+    assert 1 <= sum(ours.ended_with_eos) < len(prompts)  # both ways of ending are compared
 
 
 # --------------------------------------------------------------------------- the cached stepper
