@@ -23,6 +23,7 @@ envs, the trainer and the evaluator alike.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -141,3 +142,20 @@ def get_task(name: str) -> EmbeddedTask:
         return adapter.task(name)
     check_task(name)
     return TASKS[name]()
+
+
+def report_command(report: Callable[..., None], description: str, argv: list[str] | None) -> None:
+    """A task's command line (``python -m textenv.<task> report``): its quality report; the learner side builds it
+    (``python -m agents.build``)."""
+    import tyro
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per loaded tiny model is noise
+    tyro.extras.subcommand_cli_from_dict({"report": report}, description=description, args=argv)
+
+
+def print_report(result: dict, text: str, json_out: Path | None) -> None:
+    """Print a task report's ``text``; with ``json_out``, also write ``result`` there as JSON."""
+    print(text)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from textenv.arithmetic import ARTIFACTS_DIR, load_rows
 from textenv.arithmetic.report import accuracy_report, format_report
+from textenv.tasks import print_report, report_command
 
 
 def report(
@@ -37,14 +35,11 @@ def report(
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     result = accuracy_report(policy, tokenizer, load_rows("eval", task_dir), samples, max_new_tokens, seed)
-    print(format_report(result))
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    print_report(result, format_report(result), json_out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    hf_logging.disable_progress_bar()  # one bar per saved or loaded tiny model is noise
-    tyro.extras.subcommand_cli_from_dict({"report": report}, description=__doc__, args=argv)
+    report_command(report, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from textenv.calculator import ARTIFACTS_DIR, load_rows
 from textenv.calculator.report import calculator_report, format_report
+from textenv.tasks import print_report, report_command
 
 
 def report(task_dir: Path = ARTIFACTS_DIR, samples: int = 1000, seed: int = 0, json_out: Path | None = None) -> None:
@@ -32,14 +30,11 @@ def report(task_dir: Path = ARTIFACTS_DIR, samples: int = 1000, seed: int = 0, j
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     result = calculator_report(policy, tokenizer, load_rows("eval"), samples, seed)
-    print(format_report(result))
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    print_report(result, format_report(result), json_out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    hf_logging.disable_progress_bar()  # one bar per saved or loaded tiny model is noise
-    tyro.extras.subcommand_cli_from_dict({"report": report}, description=__doc__, args=argv)
+    report_command(report, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import tyro
-from transformers.utils import logging as hf_logging
 
 from textenv.default_task import ARTIFACTS_DIR
 from textenv.default_task.report import format_report, quality_report
+from textenv.tasks import print_report, report_command
 
 
 def report(
@@ -33,14 +30,11 @@ def report(
             f"error: {task_dir} is not a built task (no task.json); build one with `python -m agents.build reviews`"
         )
     result = quality_report(task_dir, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed)
-    print(format_report(result))
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    print_report(result, format_report(result), json_out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    hf_logging.disable_progress_bar()  # one bar per saved or loaded tiny model is noise
-    tyro.extras.subcommand_cli_from_dict({"report": report}, description=__doc__, args=argv)
+    report_command(report, __doc__, argv)
 
 
 if __name__ == "__main__":
