@@ -117,7 +117,9 @@ def collect_rollout(
     prompt_ids, prompt_mask = crop_left_padding(
         torch.as_tensor(observation["input_ids"]), torch.as_tensor(observation["attention_mask"])
     )
-    stepper = CachedStepper(sampling_model(agent), env.unwrapped.tokenizer.pad_token_id)
+    config = env.unwrapped.config
+    room = config.window(turns=config.interaction is not None)  # cache columns past the prompts: no reallocation
+    stepper = CachedStepper(sampling_model(agent), env.unwrapped.tokenizer.pad_token_id, room=room)
     with autocast or nullcontext():
         logits = stepper.prefill(prompt_ids, prompt_mask)
     steps, replies_after, endings = step_until_all_end(

@@ -89,15 +89,16 @@ class TokenBatchCore:
         self.reward_model, self.vocab_size = task.reward_model, task.vocab_size
         self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self.kl_coef = config.kl_coef
-        self.reference = CachedStepper(task.reference_model, self.pad_token_id)
+        self.context_length = task.context_length or config.context_length
+        room = self.context_length  # cache columns past the prompts: an episode's tokens fit without reallocating
+        self.reference = CachedStepper(task.reference_model, self.pad_token_id, room=room)
         self.device = self.reference.device
         # a module is stepped as a causal LM with its own KV cache; any other callable is called on observations
         is_module = isinstance(config.policy, torch.nn.Module)
-        self.policy = CachedStepper(config.policy, self.pad_token_id) if is_module else None
+        self.policy = CachedStepper(config.policy, self.pad_token_id, room=room) if is_module else None
         self.policy_fn = None if is_module else config.policy
         self.reward_fns, self.step_reward_fn = task.reward_fns, task.step_reward_fn
         self.accuracy = task.accuracy  # the reward function that checks answers, where the task has one
-        self.context_length = task.context_length or config.context_length
         self.slots = Slots(self.tokenizer, self.prompts, self.prompt_ids, self.rows, num_slots, self.context_length)
         self.multi_turn = task.interaction is not None
         end_ids = (self.eos_token_id,) if task.end_of_turn_id is None else (task.end_of_turn_id, self.eos_token_id)
