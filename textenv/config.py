@@ -87,7 +87,8 @@ class TokenEnvConfig:
     kl_coef: float = 0.05
     """beta in r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + score term."""
     reward_mode: RewardMode = "sparse"
-    """'sparse': the score on the last step; 'dense': score differences of consecutive prefixes."""
+    """'sparse': the score on the last step; 'dense': score differences of consecutive prefixes (in episodes of
+    several turns, of the contexts at consecutive turns' ends, paid on each turn's last token)."""
     score_clip: float | None = 5.0
     """Clip reward-model scores to +-score_clip in the reward, as DeepSpeed-Chat does (None: no clip)."""
     missing_eos_penalty: float | None = None

@@ -191,7 +191,8 @@ class TokenBatchCore:
         """This step's score terms (N,), and the infos of the score: ``score``, each paying term's raw value
         (``reward/<name>``) and the step reward."""
         ended = torch.as_tensor(ends.ended, device=self.device)
-        terms, score = self.scorer.step(tokens, live, ended)
+        turn_ended = ended | torch.as_tensor(~np.isnan(ends.turn_reward), device=self.device)
+        terms, score = self.scorer.step(tokens, live, ended, turn_ended)
         self._check_scores(terms, score, live, ended)
         cut_off = torch.as_tensor(ends.cut_off, device=self.device)
         terms = missing_eos_terms(terms, cut_off, self.config.missing_eos_penalty)

@@ -514,8 +514,6 @@ def load_interaction(config: TokenEnvConfig) -> Interaction | None:
         raise TypeError(
             f"interaction must have a respond(turn) method (see textenv.turns), got {type(interaction).__name__}"
         )
-    if config.reward_mode == "dense":
-        raise ValueError("reward_mode='dense' with an interaction is not supported; use 'sparse'")
     return interaction
 
 

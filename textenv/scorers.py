@@ -4,7 +4,11 @@
   episode ends.
 - ``DenseScorer``: it steps with the episodes (its own KV cache) and pays each
   prefix's change of score (potential-based shaping).
-- ``TextScorer``: a reward model with its own tokenizer reads text, sparse or dense.
+- ``TurnScorer``: dense in episodes of several turns: the reward model reads the
+  context each time an agent turn ends and pays the change of score since the turn
+  before, on the turn's last token.
+- ``TextScorer``: a reward model with its own tokenizer reads text, sparse or dense
+  (in episodes of several turns, dense per turn as ``TurnScorer``).
 - ``NoModelScorer``: no reward model; reward functions alone pay.
 
 A scorer reads the episodes' tokens from the env's ``Slots`` and returns, each
@@ -34,9 +38,10 @@ class Scorer(Protocol):
     def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
         """Slots ``rows`` (K,) start on the left-padded prompts ``ids``/``mask`` (K, W)."""
 
-    def step(self, tokens: Tensor, live: Tensor, ended: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, tokens: Tensor, live: Tensor, ended: Tensor, turn_ended: Tensor) -> tuple[Tensor, Tensor]:
         """After the live slots' ``tokens`` were appended: (score term of this step's reward, raw score where an
-        episode ``ended`` and NaN elsewhere), each (N,)."""
+        episode ``ended`` and NaN elsewhere), each (N,). ``turn_ended``: the slots whose agent turn ended this
+        step (every ended episode's last turn among them; in single-turn episodes, ``ended``)."""
 
 
 def nan_where_not(ended: Tensor, score: Tensor) -> Tensor:
@@ -52,7 +57,7 @@ class NoModelScorer:
     def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
         """Nothing to do: no prefix is scored."""
 
-    def step(self, tokens: Tensor, live: Tensor, ended: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, tokens: Tensor, live: Tensor, ended: Tensor, turn_ended: Tensor) -> tuple[Tensor, Tensor]:
         return self.zero, nan_where_not(ended, self.zero)
 
 
@@ -65,15 +70,41 @@ class SparseScorer:
     def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
         """Nothing to do: no prefix is scored."""
 
-    def step(self, tokens: Tensor, live: Tensor, ended: Tensor) -> tuple[Tensor, Tensor]:
-        score = torch.full(ended.shape, float("nan"), device=ended.device)
-        rows = ended.nonzero()[:, 0]
-        if len(rows):
-            sequences = [self.slots.sequence(r) for r in rows.tolist()]
-            ids, mask = (t.to(ended.device) for t in pad_batch(sequences, self.slots.pad_token_id))
-            score[rows] = sequence_scores(self.reward_model, ids, mask)
+    def step(self, tokens: Tensor, live: Tensor, ended: Tensor, turn_ended: Tensor) -> tuple[Tensor, Tensor]:
+        score = self.scores(ended)
         clipped = clip_score(torch.where(ended, score, 0.0), self.score_clip)
         return score_terms(clipped, ended), score
+
+    def scores(self, rows_mask: Tensor) -> Tensor:
+        """The reward model's score of each slot's tokens where ``rows_mask``, NaN elsewhere (N,)."""
+        score = torch.full(rows_mask.shape, float("nan"), device=rows_mask.device)
+        rows = rows_mask.nonzero()[:, 0]
+        if len(rows):
+            sequences = [self.slots.sequence(r) for r in rows.tolist()]
+            ids, mask = (t.to(rows_mask.device) for t in pad_batch(sequences, self.slots.pad_token_id))
+            score[rows] = sequence_scores(self.reward_model, ids, mask)
+        return score
+
+
+class TurnScorer(SparseScorer):
+    """Dense rewards in episodes of several turns: when an agent turn ends, the reward model reads the context
+    (prompt, earlier turns and replies, this turn) and the turn's last token is paid the change of the clipped
+    score since the previous turn ended (since the prompt, for the first turn). The terms of an episode add up
+    to its final clipped score less its prompt's, as dense rewards of one turn do."""
+
+    def __init__(self, reward_model: torch.nn.Module, slots: Slots, config: TokenEnvConfig):
+        super().__init__(reward_model, slots, config)
+        self.previous = torch.zeros(slots.num_slots, device=next(reward_model.parameters()).device)
+
+    def start(self, rows: Tensor, ids: Tensor, mask: Tensor) -> None:
+        self.previous[rows] = clip_score(sequence_scores(self.reward_model, ids, mask), self.score_clip)
+
+    def step(self, tokens: Tensor, live: Tensor, ended: Tensor, turn_ended: Tensor) -> tuple[Tensor, Tensor]:
+        score = self.scores(turn_ended)
+        current = torch.where(turn_ended, clip_score(score, self.score_clip), self.previous)
+        terms = score_terms(current, ended, previous=self.previous)
+        self.previous = current
+        return terms, nan_where_not(ended, score)
 
 
 class DenseScorer:
@@ -88,7 +119,7 @@ class DenseScorer:
         self.stepper.start(rows, ids, mask, self.slots.contexts)
         self.previous[rows] = clip_score(self.stepper.last[rows], self.score_clip)
 
-    def step(self, tokens: Tensor, live: Tensor, ended: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, tokens: Tensor, live: Tensor, ended: Tensor, turn_ended: Tensor) -> tuple[Tensor, Tensor]:
         current = self.stepper.advance(tokens, live)
         clipped = clip_score(current, self.score_clip)
         terms = score_terms(clipped, ended, previous=self.previous)
@@ -107,10 +138,12 @@ class TextScorer:
     tokenizer's chat template when it has one.
     """
 
-    def __init__(self, reward_model, reward_tokenizer, slots: Slots, conversations: list, config: TokenEnvConfig):
+    def __init__(
+        self, reward_model, reward_tokenizer, slots: Slots, conversations: list, config: TokenEnvConfig, turns: bool
+    ):
         self.reward_model, self.reward_tokenizer, self.slots = reward_model, reward_tokenizer, slots
         self.conversations, self.score_clip = conversations, config.score_clip
-        self.dense = config.reward_mode == "dense"
+        self.dense, self.per_turn = config.reward_mode == "dense", turns
         self.previous = torch.zeros(slots.num_slots, device=next(reward_model.parameters()).device)
 
     def text(self, row: int) -> str:
@@ -142,14 +175,15 @@ class TextScorer:
         if self.dense:
             self.previous[rows] = clip_score(self.scores(rows), self.score_clip)
 
-    def step(self, tokens: Tensor, live: Tensor, ended: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, tokens: Tensor, live: Tensor, ended: Tensor, turn_ended: Tensor) -> tuple[Tensor, Tensor]:
         score = torch.full(ended.shape, float("nan"), device=ended.device)
-        rows = (live if self.dense else ended).nonzero()[:, 0]
+        scored = ended if not self.dense else turn_ended if self.per_turn else live  # per turn: at each turn's end
+        rows = scored.nonzero()[:, 0]
         if len(rows):
             score[rows] = self.scores(rows)
         if not self.dense:
             return score_terms(clip_score(torch.where(ended, score, 0.0), self.score_clip), ended), score
-        current = torch.where(live, clip_score(score, self.score_clip), self.previous)
+        current = torch.where(scored, clip_score(score, self.score_clip), self.previous)
         terms = score_terms(current, ended, previous=self.previous)
         self.previous = current
         return terms, nan_where_not(ended, score)
@@ -159,9 +193,10 @@ def build_scorer(task: Task, config: TokenEnvConfig, slots: Slots) -> Scorer:
     """The scorer of the task's reward model: by text with its own tokenizer, else by token ids, sparse or dense."""
     if task.reward_model is None:
         return NoModelScorer(slots.num_slots, next(task.reference_model.parameters()).device)
+    turns = task.interaction is not None
     if task.reward_tokenizer is not None:
         conversations = task.conversations or [None] * len(task.prompts)
-        return TextScorer(task.reward_model, task.reward_tokenizer, slots, conversations, config)
+        return TextScorer(task.reward_model, task.reward_tokenizer, slots, conversations, config, turns)
     if config.reward_mode == "dense":
-        return DenseScorer(task.reward_model, slots, config)
+        return TurnScorer(task.reward_model, slots, config) if turns else DenseScorer(task.reward_model, slots, config)
     return SparseScorer(task.reward_model, slots, config)

@@ -555,3 +555,37 @@ def test_constant_aggregation_counts_agent_steps_not_environment_tokens(multi_tu
         ppo_update(agent, optimizer, rollout, config, 1.0, torch.Generator(), kl_coef=KL_COEF, max_new_tokens=steps - 1)
     assert TokenEnvConfig(max_new_tokens=14, max_turns=2).agent_tokens(turns=True) == 28  # what the trainer passes
     assert TokenEnvConfig(max_new_tokens=14, max_turns=2).agent_tokens(turns=False) == 14
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_group_baselines_of_several_turns_are_per_episode(algo):
+    # two groups of two episodes of several turns: each episode's steps (its agent tokens; the columns between turns
+    # held the environment's replies and are no steps) all get the episode's return against its group's, whatever
+    # the turn: the baseline is per episode, not per turn index
+    from agents.ppo import ADVANTAGES, PPOConfig
+
+    mask = torch.tensor(
+        [[1, 1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool
+    )
+    rewards = torch.tensor(
+        [
+            [0.1, 0.5, 0, 0, -0.2, 1.0, 0],
+            [0.0, 0, 0.3, 0.0, 2.0, 0, 0],
+            [1, 0, 0, 0, 0, 0.5, -1],
+            [0.2, 0.4, 0, 0, 0, 0, 0],
+        ]
+    )
+    config = PPOConfig(algo=algo, group_size=2, whiten_advantages=False)
+    advantages, _ = ADVANTAGES[algo](rewards, torch.zeros(4, 8), torch.zeros(4, 7, dtype=torch.bool), mask, config)
+    returns = [1.4, 2.3, 0.5, 0.6]  # each episode's rewards over its turns
+    if algo == "rloo":  # the others' mean in its group: with two, the other episode
+        expected = [1.4 - 2.3, 2.3 - 1.4, 0.5 - 0.6, 0.6 - 0.5]
+    else:  # minus the group's mean, over the group's std (n - 1)
+        std = [statistics.stdev(returns[:2])] * 2 + [statistics.stdev(returns[2:])] * 2
+        expected = [(r - (returns[2 * (i // 2)] + returns[2 * (i // 2) + 1]) / 2) / (s + 1e-4) for i, (r, s) in
+                    enumerate(zip(returns, std))]  # fmt: skip
+    for row in range(4):
+        assert torch.allclose(
+            advantages[row][mask[row]], torch.tensor(expected[row]).expand(int(mask[row].sum())), atol=1e-5
+        )
+        assert (advantages[row][~mask[row]] == 0).all()

@@ -131,9 +131,10 @@ def run_vector(env, tokenizer, steps: int, seed: int) -> list[Record]:
     return finished
 
 
-def check(records: list[Record], reference, reward_model, policy=None) -> None:
+def check(records: list[Record], reference, reward_model, policy=None, dense: bool = False) -> None:
     """Each agent step against one plain forward over the episode's final context (agent and environment
-    tokens); some episodes must have had replies."""
+    tokens); some episodes must have had replies. ``dense``: the score is paid per turn, the change of the
+    uncached score of the context at each turn's end (the prompt's before the first turn)."""
     assert records
     for r in records:
         logits = uncached_logits(reference, r.context).double()
@@ -150,7 +151,15 @@ def check(records: list[Record], reference, reward_model, policy=None) -> None:
         score = uncached_score(reward_model, r.context)
         assert r.score == pytest.approx(score, abs=ATOL)
         expected_rewards = [k + t for k, t in zip(kl_terms, r.turn_rewards)]
-        expected_rewards[-1] += score
+        if dense:
+            ends = [i for i, t in enumerate(r.turn_rewards) if t] + [len(r.positions) - 1]  # each turn's last step
+            previous = uncached_score(reward_model, r.context[: r.prompt_length])
+            for i in sorted(set(ends)):
+                current = uncached_score(reward_model, r.context[: r.positions[i] + 1])
+                expected_rewards[i] += current - previous
+                previous = current
+        else:
+            expected_rewards[-1] += score
         np.testing.assert_allclose(r.rewards, expected_rewards, atol=ATOL)
         assert len(r.rewards) == len(r.positions)  # environment tokens are not steps: one reward per agent token
     environment_tokens = sum(len(r.context) - r.prompt_length - len(r.positions) for r in records)
@@ -165,6 +174,15 @@ def test_vector_env_turns_match_uncached_recomputation(models, make_vec, mode):
     assert {len([t for t in r.turn_rewards if t]) for r in records} >= {1, 2}  # episodes of several turn counts
     assert any(r.truncated for r in records) and any(not r.truncated for r in records)
     check(records, reference, reward_model)
+
+
+@pytest.mark.parametrize("mode", ["NextStep", "Disabled"])
+def test_dense_rewards_pay_each_turns_change_of_score(models, make_vec, mode):
+    tokenizer, reference, reward_model = models
+    env = make_vec(4, mode, interaction=Talk(), reward_mode="dense", **SETTINGS)
+    records = run_vector(env, tokenizer, steps=60, seed=3)
+    assert {len([t for t in r.turn_rewards if t]) for r in records} >= {2}  # episodes of several turns
+    check(records, reference, reward_model, dense=True)
 
 
 def test_vector_env_steps_its_policy_over_environment_tokens(models, make_vec):
@@ -304,8 +322,6 @@ def test_bad_replies_name_the_interaction(make_env, reply, error, match):
 def test_configuration_errors(make_env):
     with pytest.raises(TypeError, match="respond"):
         make_env(interaction=object(), **SETTINGS)
-    with pytest.raises(ValueError, match="dense.*not supported"):
-        make_env(interaction=Talk(), reward_mode="dense", **SETTINGS)
     with pytest.raises(ValueError, match="end_of_turn_token 'no-such-token'"):
         make_env(interaction=Talk(), end_of_turn_token="no-such-token", **SETTINGS)
     with pytest.raises(ValueError, match=r"max_turns \* max_new_tokens.*exceeds the reference model's"):
