@@ -42,3 +42,30 @@ def test_readme_calculator_table_agrees_with_its_evaluation_files():
         assert before == f"{100 * sft['accuracy']:.1f}" and after == f"{100 * run['accuracy']:.1f}"
         assert calls_before == f"{sft['replies']:.3f}" and calls_after == f"{run['replies']:.2f}"
         assert kl == f"{run['kl']:.2f}"
+
+
+def test_readme_pipeline_table_agrees_with_its_summary():
+    import json
+
+    summary = json.loads((README.parent / "docs" / "results" / "pipeline" / "summary.json").read_text())
+    text = README.read_text()
+    sft, rm, evaluation = summary["sft"], summary["reward_model"], summary["evaluation"]
+    rows = [
+        f"| 1. SFT, from scratch | held-out loss per response token | {sft['eval_loss_before']:.2f} | "
+        f"{sft['eval_loss_after']:.3f} | {sft['seconds']:.0f} s |",
+        f"| 2. reward model, from the SFT policy | held-out pairwise accuracy | {rm['accuracy_before']:.3f} | "
+        f"{rm['accuracy_after']:.3f} | {rm['seconds']:.0f} s |",
+        f"| 3. PPO, 60 iterations | eval score (calibrated reward model) | {evaluation['sft']['score']:.3f} | "
+        f"{evaluation['ppo']['score']:.3f} | {summary['ppo']['seconds']:.0f} s |",
+        f"| evaluation, 16 held-out complaints x 8 | share of replies scored above 0 | "
+        f"{100 * evaluation['sft']['score_gt0_rate']:.1f}% | {100 * evaluation['ppo']['score_gt0_rate']:.1f}% | "
+        f"{evaluation['seconds']:.0f} s |",
+    ]
+    for row in rows:
+        assert row in text, row
+    before, after = evaluation["sft"], evaluation["ppo"]
+    sentence = (
+        f"({before['response_length']:.1f} -> {after['response_length']:.1f} tokens), at a KL of "
+        f"{after['kl']:.2f} nats per reply"
+    )
+    assert sentence in " ".join(text.split()), sentence
