@@ -69,3 +69,16 @@ def test_readme_pipeline_table_agrees_with_its_summary():
         f"{after['kl']:.2f} nats per reply"
     )
     assert sentence in " ".join(text.split()), sentence
+
+
+def test_readme_rebuild_figures_agree_with_the_reports():
+    import json
+
+    rebuilt = json.loads((README.parent / "docs" / "results" / "rebuild" / "arithmetic.json").read_text())["report"]
+    shipped = json.loads((README.parent / "textenv" / "arithmetic" / "artifacts" / "task.json").read_text())["report"]
+    greedy, sampled = (100 * rebuilt[f"accuracy/{kind}"] for kind in ("greedy", "sampled"))
+    sentence = (
+        f"gave greedy accuracy {greedy:.1f}% and sampled {sampled:.1f}%, "
+        f"against the shipped {100 * shipped['accuracy/greedy']:.1f}% and {100 * shipped['accuracy/sampled']:.1f}%"
+    )
+    assert sentence in " ".join(README.read_text().split()), sentence
