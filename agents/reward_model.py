@@ -35,41 +35,32 @@ from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     GPT2ForSequenceClassification,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
-from agents.checkpoint import Checkpoints
-from agents.distributed import Distributed
 from agents.logger import write_atomically
 from agents.lora import add_lora
 from agents.supervised import (
-    SCRATCH,
     Evaluation,
     FitConfig,
     ModelSource,
     RunDirConfig,
-    RunWriter,
     SupervisedLoop,
-    check_tokenizer,
     command_line,
-    default_threads,
     fit_to_length,
     gpt2_config,
     model_positions,
-    prepare_run_dir,
     save_final,
-    split_rows_by_either,
+    set_threads,
+    start_run,
     text_field,
-    train_tokenizer,
-    write_config,
 )
 from agents.train import TrainingStopped
 from textenv.config import AsPath
 from textenv.lm import disable_dropout, pad_batch, sequence_scores, sequence_scores_with_grad
-from textenv.loading import check_reward_model_config, load_pretrained, resolve_device, tokenize_prompts
+from textenv.loading import check_reward_model_config, load_pretrained, tokenize_prompts
 from textenv.text import encode_text
 
 CURVES = (("loss/train", "eval/loss", "Bradley-Terry loss"), ("eval/accuracy", None, "held-out pairwise accuracy"))
@@ -351,19 +342,6 @@ def check_model_kind(source: str) -> None:
         )
 
 
-def load_tokenizer(config: RewardModelConfig, rows: list[dict], saved: Path | None) -> PreTrainedTokenizerBase:
-    source = config.model
-    if saved is not None:
-        tokenizer = AutoTokenizer.from_pretrained(saved)
-    elif source.tokenizer is not None or not source.from_scratch:
-        tokenizer = load_pretrained(AutoTokenizer, source.tokenizer or source.model, "--tokenizer")
-    else:
-        texts = [v for row in rows for v in row.values() if isinstance(v, str)]
-        tokenizer = train_tokenizer(texts, source.tokenizer_kind, source.vocab_size)
-    check_tokenizer(tokenizer, source.tokenizer or source.model or SCRATCH)
-    return tokenizer
-
-
 def calibrate(config: RewardModelConfig, model: nn.Module, train: Pairs, held_out: Pairs | None, device) -> dict:
     """Calibrate on the training responses (both sides) and report the held-out figures before and after."""
     check_set = held_out if held_out is not None else train
@@ -382,50 +360,33 @@ def pad_same(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def train_reward_model_run(config: RewardModelConfig) -> Path:
     """Run (or resume) reward-model training as configured; returns the directory of the final reward model."""
-    config.validate()
-    run, data, seed = config.run, config.data, config.fit.seed
-    dist = Distributed(resolve_device(run.device))
-    device, checkpoints = dist.device, Checkpoints(run.run_dir)
-    resumed = prepare_run_dir(config, run, checkpoints)
-    columns = (data.prompt_column, data.chosen_column)  # prompt rows, or chat pairs (two conversations)
+    data, seed = config.data, config.fit.seed
     hint = "name them with --prompt-column, --chosen-column and --rejected-column"
-    train_rows, eval_rows = split_rows_by_either(data.data, data.eval_data, columns, data.eval_fraction, seed, hint)
-    tokenizer = load_tokenizer(config, train_rows, None if resumed is None else run.run_dir / "tokenizer")
-    model = load_model(config, tokenizer, None if resumed is None else resumed.directory / "agent", device)
-    torch.set_num_threads(run.threads or default_threads(model, device))
-    length = model_positions(model) or 10**9
-    train = encode_preferences(train_rows, tokenizer, data, length, seed, "--data preferences")
-    held_out = encode_preferences(eval_rows, tokenizer, data, length, seed + 1, "held-out pairs") if eval_rows else None
-    if dist.is_main and resumed is None:
-        write_config(config, run.run_dir)
-        tokenizer.save_pretrained(run.run_dir / "tokenizer")
-    dist.barrier()
+    run = start_run(config, (data.prompt_column, data.chosen_column), hint)  # prompt rows, or chat pairs
+    tokenizer = run.tokenizer(lambda: [v for row in run.train_rows for v in row.values() if isinstance(v, str)])
+    model = load_model(config, tokenizer, run.saved_model, run.device)
+    set_threads(config.run, model, run.device)
+    length, device = model_positions(model) or 10**9, run.device
+    train = encode_preferences(run.train_rows, tokenizer, data, length, seed, "--data preferences")
+    held_out = None
+    if run.eval_rows:
+        held_out = encode_preferences(run.eval_rows, tokenizer, data, length, seed + 1, "held-out pairs")
+    run.record(tokenizer)
 
     def evaluate(trained: nn.Module) -> Evaluation:
         return Evaluation(pair_metrics(trained, held_out, device) if held_out is not None else {}, [])
 
-    start = 0 if resumed is None else resumed.state.iteration + 1
-    writer = RunWriter(run, evaluate, start, dist, curves=CURVES)
-    generator = torch.Generator().manual_seed(dist.seed(seed))
-    loop = SupervisedLoop(
-        model, pair_loss(train, device), len(train), config.fit, generator, "reward model", writer, dist
-    )
-    if resumed is not None:
-        loop.restore(resumed.optimizer, resumed.generators, resumed.state.iteration)
-    if loop.start == 0:
-        writer.log(-1, dist.mean_metrics(evaluate(model).metrics), [])
-    loop.run(run.progress)
-    writer.close()
-    final = run.run_dir / "final"
-    if dist.is_main:
+    run.train(model, pair_loss(train, device), len(train), evaluate, "reward model", CURVES)
+    final = config.run.run_dir / "final"
+    if run.dist.is_main:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         if config.calibrate:
             report = calibrate(config, model, train, held_out, device)
-            write_atomically(run.run_dir / "calibration.json", json.dumps(report, indent=2) + "\n")
-        final = save_final(model, tokenizer, run.run_dir)
-    dist.barrier()
-    dist.shutdown()
+            write_atomically(config.run.run_dir / "calibration.json", json.dumps(report, indent=2) + "\n")
+        final = save_final(model, tokenizer, config.run.run_dir)
+    run.dist.barrier()
+    run.dist.shutdown()
     return final
 
 

@@ -28,38 +28,32 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from agents.checkpoint import Checkpoints
-from agents.distributed import Distributed
 from agents.lora import add_lora
 from agents.packing import lm_packing_works, plan_packing
 from agents.supervised import (
+    SUPERVISED_CURVES,
     Evaluation,
     FitConfig,
     ModelSource,
     RunDirConfig,
-    RunWriter,
     SupervisedLoop,
-    check_tokenizer,
     command_line,
-    default_threads,
     fit_to_length,
     gpt2_config,
     model_positions,
     pad_right,
-    prepare_run_dir,
     save_final,
-    split_rows_by_either,
+    set_threads,
+    start_run,
     text_field,
-    train_tokenizer,
-    write_config,
 )
 from agents.train import TrainingStopped
 from textenv.config import AsPath, check_float
 from textenv.lm import disable_dropout, sample
-from textenv.loading import check_messages, load_pretrained, resolve_device, tokenize_prompts
+from textenv.loading import check_messages, load_pretrained, tokenize_prompts
 from textenv.text import encode_text
 
 IGNORE = -100  # the label of a position without loss (PyTorch's cross_entropy ignore_index)
@@ -338,19 +332,6 @@ def check_vocabulary(tokenizer, model: nn.Module) -> None:
         )
 
 
-def load_tokenizer(config: SFTConfig, rows: list[dict], saved: Path | None) -> PreTrainedTokenizerBase:
-    """The run's tokenizer: saved by it (resume), given, the model's, or trained on the training rows."""
-    source = config.model
-    if saved is not None:
-        tokenizer = AutoTokenizer.from_pretrained(saved)
-    elif source.tokenizer is not None or not source.from_scratch:
-        tokenizer = load_pretrained(AutoTokenizer, source.tokenizer or source.model, "--tokenizer")
-    else:
-        tokenizer = train_tokenizer(training_texts(rows, config.data), source.tokenizer_kind, source.vocab_size)
-    check_tokenizer(tokenizer, source.tokenizer or source.model)
-    return tokenizer
-
-
 def training_texts(rows: list[dict], data: DemonstrationData) -> list[str]:
     """Every text of the rows a new tokenizer learns from: prompts and responses, or the messages' contents."""
     texts = []
@@ -365,42 +346,24 @@ def training_texts(rows: list[dict], data: DemonstrationData) -> list[str]:
 
 def train_sft(config: SFTConfig) -> Path:
     """Run (or resume) supervised fine-tuning as configured; returns the directory of the final policy."""
-    config.validate()
-    run, seed = config.run, config.fit.seed
-    dist = Distributed(resolve_device(run.device))
-    device, checkpoints = dist.device, Checkpoints(run.run_dir)
-    resumed = prepare_run_dir(config, run, checkpoints)
     data = config.data
-    columns, hint = (data.prompt_column, data.messages_column), "name them with --prompt-column or --messages-column"
-    train_rows, eval_rows = split_rows_by_either(data.data, data.eval_data, columns, data.eval_fraction, seed, hint)
-    tokenizer = load_tokenizer(config, train_rows, None if resumed is None else run.run_dir / "tokenizer")
-    model = load_model(config, tokenizer, None if resumed is None else resumed.directory / "agent", device)
-    torch.set_num_threads(run.threads or default_threads(model, device))
+    hint = "name them with --prompt-column or --messages-column"
+    run = start_run(config, (data.prompt_column, data.messages_column), hint)
+    tokenizer = run.tokenizer(lambda: training_texts(run.train_rows, data))
+    model = load_model(config, tokenizer, run.saved_model, run.device)
+    set_threads(config.run, model, run.device)
     max_length = model_positions(model) or 10**9
-    train = encode_demonstrations(train_rows, tokenizer, data, max_length, "--data demonstrations")
-    held_out = (
-        encode_demonstrations(eval_rows, tokenizer, data, max_length, "held-out demonstrations") if eval_rows else None
-    )
-    if dist.is_main and resumed is None:
-        write_config(config, run.run_dir)
-        tokenizer.save_pretrained(run.run_dir / "tokenizer")
-    dist.barrier()
+    train = encode_demonstrations(run.train_rows, tokenizer, data, max_length, "--data demonstrations")
+    held_out = None
+    if run.eval_rows:
+        held_out = encode_demonstrations(run.eval_rows, tokenizer, data, max_length, "held-out demonstrations")
+    run.record(tokenizer)
     report_truncation(train, held_out)
-    generator = torch.Generator().manual_seed(dist.seed(config.fit.seed))
-    writer = RunWriter(
-        run, evaluator(held_out, tokenizer, config, device), 0 if resumed is None else resumed.state.iteration + 1, dist
-    )
-    loss = batch_loss(train, device, pack=config.packing)
-    loop = SupervisedLoop(model, loss, len(train), config.fit, generator, "SFT", writer, dist)
-    if resumed is not None:
-        loop.restore(resumed.optimizer, resumed.generators, resumed.state.iteration)
-    if loop.start == 0:
-        writer.log(-1, dist.mean_metrics(writer.evaluate(model).metrics), [])  # before training: the starting point
-    loop.run(run.progress)
-    writer.close()
-    final = save_final(model, tokenizer, run.run_dir) if dist.is_main else run.run_dir / "final"
-    dist.barrier()
-    dist.shutdown()
+    evaluate = evaluator(held_out, tokenizer, config, run.device)
+    run.train(model, batch_loss(train, run.device, pack=config.packing), len(train), evaluate, "SFT", SUPERVISED_CURVES)
+    final = save_final(model, tokenizer, config.run.run_dir) if run.dist.is_main else config.run.run_dir / "final"
+    run.dist.barrier()
+    run.dist.shutdown()
     return final
 
 

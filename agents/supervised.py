@@ -39,7 +39,7 @@ import torch
 import tyro
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import GPT2Config, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2Config, PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.checkpoint import Checkpoints, TrainerState
 from agents.distributed import Distributed
@@ -47,7 +47,14 @@ from agents.logger import RunLogger, write_atomically
 from agents.train import StopSignals, TrainingStopped
 from textenv.config import AsPath, check_float, check_int
 from textenv.default_task.tokenizer import build_tokenizer as bpe_tokenizer
-from textenv.loading import ALL_ROWS_SPLIT, has_splits, looks_like_path, read_prompt_rows
+from textenv.loading import (
+    ALL_ROWS_SPLIT,
+    has_splits,
+    load_pretrained,
+    looks_like_path,
+    read_prompt_rows,
+    resolve_device,
+)
 
 BatchLoss = Callable[[nn.Module, Tensor], Tensor]
 """``loss(model, rows)``: the mean loss of the examples at the indices ``rows``, with its graph."""
@@ -597,3 +604,75 @@ def command_line(cls, argv: list[str] | None, description: str):
         default.run.resume = True
         config = tyro.cli(cls, args=argv, default=default, **options)
     return config
+
+
+# ---------------------------------------------------------------- one run, start to finish
+
+
+@dataclass
+class Run:
+    """A supervised run being set up: its processes, its checkpoint to resume from (None: new), its rows."""
+
+    config: object  # SFTConfig or RewardModelConfig: data, model, fit, run
+    dist: Distributed
+    resumed: object | None  # agents.checkpoint.Resumed
+    train_rows: list[dict]
+    eval_rows: list[dict]
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def saved_model(self) -> Path | None:
+        return None if self.resumed is None else self.resumed.directory / "agent"
+
+    def tokenizer(self, texts: Callable[[], list[str]]) -> PreTrainedTokenizerBase:
+        """The run's tokenizer: the one it saved (resume), the given one, the model's, or one trained on ``texts()``
+        (the training rows' texts) for a model from scratch."""
+        source = self.config.model
+        if self.resumed is not None:
+            tokenizer = AutoTokenizer.from_pretrained(Path(self.config.run.run_dir) / "tokenizer")
+        elif source.tokenizer is not None or not source.from_scratch:
+            tokenizer = load_pretrained(AutoTokenizer, source.tokenizer or source.model, "--tokenizer")
+        else:
+            tokenizer = train_tokenizer(texts(), source.tokenizer_kind, source.vocab_size)
+        check_tokenizer(tokenizer, source.tokenizer or source.model)
+        return tokenizer
+
+    def record(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """A new run's config.json and tokenizer, written once everything has loaded (a failed start leaves none)."""
+        if self.dist.is_main and self.resumed is None:
+            write_config(self.config, Path(self.config.run.run_dir))
+            tokenizer.save_pretrained(Path(self.config.run.run_dir) / "tokenizer")
+        self.dist.barrier()
+
+    def train(self, model: nn.Module, loss: BatchLoss, n_rows: int, evaluate, desc: str, curves) -> None:
+        """The steps, from the start or the checkpoint, with the evaluation before the first step logged as step
+        -1 (the starting point); the model is left in eval mode."""
+        config, dist = self.config, self.dist
+        start = 0 if self.resumed is None else self.resumed.state.iteration + 1
+        writer = RunWriter(config.run, evaluate, start, dist, curves=curves)
+        generator = torch.Generator().manual_seed(dist.seed(config.fit.seed))
+        loop = SupervisedLoop(model, loss, n_rows, config.fit, generator, desc, writer, dist)
+        if self.resumed is not None:
+            loop.restore(self.resumed.optimizer, self.resumed.generators, self.resumed.state.iteration)
+        if loop.start == 0:
+            writer.log(-1, dist.mean_metrics(evaluate(model).metrics), [])
+        loop.run(config.run.progress)
+        writer.close()
+
+
+def start_run(config, columns: tuple[str, str], hint: str) -> Run:
+    """Check the settings and the run directory, read and split the rows (keyed by the first of ``columns`` they
+    have; ``hint`` names the flags that name them)."""
+    config.validate()
+    run, data = config.run, config.data
+    dist = Distributed(resolve_device(run.device))
+    resumed = prepare_run_dir(config, run, Checkpoints(run.run_dir))
+    rows = split_rows_by_either(data.data, data.eval_data, columns, data.eval_fraction, config.fit.seed, hint)
+    return Run(config, dist, resumed, *rows)
+
+
+def set_threads(run: RunDirConfig, model: nn.Module, device: torch.device) -> None:
+    torch.set_num_threads(run.threads or default_threads(model, device))
