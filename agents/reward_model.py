@@ -46,6 +46,7 @@ from agents.supervised import (
     Evaluation,
     FitConfig,
     ModelSource,
+    RowsSource,
     RunDirConfig,
     SupervisedLoop,
     command_line,
@@ -67,28 +68,18 @@ CURVES = (("loss/train", "eval/loss", "Bradley-Terry loss"), ("eval/accuracy", N
 
 
 @dataclass
-class PreferenceData:
-    """The preference pairs, their fields, and the held-out share."""
+class PreferenceData(RowsSource):
+    """The preference pairs, their fields, and the held-out share; rows without a prompt hold two conversations."""
 
     data: Annotated[str, AsPath] = "preferences.jsonl"
     """JSON lines (or .json), or a saved datasets directory: rows with a prompt, a chosen and a rejected response."""
-    eval_data: Annotated[str | None, AsPath] = None
-    """Held-out pairs (default: the data's eval/test/validation split, else --eval-fraction of its rows)."""
-    eval_fraction: float = 0.05
-    """Share of the rows held out when the data has no splits and no --eval-data (0: none)."""
-    prompt_column: str = "prompt"
-    """The prompt's field (a string or a chat conversation); rows without it hold two conversations."""
     chosen_column: str = "chosen"
     """The preferred response (a string), or the preferred conversation."""
     rejected_column: str = "rejected"
     """The other response, or conversation."""
-    chat_template: bool = False
-    """Read string prompts as one user message through the tokenizer's chat template (as the env's option)."""
     eos: Literal["half", "always", "never"] = "half"
     """Whether a response is scored with EOS after it: 'half' of the texts at random (the score then does not
     depend on whether a response stopped or was cut off), every one, or none."""
-    truncate: bool = False
-    """Cut texts longer than the model's positions to their first tokens instead of refusing them."""
 
 
 @dataclass
@@ -101,10 +92,8 @@ class RewardModelConfig:
     """After training, shift and scale the scores in the weights: training responses to mean 0, std 1."""
 
     def validate(self) -> None:
-        for part in (self.model, self.fit, self.run):
+        for part in (self.data, self.model, self.fit, self.run):
             part.validate()
-        if not 0 <= self.data.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
 
 
 @dataclass

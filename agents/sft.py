@@ -38,6 +38,7 @@ from agents.supervised import (
     Evaluation,
     FitConfig,
     ModelSource,
+    RowsSource,
     RunDirConfig,
     SupervisedLoop,
     command_line,
@@ -51,7 +52,7 @@ from agents.supervised import (
     text_field,
 )
 from agents.train import TrainingStopped
-from textenv.config import AsPath, check_float
+from textenv.config import AsPath
 from textenv.lm import disable_dropout, sample
 from textenv.loading import check_messages, load_pretrained, tokenize_prompts
 from textenv.text import encode_text
@@ -60,29 +61,15 @@ IGNORE = -100  # the label of a position without loss (PyTorch's cross_entropy i
 
 
 @dataclass
-class DemonstrationData:
+class DemonstrationData(RowsSource):
     """The demonstrations, their fields, and the held-out share."""
 
     data: Annotated[str, AsPath] = "demonstrations.jsonl"
     """JSON lines (or .json), or a saved datasets directory: rows with a prompt and a response, or chat messages."""
-    eval_data: Annotated[str | None, AsPath] = None
-    """Held-out demonstrations (default: the data's eval/test/validation split, else --eval-fraction of its rows)."""
-    eval_fraction: float = 0.05
-    """Share of the rows held out when the data has no splits and no --eval-data (0: none)."""
-    prompt_column: str = "prompt"
-    """The prompt's field: a string, or a chat conversation (a list of role/content dicts)."""
     response_column: str = "response"
     """The response's field: a string, the text that follows the prompt."""
     messages_column: str = "messages"
     """For rows without a prompt: a chat conversation whose assistant messages are the responses."""
-    chat_template: bool = False
-    """Read string prompts as one user message through the tokenizer's chat template (as the env's option)."""
-    truncate: bool = False
-    """Cut demonstrations longer than the model's positions to their first tokens (counted in the log) instead of
-    refusing them."""
-
-    def validate(self) -> None:
-        check_float("eval_fraction", self.eval_fraction, "in [0, 1)", lambda v: 0 <= v < 1)
 
 
 @dataclass

@@ -121,6 +121,28 @@ class ModelSource:
 
 
 @dataclass
+class RowsSource:
+    """Where the rows come from, which field holds the prompt, and the held-out share."""
+
+    data: Annotated[str, AsPath] = "data.jsonl"
+    """JSON lines (or .json), or a saved datasets directory."""
+    eval_data: Annotated[str | None, AsPath] = None
+    """Held-out rows (default: the data's eval/test/validation split, else --eval-fraction of its rows)."""
+    eval_fraction: float = 0.05
+    """Share of the rows held out when the data has no splits and no --eval-data (0: none)."""
+    prompt_column: str = "prompt"
+    """The prompt's field: a string, or a chat conversation (a list of role/content dicts)."""
+    chat_template: bool = False
+    """Read string prompts as one user message through the tokenizer's chat template (as the env's option)."""
+    truncate: bool = False
+    """Cut texts longer than the model's positions to their first tokens (counted in the log) instead of refusing
+    them."""
+
+    def validate(self) -> None:
+        check_float("eval_fraction", self.eval_fraction, "in [0, 1)", lambda v: 0 <= v < 1)
+
+
+@dataclass
 class RunDirConfig:
     """Where the run writes, how often, and on what."""
 
