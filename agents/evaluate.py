@@ -48,7 +48,7 @@ import tyro
 from torch import Tensor
 from transformers.utils import logging as hf_logging
 
-from agents.policy import ActorCritic
+from agents.policy import ActorCritic, agent_autocast
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_int, resolve_config
@@ -356,6 +356,7 @@ def run_evaluation(config: EvalConfig, progress: bool = True) -> dict[str, float
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    autocast = agent_autocast(config.env.precision, device)  # the trainer's; bf16 where the device lacks it: refused
     env_config = resolve_config(config.env)  # the task's SFT policy is its reference model
     env_config = replace(env_config, split=eval_split(env_config.prompts, env_config.split))
     policy, reference, why = evaluation_reference(config, env_config)
@@ -373,7 +374,8 @@ def run_evaluation(config: EvalConfig, progress: bool = True) -> dict[str, float
     prompts, accuracy = env.unwrapped.prompts, env.unwrapped.accuracy_term
     count = len(prompts) if config.num_prompts is None else min(config.num_prompts, len(prompts))
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    data = evaluate_policy(agent, env, np.arange(count), config.k, env_config.temperature, generator, None, progress)
+    temperature = env_config.temperature
+    data = evaluate_policy(agent, env, np.arange(count), config.k, temperature, generator, autocast, progress)
     metrics = summarize(data, "eval", config.k, accuracy, score_rate_key(config.env))
     metrics["eval/prompts"] = float(count)
     notes = [f"note: the KL is to the reference model {reference} ({why})", *accuracy_notes(config, data, accuracy)]

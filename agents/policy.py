@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from textenv.config import Precision, resolve_precision
 from textenv.lm import cache_keyword, disable_dropout, output_cache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -108,6 +109,15 @@ def critic_trunk(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel
     trunk = AutoModel.from_config(config)
     trunk.load_state_dict(source.base_model.state_dict())
     return trunk
+
+
+def agent_autocast(precision: Precision | None, device: torch.device) -> torch.autocast | None:
+    """What the agent's forwards (rollout, update, evaluation) run under at ``precision`` (None: the device's
+    default, ``textenv.config.resolve_precision``): bf16 autocast (matrix products in bf16 from fp32 weights, which
+    stay the master copy, as Adam's moments do), or None for fp32."""
+    if resolve_precision(precision, device) == "fp32":
+        return None
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class SparseRowsLookup(torch.autograd.Function):
@@ -243,7 +253,8 @@ class ActorCritic(nn.Module):
             critic_cache = None if cache is None else cache[1]
             critic_out = self.critic(input_ids=input_ids, **{cache_keyword(self.critic): critic_cache}, **inputs)
             hidden, critic_cache = critic_out.last_hidden_state, output_cache(critic_out)
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):  # V(s) in fp32: bf16 keeps 8 bits of it
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return ActorCriticOutput(logits, values, (output_cache(out), critic_cache) if use_cache else None)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

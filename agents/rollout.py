@@ -120,11 +120,13 @@ def collect_rollout(
     config = env.unwrapped.config
     room = config.window(turns=config.interaction is not None)  # cache columns past the prompts: no reallocation
     stepper = CachedStepper(sampling_model(agent), env.unwrapped.tokenizer.pad_token_id, room=room)
+    # one autocast context for the whole rollout: it casts each weight once and keeps the copy (the weights do not
+    # change within a rollout), where a context a step would cast the LM head again for every token
     with autocast or nullcontext():
         logits = stepper.prefill(prompt_ids, prompt_mask)
-    steps, replies_after, endings = step_until_all_end(
-        stepper, logits, env, temperature, generator, autocast, len(prompt_ids), device
-    )
+        steps, replies_after, endings = step_until_all_end(
+            stepper, logits, env, temperature, generator, len(prompt_ids), device
+        )
     columns = {name: torch.stack(column, 1).cpu() for name, column in zip(STEP_COLUMNS, zip(*steps))}
     env_mask = None
     if any(replies_after):
@@ -153,11 +155,13 @@ def step_until_all_end(
     env,
     temperature: float,
     generator: torch.Generator,
-    autocast: torch.autocast | None,
     batch: int,
     device: torch.device,
 ) -> tuple[list[tuple[Tensor, ...]], list[dict[int, list[int]]], Endings]:
     """Sample a token for every row from ``logits`` and step the env, until every episode has ended.
+
+    Called inside the rollout's autocast context, if any; the env steps outside it (its models run at the
+    env's own precision, as an uncached recomputation of them would).
 
     Returns per step the ``STEP_COLUMNS`` (B,) each, per step the environment's tokens
     appended after it (by row), and the episodes' ``Endings``. A row that has ended keeps
@@ -172,7 +176,8 @@ def step_until_all_end(
     # the Gymnasium contract needs (tests/agents/test_host_syncs.py)
     while not endings.ended.all():
         action, logprob = sample_tokens(logits, temperature, generator)
-        _, reward, term, trunc, step_info = env.step(action.cpu().numpy(), logprobs=logprob.cpu().numpy())
+        with torch.autocast(device.type, enabled=False):  # nested: the outer context keeps its cast weights
+            _, reward, term, trunc, step_info = env.step(action.cpu().numpy(), logprobs=logprob.cpu().numpy())
         kl, ref_logprob = (
             torch.as_tensor(np.nan_to_num(step_info[key]), dtype=torch.float32) for key in ("kl", "ref_logprob")
         )
@@ -183,10 +188,9 @@ def step_until_all_end(
         replies = {row: list(ids) for row, ids in enumerate(step_info.get("env_tokens", ())) if len(ids)}
         replies_after.append(replies)
         if not endings.ended.all():
-            with autocast or nullcontext():
-                logits = stepper.advance(action, stepped)
-                if replies:  # the environment's tokens enter the agent's cache as they entered the env's
-                    logits = stepper.extend(replies)
+            logits = stepper.advance(action, stepped)
+            if replies:  # the environment's tokens enter the agent's cache as they entered the env's
+                logits = stepper.extend(replies)
     return steps, replies_after, endings
 
 

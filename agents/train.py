@@ -36,11 +36,11 @@ from agents.evaluate import evaluate, rollout_metrics, score_rate_key
 from agents.kl_control import KLConfig
 from agents.logger import RunLogger, read_jsonl, write_atomically
 from agents.lora import AdaptersDisabled, add_lora
-from agents.policy import ActorCritic, load_policy
+from agents.policy import ActorCritic, agent_autocast, load_policy
 from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
-from textenv.config import AsPath, check_float, check_int, resolve_config
+from textenv.config import AsPath, check_float, check_int, resolve_config, resolve_precision
 from textenv.loading import (
     eval_split,
     load_config,
@@ -99,8 +99,6 @@ class RunConfig:
     """Episodes per evaluation in each process."""
     device: str | None = None
     """'cpu', 'cuda', ... (default: CUDA when available)."""
-    bf16: bool = True
-    """On CUDA, run forwards under bf16 autocast."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (large models)."""
     lora_rank: int = 0
@@ -168,6 +166,7 @@ class TrainConfig:
             if isinstance(path, str):
                 read_prompts(path, self.env.prompt_column, what="--" + name.replace("_", "-"))
         check_recordable(self.env)
+        resolve_precision(self.env.precision, resolve_device(self.run.device))  # bf16 where the device lacks it
         if import_functions:
             self.check_functions()
 
@@ -328,9 +327,7 @@ class Trainer:
         env = self.env.unwrapped.config  # resolved: the task's limits filled in
         # the constant L of --loss-aggregation constant: the most steps an episode can take (replies are not steps)
         self.agent_tokens = env.agent_tokens(turns=env.interaction is not None)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and run.bf16 else None
-        )
+        self.autocast = agent_autocast(config.env.precision, self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # fused: one kernel over all parameters instead of a loop of small ops per tensor (4x faster a step on the
         # default task, 8x at GPT-2-small size on one CPU thread); a checkpoint's saved setting wins on --resume
@@ -679,6 +676,7 @@ def read_run_config(run_dir: Path) -> tuple[dict, list[str]]:
     newer version, or edited in) is refused, each named.
     """
     data, path = saved_config(run_dir), Path(run_dir) / CONFIG_FILE
+    retire_bf16(data)
     defaults = json.loads(json.dumps(asdict(TrainConfig()), default=describe))
     unknown = [f"{part}.{key}" for part, values in data.items() for key in values if key not in defaults.get(part, {})]
     unknown += [part for part in data if part not in defaults]
@@ -701,6 +699,14 @@ def read_run_config(run_dir: Path) -> tuple[dict, list[str]]:
             "takes these defaults"
         ]
     return completed, notes
+
+
+def retire_bf16(data: dict) -> None:
+    """A run written before --precision records run.bf16 (bf16 autocast on CUDA only): true was what precision's
+    default does, false is fp32."""
+    run, env = data.get("run"), data.get("env")
+    if isinstance(run, dict) and "bf16" in run and isinstance(env, dict) and "precision" not in env:
+        env["precision"] = None if run.pop("bf16") else "fp32"
 
 
 def same_setting(key: str, saved, given) -> bool:
@@ -855,6 +861,7 @@ def cli(argv: list[str] | None = None, description: str | None = None) -> TrainC
     or with ``--trust-run-config`` what config.json names (``take_code_settings``).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    check_no_bf16_flag(argv)
     options = dict(config=(tyro.conf.OmitArgPrefixes,), description=description)
     config = tyro.cli(TrainConfig, args=argv, **options)
     if config.run.resume and (config.run.run_dir / CONFIG_FILE).is_file():
@@ -872,6 +879,16 @@ def cli(argv: list[str] | None = None, description: str | None = None) -> TrainC
             file=sys.stderr,
         )
     return config
+
+
+def check_no_bf16_flag(argv: list[str]) -> None:
+    """Refuse --bf16 and --no-bf16, naming the flag that replaced them."""
+    for arg in argv:
+        if arg.split("=")[0] in ("--bf16", "--no-bf16"):
+            raise ValueError(
+                f"{arg} was replaced by --precision bf16|fp32 (one setting for every device: bf16 autocast on a GPU "
+                "or a CPU with bf16 instructions, and the frozen models stored in bf16)"
+            )
 
 
 def check_flags_against_recipe(ppo: PPOConfig, argv: list[str]) -> None:

@@ -13,7 +13,8 @@ Adam steps), with the loop's own logging. Two shapes:
   equal work.
 
 textenv runs ``agents.train.train`` itself (the ``python -m agents`` loop), with the
-shared critic and with ``--no-share-backbone``; phases are timed by wrapping the functions
+shared critic and with ``--no-share-backbone``, at each of ``--precisions`` (fp32 by
+default; ``--precisions fp32 bf16`` adds 'textenv <critic> bf16' runs); phases are timed by wrapping the functions
 the loop calls (rollout: policy forwards, reference forwards, reward model, sampling, env
 bookkeeping; update: re-score, forwards, backwards, optimizer; logging). No evaluation
 or checkpoint falls inside the timed iterations (``eval_every`` and ``checkpoint_every``
@@ -52,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRL_SCRIPT = REPO.parent / "shared" / "peers" / "trl_ppo_bench.py"
 Shape = Literal["default", "gpt2-small"]
 Critic = Literal["shared", "separate"]
+Precision = Literal["fp32", "bf16"]
 ROLLOUT_PHASES = ("policy", "reference", "reward model", "sampling", "env", "rollout other")
 UPDATE_PHASES = ("re-score", "forwards", "backwards", "optimizer", "update other")
 PHASES = ROLLOUT_PHASES + UPDATE_PHASES + ("logging", "loop other")
@@ -65,6 +67,9 @@ class BenchmarkArgs:
     """Model shapes to measure."""
     critics: list[Critic] = field(default_factory=lambda: ["shared", "separate"])
     """textenv's critic: a value head on the policy's trunk, or its own trunk (--no-share-backbone)."""
+    precisions: list[Precision] = field(default_factory=lambda: ["fp32"])
+    """textenv's --precision in each run ('textenv <critic> bf16' in the tables; bf16 needs a CPU with AVX512-BF16
+    or AMX, or a GPU with bf16). TRL runs in fp32."""
     trl_python: str | None = None
     """A Python with TRL 0.29.1 installed (../shared/peers/requirements-trl.txt); without it, textenv only."""
     updates: int = 15
@@ -179,6 +184,7 @@ def train_config(spec: dict, run_dir: Path):
         prompt_truncation="left",
         max_new_tokens=32,
         kl_coef=0.05,
+        **precision_setting(spec.get("precision", "fp32")),
     )
     ppo = PPOConfig(minibatch_size=spec["minibatch_size"], micro_batch_size=spec["minibatch_size"], learning_rate=3e-4)
     run = RunConfig(
@@ -195,6 +201,18 @@ def train_config(spec: dict, run_dir: Path):
         threads=spec["threads"],
     )
     return TrainConfig(env=env, ppo=ppo, run=run)
+
+
+def precision_setting(precision: str) -> dict[str, str]:
+    """The env's precision setting; none for fp32 where the checkout predates it (--other-checkout: fp32 was all)."""
+    from dataclasses import fields
+
+    from textenv import TokenEnvConfig
+
+    known = "precision" in {f.name for f in fields(TokenEnvConfig)}
+    if not known and precision != "fp32":
+        raise ValueError("this checkout of textenv has no precision setting: it runs fp32 only")
+    return {"precision": precision} if known else {}
 
 
 def run_textenv(spec: dict) -> None:
@@ -357,8 +375,9 @@ def run_process(command: list[str], side: str, checkout: Path = REPO) -> Result:
     return Result(side, seconds, usage.ru_maxrss / 1024, phases, rows)
 
 
-def textenv_command(task: Task, critic: str, args: BenchmarkArgs) -> list[str]:
-    spec = textenv_spec(task, critic, args)
+def textenv_command(task: Task, side: str, args: BenchmarkArgs) -> list[str]:
+    """The command of a textenv side, 'textenv <critic>[ bf16][ @other]'."""
+    spec = textenv_spec(task, side.split()[1], args) | {"precision": "bf16" if " bf16" in side else "fp32"}
     return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
 
 
@@ -397,14 +416,14 @@ def load() -> str:
 def measure(shape: Shape, task: Task, rounds: int, args: BenchmarkArgs) -> dict[str, list[Result]]:
     results: dict[str, list[Result]] = defaultdict(list)
     for r in range(rounds):
-        order = [f"textenv {c}" for c in args.critics]
+        order = [f"textenv {c}" + ("" if p == "fp32" else f" {p}") for c in args.critics for p in args.precisions]
         if args.other_checkout:
-            order = [side for c in args.critics for side in (f"textenv {c}", f"textenv {c} @other")]
+            order = [side for name in order for side in (name, f"{name} @other")]
         if args.trl_python:  # TRL amid textenv's runs
             order.insert(len(order) // 2, "trl")
         for side in order:
             before = load()
-            command = trl_command(task, args) if side == "trl" else textenv_command(task, side.split()[1], args)
+            command = trl_command(task, args) if side == "trl" else textenv_command(task, side, args)
             checkout = Path(args.other_checkout).resolve() if side.endswith("@other") else REPO
             result = run_process(command, side, checkout)
             results[side].append(result)

@@ -34,6 +34,7 @@ AsPath = tyro.conf.arg(constructor=str | None)
 
 RewardMode = Literal["sparse", "dense"]
 PromptTruncation = Literal["error", "left"]
+Precision = Literal["fp32", "bf16"]
 
 
 @dataclass
@@ -124,6 +125,12 @@ class TokenEnvConfig:
     or a callable from the observation batch to log-probs (N, vocab_size)."""
     device: Annotated[str | torch.device | None, tyro.conf.Suppress] = None
     """Where the frozen models run (default: CUDA when available, else CPU)."""
+    precision: Precision | None = None
+    """'fp32' or 'bf16': the dtype of the reference and reward models the env loads from a directory or hub name
+    (cast once, at load: bf16 halves their memory; a model passed loaded runs in the dtype it has), and in training
+    the arithmetic of the policy's and critic's forwards (bf16 autocast; the trained weights and Adam's moments stay
+    fp32). bf16 needs CUDA with bf16, or a CPU with AVX512-BF16 or AMX (refused elsewhere). Default: bf16 on a GPU
+    that has it, else fp32 (on the CPU bf16 was not faster on the default task: docs/scaling.md)."""
 
     def __post_init__(self):
         self.validate()
@@ -151,6 +158,8 @@ class TokenEnvConfig:
         if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise TypeError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
         check_choice("prompt_truncation", self.prompt_truncation, PromptTruncation)
+        if self.precision is not None:
+            check_choice("precision", self.precision, Precision)
         if not isinstance(self.chat_template, bool):
             raise TypeError(f"chat_template must be True or False, got {self.chat_template!r}")
         if self.accuracy_term is not None and not isinstance(self.accuracy_term, str):
@@ -263,6 +272,37 @@ class TokenEnvSettings(TypedDict, total=False):
     reward_tokenizer: str | os.PathLike | object | None
     policy: torch.nn.Module | Callable | None
     device: str | torch.device | None
+    precision: Precision | None
+
+
+def resolve_precision(precision: Precision | None, device: str | torch.device) -> Precision:
+    """The precision ``device`` runs at: ``precision``, or when None bf16 on a GPU that has it and fp32 elsewhere.
+    bf16 on a device without it raises, naming the setting."""
+    device = torch.device(device)
+    if precision is None:
+        return "bf16" if device.type == "cuda" and bf16_supported(device) else "fp32"
+    check_choice("precision", precision, Precision)
+    if precision == "bf16" and not bf16_supported(device):
+        where = "this CPU lacks AVX512-BF16 and AMX" if device.type == "cpu" else f"{device} lacks bf16"
+        raise ValueError(
+            f"precision 'bf16' (--precision bf16) needs bf16 arithmetic, and {where} (it would run emulated, "
+            "slower than fp32); use --precision fp32"
+        )
+    return precision
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` does bf16 arithmetic natively: a CUDA GPU that reports it, or a CPU with AVX512-BF16 or AMX
+    instructions and oneDNN to use them (oneDNN's own check also passes plain AVX512, where bf16 is emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return instructions and torch.backends.mkldnn.is_available()
+    return False
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_kl_coef(value) -> float:

@@ -2,7 +2,8 @@
 
 Models and tokenizers come from loaded objects, local directories or hub names.
 Every model the env holds is frozen: eval mode (dropout off), no gradients, on
-one device. Nothing here downloads unless given a hub name that is not cached
+one device; those it loads itself are in the config's precision (bf16 or fp32),
+cast once as they load. Nothing here downloads unless given a hub name that is not cached
 locally; the tests only ever pass local directories or loaded modules.
 """
 
@@ -26,7 +27,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from textenv.config import ModelLike, TokenEnvConfig, resolve_config
+from textenv.config import PRECISION_DTYPES, ModelLike, TokenEnvConfig, resolve_config, resolve_precision
 from textenv.default_task import load_prompts
 from textenv.lm import disable_dropout, sequence_scores
 from textenv.reward_fns import RewardFunction, StepRewardFunction, import_reward_fn, resolve_reward_fns
@@ -90,19 +91,31 @@ def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def load_causal_lm(source: ModelLike, device: torch.device, what: str = "reference model") -> PreTrainedModel:
+def load_causal_lm(
+    source: ModelLike, device: torch.device, what: str = "reference model", dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """``dtype``: what a model loaded from ``source`` is cast to (None: the checkpoint's); a loaded one keeps its
+    own."""
     if isinstance(source, torch.nn.Module):
         return freeze(source, device)
-    return freeze(load_pretrained(AutoModelForCausalLM, source, what), device)
+    return freeze(load_pretrained(AutoModelForCausalLM, source, what, **dtype_argument(dtype)), device)
 
 
-def load_reward_model(source: ModelLike, device: torch.device) -> PreTrainedModel:
-    """A sequence classifier with one label; a directory holding anything else is refused before loading."""
+def load_reward_model(source: ModelLike, device: torch.device, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A sequence classifier with one label; a directory holding anything else is refused before loading.
+    ``dtype`` as ``load_causal_lm``'s."""
     if isinstance(source, torch.nn.Module):
         return freeze(source, device)
     config = load_config(source, "reward model")
     check_reward_model_config(config, os.fspath(source))
-    return freeze(load_pretrained(AutoModelForSequenceClassification, source, "reward model"), device)
+    model = load_pretrained(AutoModelForSequenceClassification, source, "reward model", **dtype_argument(dtype))
+    return freeze(model, device)
+
+
+def dtype_argument(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: the weights are cast once, as they load (bf16: no fp32 copy is ever
+    held), and the model's modules that transformers keeps in fp32 stay so."""
+    return {} if dtype is None else {"dtype": dtype}
 
 
 def load_config(source: str | os.PathLike, what: str):
@@ -396,8 +409,9 @@ def load_task(config: TokenEnvConfig) -> Task:
     """
     config = resolve_config(config)
     device = resolve_device(config.device)
+    dtype = PRECISION_DTYPES[resolve_precision(config.precision, device)]  # bf16 where the device lacks it: refused
     tokenizer = load_policy_tokenizer(config)
-    reference = load_causal_lm(config.reference_model, device)
+    reference = load_causal_lm(config.reference_model, device, dtype=dtype)
     reward_fns = resolve_reward_fns(config.reward_fns, config.reward_weights)
     check_accuracy_term(config.accuracy_term, reward_fns)
     interaction = load_interaction(config)
@@ -405,7 +419,7 @@ def load_task(config: TokenEnvConfig) -> Task:
         raise ValueError("nothing pays a score: pass reward_model=, reward_fns= (--reward-fn) or both")
     reward_model = reward_tokenizer = None
     if config.reward_model is not None:
-        reward_model = load_reward_model(config.reward_model, device)
+        reward_model = load_reward_model(config.reward_model, device, dtype)
         reward_tokenizer = reward_model_tokenizer(config.reward_tokenizer, config.reward_model, tokenizer)
     check_special_tokens(tokenizer)
     reads_ids = reward_model is not None and reward_tokenizer is None
