@@ -24,6 +24,9 @@ Where this departs from the textbook PPO (Schulman et al. 2017) and why:
   ratio exactly 1. The sampling log-probs still feed the env's KL penalty.
 - the critic is a value head on the policy's trunk (or a separate trunk) and one
   combined loss ``pg + vf_coef * vf - ent_coef * entropy (+ beta * KL)`` trains both.
+- the value loss may be divided by the variance of the rollout's returns (``normalize_value_loss``, off by
+  default); with it, ``vf_coef`` 2 and ``clip_range_value`` 1.0 the value head on the policy's trunk learns to
+  explain the returns, which with the defaults it does not (``docs/design.md``).
 - advantages are whitened over valid tokens (not with ``advantage_scaling`` 'none', Dr. GRPO's
   unscaled advantages); rewards optionally scaled (no shift).
 - the per-token losses are a token mean over the minibatch by default
@@ -60,6 +63,7 @@ from agents.advantages import (
     explained_variance,
     group_centered,
     masked_mean,
+    masked_var,
     masked_whiten,
     rloo_advantages,
     scale_advantages,
@@ -164,9 +168,15 @@ class PPOConfig:
     """'clip': PPO's clipped surrogate. 'cispo': -sg(min(r, 1 + clip_range_high)) * A * log pi, the clipped and
     detached ratio as a weight, so every token keeps a gradient (CISPO, MiniMax-M1 2025; no lower bound)."""
     clip_range_value: float = 0.2
-    """Epsilon of the clipped value loss."""
+    """Epsilon of the clipped value loss, in the returns' units: how far a value may move from its old value in one
+    update. A value head on the policy's trunk learns with 1.0 (and normalize_value_loss, vf_coef 2): the values start
+    at 0 and the default task's returns span about [-3, 3] (docs/design.md)."""
     vf_coef: float = 0.1
-    """Weight of the value loss in the combined loss (small: the trunk is shared)."""
+    """Weight of the value loss in the combined loss (small: the trunk is shared). At 0.1 the shared trunk is the
+    actor's and its value head explains little of the returns; with normalize_value_loss, 2 (docs/design.md)."""
+    normalize_value_loss: bool = False
+    """Divide the value loss by the variance of the rollout's returns over valid tokens (1 where they do not vary),
+    so the critic's share of the gradient holds whatever the scale and spread of the scores."""
     ent_coef: float = 0.0
     """Weight of the entropy bonus."""
     loss_aggregation: Aggregation = "token_mean"
@@ -245,7 +255,7 @@ class PPOConfig:
         if self.sampler_correction is not None:
             check_choice("sampler_correction", self.sampler_correction, SamplerCorrection)
         check_float("sampler_correction_cap", self.sampler_correction_cap, "> 0", lambda v: v > 0)
-        for name in ("filter_equal_groups", "pack_episodes"):
+        for name in ("filter_equal_groups", "pack_episodes", "normalize_value_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not self.uses_groups and (self.advantage_scaling is not None or self.filter_equal_groups):
@@ -539,6 +549,7 @@ class Targets:
     returns: Tensor
     mask: Tensor  # the rollout's, less the filtered groups
     sampler_weights: Tensor | None = None  # sampler_correction's importance weights, no gradient
+    value_scale: Tensor | None = None  # the value loss's divisor (normalize_value_loss): Var(returns), a scalar
 
 
 def micro_batch_loss(
@@ -566,6 +577,8 @@ def micro_batch_loss(
             scored.values[:, :-1], old_values, targets.returns[rows], mask, config.clip_range_value, **agg
         )
         stats |= vf_stats
+        if targets.value_scale is not None:
+            vf_loss = vf_loss / targets.value_scale
     else:  # no critic; the zero term gives the unused value head zero gradients (DDP needs one)
         vf_loss = 0.0 * scored.values.sum()
     loss = pg_loss + config.vf_coef * vf_loss
@@ -664,7 +677,8 @@ def ppo_update(
     advantages, returns, mask = rollout_advantages(rollout, old_values, config, kl_coef)
     ref_logprobs = rollout.ref_logprobs.to(mask.device)
     weights, mismatch = sampler_mismatch(old_logprobs, rollout, config)
-    targets = Targets(old_logprobs, old_values, ref_logprobs, advantages, returns, mask, weights)
+    value_scale = return_variance(returns, mask) if config.uses_critic and config.normalize_value_loss else None
+    targets = Targets(old_logprobs, old_values, ref_logprobs, advantages, returns, mask, weights, value_scale)
 
     stats: dict[str, list[float]] = defaultdict(list)
     for perm in permutations:
@@ -690,6 +704,13 @@ def ppo_update(
         metrics["ppo/return_mean"] = float(masked_mean(returns, mask))
         metrics["ppo/value_mean"] = float(masked_mean(old_values[:, :-1], mask))
     return metrics
+
+
+def return_variance(returns: Tensor, mask: Tensor) -> Tensor:
+    """Var(returns) over the mask, the divisor of ``normalize_value_loss``; 1 where the returns do not vary (nothing
+    to explain: the plain loss). A tensor on the returns' device: no wait for it."""
+    var = masked_var(returns, mask)
+    return torch.where(var > 1e-8, var, torch.ones_like(var))
 
 
 def sampler_mismatch(
