@@ -262,3 +262,15 @@ def test_a_model_or_tokenizer_of_the_wrong_kind_is_refused(tmp_path, capsys, pad
     data = write_jsonl(tmp_path / "demos.jsonl", ROWS)
     error = refused(capsys, ["--data", data, "--model", model, "--run-dir", str(tmp_path / "run"), "--no-progress"])
     assert expected in error
+
+
+def test_demonstrations_as_a_list_of_dicts_from_python(tmp_path):
+    config = sft.SFTConfig(
+        data=sft.DemonstrationData(data=ROWS * 2, eval_fraction=0.25),
+        model=sft.ModelSource(tokenizer_kind="characters", layers=1, width=16, heads=2, positions=32),
+        fit=FitConfig(steps=2, batch_size=4),
+        run=RunDirConfig(run_dir=tmp_path / "run", progress=False),
+    )
+    final = sft.train_sft(config)
+    assert AutoModelForCausalLM.from_pretrained(final).config.n_layer == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["data"] == ROWS * 2
