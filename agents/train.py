@@ -872,7 +872,12 @@ def cli(argv: list[str] | None = None, description: str | None = None) -> TrainC
         config.env = take_code_settings(saved.env, config.env, config.run.trust_run_config, config.run.run_dir)
         return config
     check_flags_against_recipe(config.ppo, argv)
-    if config.ppo.kl_penalty == "loss" and not any(arg.startswith("--kl-estimator") for arg in argv):
+    recipe_chose = config.ppo.recipe is not None  # a recipe sets its estimator with its KL placement
+    if (
+        config.ppo.kl_penalty == "loss"
+        and not recipe_chose
+        and not any(arg.startswith("--kl-estimator") for arg in argv)
+    ):
         print(
             f"note: --kl-penalty loss uses --kl-estimator {config.ppo.kl_estimator} (k1's gradient as a loss term "
             "is about 0: it would apply almost no KL); --kl-estimator k2 or k3 chooses",
