@@ -161,17 +161,20 @@ def test_an_environment_that_fails_or_hangs_raises_and_pays_nothing(tokenizer, l
 
 class FakeServer:
     """A WebSocket server on 127.0.0.1 that answers every reset well and every step with ``step_answer``; it
-    records the type of each message it receives."""
+    records the type of each message it receives, per connection (sessions may overlap: one's close can arrive after
+    the next one's first messages)."""
 
     def __init__(self, step_answer: str):
         from websockets.sync.server import serve
 
-        self.received = []
+        self.sessions: list[list[str]] = []
 
         def handler(connection):
+            received: list[str] = []
+            self.sessions.append(received)
             for raw in connection:
                 kind = json.loads(raw)["type"]
-                self.received.append(kind)
+                received.append(kind)
                 if kind == "reset":
                     connection.send(json.dumps({"type": "observation", "data": {
                         "observation": {"text": "Say 3 words (0):"}, "reward": None, "done": False}}))  # fmt: skip
@@ -213,9 +216,11 @@ def test_malformed_answers_are_refused_naming_the_server(step_answer, message):
             interaction.respond(first_turn(interaction, "word"))
         assert len(interaction.episodes) == 0
         deadline = time.monotonic() + 5
-        while "close" not in server.received and time.monotonic() < deadline:
+        stepped = [session for session in server.sessions if "step" in session]
+        while not (stepped and stepped[-1][-1:] == ["close"]) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert server.received[-3:] == ["reset", "step", "close"]  # the failed episode's session was closed
+            stepped = [session for session in server.sessions if "step" in session]
+        assert stepped[-1] == ["reset", "step", "close"]  # the failed episode's session was closed
     finally:
         server.close()
 
