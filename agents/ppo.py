@@ -660,8 +660,12 @@ def ppo_update(
     *,
     kl_coef: float,
     max_new_tokens: int | None = None,
+    max_turns: int | None = None,
 ) -> dict[str, float]:
     """K epochs of clipped PPO over ``rollout``; returns the update's metrics.
+
+    ``max_turns``: in episodes of several turns, the per-turn figures are logged for turns 0 .. max_turns - 1
+    (``turn_stats``; the same keys in every process under torchrun), else for the turns the rollout reached.
 
     ``kl_coef`` (required: 0 would silently drop the k2/k3 swap and the KL loss term): the
     beta of the KL penalty, the one the env's rewards were computed with (kl_penalty 'reward';
@@ -692,10 +696,12 @@ def ppo_update(
     metrics["ppo/skipped_steps"] = sum(stats["ppo/skipped_steps"])
     metrics["ppo/steps"] = len(stats["ppo/skipped_steps"])
     metrics["ppo/first_ratio_mean"] = stats["ppo/ratio_mean"][0]
-    # one read of the device for the advantages' mean and the mismatch
-    advantage_mean, *read = torch.stack([masked_mean(advantages, mask), *mismatch.values()]).tolist()
+    # one read of the device for the advantages' mean, the mismatch and the per-turn figures
+    per_turn = turn_stats(rollout, old_values, advantages, mask, config.uses_critic, max_turns)
+    read_out = {**mismatch, **per_turn}
+    advantage_mean, *read = torch.stack([masked_mean(advantages, mask), *read_out.values()]).tolist()
     metrics["ppo/advantage_mean"] = advantage_mean
-    metrics |= dict(zip(mismatch, read))
+    metrics |= dict(zip(read_out, read))
     if config.filter_equal_groups:  # a group is filtered when its episodes lost every step
         metrics["ppo/filtered_groups"] = float((~mask.any(1)).float().mean())
         metrics["ppo/idle_steps"] = sum(stats["ppo/idle_steps"])  # steps not taken: every token filtered
@@ -704,6 +710,35 @@ def ppo_update(
         metrics["ppo/return_mean"] = float(masked_mean(returns, mask))
         metrics["ppo/value_mean"] = float(masked_mean(old_values[:, :-1], mask))
     return metrics
+
+
+def turn_stats(
+    rollout: Rollout, values: Tensor, advantages: Tensor, mask: Tensor, critic: bool, turns: int | None = None
+) -> dict[str, Tensor]:
+    """Episodes of several turns, per agent turn k (from 0, up to ``turns``, else the last one reached): the share of
+    episodes that reached it (``turn/k/episodes``) and, over those, the reward earned in it (``turn/k/reward``: its
+    steps' KL terms, score terms and the turn's reward), its tokens' mean advantage (``turn/k/advantage``) and, with
+    a critic, the value at its first token (``turn/k/value``); 0 where no episode reached it. Device scalars; none
+    for single-turn rollouts. The turns are read from where the environment's replies sit (``env_mask``, on the host
+    with the rollout: no wait for the device)."""
+    if rollout.env_mask is None:
+        return {}
+    env, taken = rollout.env_mask, rollout.mask
+    turn = (env & ~F.pad(env[:, :-1], (1, 0))).long().cumsum(1)  # each column's turn: the replies begun before it
+    count = turns if turns is not None else int(turn[taken].max()) + 1 if taken.any() else 0
+    stats: dict[str, Tensor] = {}
+    for k in range(count):
+        steps = taken & (turn == k)
+        reached = steps.any(1)
+        first = steps & (steps.long().cumsum(1) == 1)  # each episode's first token of turn k
+        device_steps, device_first = to_device(steps, mask.device), to_device(first, mask.device)
+        reward = (rollout.rewards * steps).sum(1).sum() / reached.sum().clamp(min=1)
+        stats[f"turn/{k}/episodes"] = to_device(reached.float().mean(), mask.device)
+        stats[f"turn/{k}/reward"] = to_device(reward, mask.device)
+        stats[f"turn/{k}/advantage"] = masked_mean(advantages, device_steps & mask)
+        if critic:
+            stats[f"turn/{k}/value"] = masked_mean(values[:, :-1], device_first)
+    return stats
 
 
 def return_variance(returns: Tensor, mask: Tensor) -> Tensor:

@@ -327,6 +327,7 @@ class Trainer:
         env = self.env.unwrapped.config  # resolved: the task's limits filled in
         # the constant L of --loss-aggregation constant: the most steps an episode can take (replies are not steps)
         self.agent_tokens = env.agent_tokens(turns=env.interaction is not None)
+        self.max_turns = env.max_turns if env.interaction is not None else None  # the per-turn metrics' turns
         self.autocast = agent_autocast(config.env.precision, self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # fused: one kernel over all parameters instead of a loop of small ops per tensor (4x faster a step on the
@@ -430,6 +431,7 @@ class Trainer:
             self.autocast,
             kl_coef=beta,
             max_new_tokens=self.agent_tokens,
+            max_turns=self.max_turns,
         )
         return metrics | rollout_metrics(rollout, "env", self.rate_key), rollout
 

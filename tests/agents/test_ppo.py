@@ -589,3 +589,25 @@ def test_group_baselines_of_several_turns_are_per_episode(algo):
             advantages[row][mask[row]], torch.tensor(expected[row]).expand(int(mask[row].sum())), atol=1e-5
         )
         assert (advantages[row][~mask[row]] == 0).all()
+
+
+def test_per_turn_figures_by_hand():
+    # two episodes: row 0 writes 2 tokens, gets a reply of 2, writes 2 more; row 1 ends after its first turn
+    from agents.ppo import turn_stats
+
+    env = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    taken = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    rollout = SimpleNamespace(
+        env_mask=env, mask=taken, rewards=torch.tensor([[0.1, 0.5, 0, 0, -0.2, 1.0], [0.0, 0.3, 2.0, 0, 0, 0]])
+    )
+    values = torch.tensor([[0.5, 0.6, 0.0, 0.0, 0.9, 1.1, 0.0], [0.2, 0.4, 0.7, 0.0, 0.0, 0.0, 0.0]])
+    advantages = torch.tensor([[1.0, 2.0, 0, 0, 3.0, 5.0], [-1.0, -2.0, -3.0, 0, 0, 0]])
+    stats = {k: round(float(v), 5) for k, v in turn_stats(rollout, values, advantages, taken, critic=True).items()}
+    assert stats == {
+        "turn/0/episodes": 1.0, "turn/0/reward": round((0.6 + 2.3) / 2, 5), "turn/0/advantage": round(-3 / 5, 5),
+        "turn/0/value": round((0.5 + 0.2) / 2, 5),
+        "turn/1/episodes": 0.5, "turn/1/reward": 0.8, "turn/1/advantage": 4.0, "turn/1/value": 0.9,
+    }  # fmt: skip
+    fixed = turn_stats(rollout, values, advantages, taken, critic=False, turns=3)  # the same keys in every process
+    assert float(fixed["turn/2/episodes"]) == 0 and float(fixed["turn/2/reward"]) == 0 and "turn/0/value" not in fixed
+    assert turn_stats(SimpleNamespace(env_mask=None), values, advantages, taken, critic=True) == {}
