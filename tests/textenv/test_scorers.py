@@ -159,3 +159,41 @@ def test_a_reward_model_with_its_own_template_reads_the_conversation_in_it(chat_
     with torch.no_grad():
         expected = float(model(**reward_tokenizer(text, return_tensors="pt")).logits[0, 0])
     assert np.isclose(info["score"], expected, atol=1e-5)
+
+
+class OneReply:
+    """Replies " and" to the first turn; the second ends the episode."""
+
+    def respond(self, turn):
+        from textenv.turns import Reply
+
+        return Reply(text=" and") if turn.index == 0 else Reply(done=True)
+
+
+def test_dense_text_scores_are_paid_per_turn(reward_dir):
+    # a reward model with its own tokenizer, dense, in episodes of two turns: a turn's last token is paid the change
+    # of the score of the text so far since the previous turn's end; no other step is paid (no KL here)
+    policy_tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+    limits = {"max_new_tokens": 4, "max_turns": 2, "max_env_tokens": 4}
+    env = gym.make(ENV_ID, reward_model=str(reward_dir), prompts=PROMPTS[:1], interaction=OneReply(),
+                   reward_mode="dense", kl_coef=0.0, device="cpu", **limits)  # fmt: skip
+    env.reset(seed=0)
+    great, dull, eos = (policy_tokenizer.convert_tokens_to_ids(w) for w in ("▁great", "▁dull", "<eos>"))
+    prompt_ids = policy_tokenizer(PROMPTS[0])["input_ids"]
+    head = policy_tokenizer.decode(prompt_ids, skip_special_tokens=True)
+
+    def text(ids):
+        return PROMPTS[0] + policy_tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)[len(head) :]
+
+    rewards, context = [], []
+    for action in (great, eos, dull, eos):
+        observation, reward, terminated, truncated, info = env.step(action)
+        rewards.append(reward)
+        context = observation["input_ids"][observation["attention_mask"] == 1].tolist()[len(prompt_ids) :]
+    assert terminated
+    first_turn = direct_score(reward_dir, text([great, eos]))
+    final = direct_score(reward_dir, text(context))
+    assert rewards[0] == 0 and rewards[2] == 0  # tokens that end no turn
+    assert rewards[1] == pytest.approx(first_turn - direct_score(reward_dir, PROMPTS[0]), abs=1e-5)
+    assert rewards[3] == pytest.approx(final - first_turn, abs=1e-5)
+    assert final != first_turn  # the reply and the second turn changed the text's score
