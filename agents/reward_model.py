@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     GPT2ForSequenceClassification,
     PreTrainedTokenizerBase,
@@ -52,7 +51,6 @@ from agents.supervised import (
     command_line,
     fit_to_length,
     gpt2_config,
-    model_positions,
     save_final,
     set_threads,
     start_run,
@@ -61,7 +59,7 @@ from agents.supervised import (
 from agents.train import TrainingStopped
 from textenv.config import AsPath
 from textenv.lm import disable_dropout, pad_batch, sequence_scores, sequence_scores_with_grad
-from textenv.loading import check_reward_model_config, load_pretrained, tokenize_prompts
+from textenv.loading import check_reward_model_config, load_config, load_pretrained, model_positions, tokenize_prompts
 from textenv.text import encode_text
 
 CURVES = (("loss/train", "eval/loss", "Bradley-Terry loss"), ("eval/accuracy", None, "held-out pairwise accuracy"))
@@ -320,7 +318,7 @@ def load_model(config: RewardModelConfig, tokenizer, saved: Path | None, device:
 
 def check_model_kind(source: str) -> None:
     """A causal LM or a one-label sequence classifier; anything else is refused by name."""
-    config = load_pretrained(AutoConfig, source, "--model")
+    config = load_config(source, "--model")
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         check_reward_model_config(config, source)

@@ -28,7 +28,7 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from agents.lora import add_lora
@@ -44,8 +44,6 @@ from agents.supervised import (
     command_line,
     fit_to_length,
     gpt2_config,
-    model_positions,
-    pad_right,
     save_final,
     set_threads,
     start_run,
@@ -53,8 +51,8 @@ from agents.supervised import (
 )
 from agents.train import TrainingStopped
 from textenv.config import AsPath
-from textenv.lm import disable_dropout, sample
-from textenv.loading import check_messages, load_pretrained, tokenize_prompts
+from textenv.lm import disable_dropout, pad_batch, sample
+from textenv.loading import check_messages, load_config, load_pretrained, model_positions, tokenize_prompts
 from textenv.text import encode_text
 
 IGNORE = -100  # the label of a position without loss (PyTorch's cross_entropy ignore_index)
@@ -117,8 +115,8 @@ def encode_demonstrations(
     else:
         sequences, labels, prompts = encode_messages(rows, tokenizer, data.messages_column, what)
     truncated = fit_to_length(sequences, max_length, data.truncate, what, parallel=(labels,))
-    ids, mask = pad_right(sequences, tokenizer.pad_token_id)
-    return Encoded(ids, mask, pad_right(labels, IGNORE, fill=IGNORE)[0], prompts, truncated)
+    ids, mask = pad_batch(sequences, tokenizer.pad_token_id, side="right")
+    return Encoded(ids, mask, pad_batch(labels, IGNORE, side="right")[0], prompts, truncated)
 
 
 def encode_prompt_response(rows: list[dict], tokenizer, data: DemonstrationData, what: str):
@@ -302,7 +300,7 @@ def load_model(config: SFTConfig, tokenizer, saved: Path | None, device: torch.d
 
 def check_causal_lm(source: str) -> None:
     """A directory (or hub name) of a causal LM: a sequence classifier or other head is refused by name."""
-    architectures = getattr(load_pretrained(AutoConfig, source, "--model"), "architectures", None) or []
+    architectures = getattr(load_config(source, "--model"), "architectures", None) or []
     if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         raise ValueError(
             f"--model {source!r} holds a {architectures[0]}, not a causal LM; SFT trains a model with an LM head "

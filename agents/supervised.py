@@ -44,7 +44,7 @@ from transformers import AutoTokenizer, GPT2Config, PreTrainedModel, PreTrainedT
 from agents.checkpoint import Checkpoints, TrainerState
 from agents.distributed import Distributed
 from agents.logger import RunLogger, write_atomically
-from agents.train import StopSignals, TrainingStopped
+from agents.train import StopSignals, TrainingStopped, default_threads
 from textenv.config import AsPath, check_float, check_int
 from textenv.default_task.tokenizer import build_tokenizer as bpe_tokenizer
 from textenv.loading import (
@@ -241,16 +241,6 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
         )
 
 
-def model_positions(model: nn.Module) -> int | None:
-    """The most positions the model reads, where its config says so."""
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -372,20 +362,20 @@ class RunWriter:
         self.run, self.evaluate, self.dist = run, evaluate, dist
         self.checkpoints = Checkpoints(run.run_dir)
         self.logger = RunLogger(run.run_dir, start, curves=curves) if dist.is_main else None
-        self.pending: dict[str, float] = {}
 
     def after_step(self, loop: SupervisedLoop, step: int, loss: float, norm: float) -> None:
         last = step == loop.fit.steps - 1
-        self.pending = {"loss/train": loss, "perf/grad_norm": norm, "perf/lr": loop.optimizer.param_groups[0]["lr"]}
+        metrics = {"loss/train": loss, "perf/grad_norm": norm, "perf/lr": loop.optimizer.param_groups[0]["lr"]}
         samples: list[dict] = []
-        if (step + 1) % self.run.eval_every == 0 or last:
+        evaluated = (step + 1) % self.run.eval_every == 0 or last
+        if evaluated:
             loop.model.eval()
             evaluation = self.evaluate(loop.model)
             loop.model.train()
-            self.pending |= self.dist.mean_metrics(evaluation.metrics)
+            metrics |= evaluation.metrics
             samples = evaluation.samples
         if (step + 1) % self.run.log_every == 0 or last or samples:
-            metrics = self.dist.mean_metrics(self.pending)
+            metrics = self.dist.mean_metrics(metrics)
             if self.dist.enabled:  # 0 when the replicas hold the same weights, as DDP keeps them
                 metrics["dist/parameter_spread"] = self.dist.parameter_spread(loop.model)
             self.log(step, metrics, samples)
@@ -467,12 +457,6 @@ def write_config(config, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     data = json.loads(json.dumps(asdict(config), default=str))
     write_atomically(run_dir / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
-
-
-def default_threads(model: nn.Module, device: torch.device) -> int:
-    """One thread for a small model on the CPU (a tiny model runs as fast on one, and busy cores slow two down)."""
-    small = sum(p.numel() for p in model.parameters()) < 50_000_000
-    return 1 if device.type == "cpu" and small else torch.get_num_threads()
 
 
 def save_final(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
@@ -557,17 +541,6 @@ def text_field(row: dict, column: str, number: int, what: str) -> str:
     if not value.strip():
         raise ValueError(f"{what} row {number}: {column!r} is empty; remove the row or fill it in")
     return value
-
-
-def pad_right(sequences: list[list[int]], pad_token_id: int, fill: int | None = None) -> tuple[Tensor, Tensor]:
-    """Right-padded (ids, mask) of ``sequences`` (``fill`` instead of the pad id in the padding, e.g. -100)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id if fill is None else fill, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def fit_to_length(sequences: list[list[int]], max_length: int, truncate: bool, what: str, parallel: tuple = ()) -> int:
