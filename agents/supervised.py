@@ -374,7 +374,7 @@ class RunWriter:
             loop.model.train()
             metrics |= evaluation.metrics
             samples = evaluation.samples
-        if (step + 1) % self.run.log_every == 0 or last or samples:
+        if (step + 1) % self.run.log_every == 0 or evaluated:  # an evaluation's figures are always logged
             metrics = self.dist.mean_metrics(metrics)
             if self.dist.enabled:  # 0 when the replicas hold the same weights, as DDP keeps them
                 metrics["dist/parameter_spread"] = self.dist.parameter_spread(loop.model)

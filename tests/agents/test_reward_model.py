@@ -161,3 +161,11 @@ def test_chat_pairs_share_every_message_but_the_reply():
     row["rejected"] = [{"role": "user", "content": "other"}, {"role": "assistant", "content": "go"}]
     with pytest.raises(ValueError, match="must share every message but the last"):
         reward_model.preference_texts([row], data, "pairs")
+
+
+def test_every_evaluation_is_logged_whatever_log_every(tmp_path, sft_policy):
+    # evaluations at steps 2 and 5 (every 3), rows at every second step: step 2's evaluation is logged all the same
+    policy, prefs = sft_policy
+    reward_model.main(rm_flags(tmp_path / "rm", prefs, policy, log_every=2) + ["--no-calibrate"])
+    rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows if "eval/accuracy" in row] == [-1, 2, 5]
