@@ -182,23 +182,10 @@ def pair_loss(pairs: Pairs, device: torch.device):
     def loss(model: nn.Module, rows: Tensor) -> Tensor:
         ids = torch.cat([pairs.chosen[0][rows], pairs.rejected[0][rows]]).to(device)
         mask = torch.cat([pairs.chosen[1][rows], pairs.rejected[1][rows]]).to(device)
-        scores = sequence_scores_with_grad(Replica(model), ids, mask)
+        scores = sequence_scores_with_grad(model, ids, mask)
         return bradley_terry_loss(scores[: len(rows)], scores[len(rows) :])
 
     return loss
-
-
-class Replica(nn.Module):
-    """A model under DistributedDataParallel seen as the model: its forward is the replica's (gradients are averaged
-    across processes), its ``config`` the model's (``sequence_scores_with_grad`` reads the pad id there)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.replica = model
-        self.config = getattr(model, "module", model).config
-
-    def forward(self, *args, **kwargs):
-        return self.replica(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -191,9 +191,10 @@ def sequence_scores_with_grad(reward_model: torch.nn.Module, input_ids: Tensor, 
     """``sequence_scores`` that keeps the graph, for training a reward model. Returns (B,).
 
     Works for any padding side: rows are re-laid to left padding first and the head
-    pools at index -1 (``pooling_at_last_position``); position ids come from the mask.
+    pools at index -1 (``pooling_at_last_position``); position ids come from the mask. A
+    model wrapped for data-parallel training (DistributedDataParallel's ``module``) works too.
     """
-    pad = reward_model.config.pad_token_id
+    pad = getattr(reward_model, "module", reward_model).config.pad_token_id
     ids, mask = to_left_padding(input_ids, attention_mask, pad if pad is not None else 0)
     logits = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     check_scalar_output(logits)
