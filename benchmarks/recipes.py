@@ -1,0 +1,95 @@
+"""Each recipe's held-out accuracy on the arithmetic and calculator tasks, 3 seeds, one sample budget.
+
+    python benchmarks/recipes.py --out runs/recipes [--tasks arithmetic calculator] [--jobs 2]
+
+For every task, every entry of ``RUNS`` (the two default algorithms and each ``--recipe``) and every
+seed it trains ``python -m agents --task TASK ... --iterations N --seed S`` (the README's budget for the
+task: 200 iterations of 64 episodes on arithmetic, 100 on calculator; every other setting the
+recipe's or the default) and evaluates the final policy with ``python -m agents.evaluate --task TASK
+--policy RUN/final`` (the task's 200 held-out prompts, 4 samples each). Each process uses one torch
+thread; ``--jobs`` runs that many at once. It writes ``docs/results/recipes/TASK.json`` (``--results``):
+per run the accuracy, pass@4, KL to the SFT policy, response length and training seconds, the commands
+(the output directory written as OUT), and the git commit of the library that ran, which must be clean
+(commit first: the figures name the code that made them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+ITERATIONS = {"arithmetic": 200, "calculator": 100}
+RUNS = {
+    "ppo (default)": ["--algo", "ppo"],
+    "grpo (default)": ["--algo", "grpo"],
+    **{recipe: ["--recipe", recipe] for recipe in ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "dual_clip")},
+    "reinforce_pp": ["--recipe", "reinforce_pp"],
+}
+FIGURES = ("accuracy", "pass@4", "kl", "response_length")
+
+
+def commit() -> str:
+    """The library's commit; refuses a tree whose agents/ or textenv/ differ from it."""
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--", "agents", "textenv"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    if changed.strip():
+        sys.exit(f"agents/ or textenv/ have uncommitted changes:\n{changed}commit them (or run from a clean checkout)")
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def one_run(task: str, name: str, seed: int, out: Path) -> dict:
+    """Train and evaluate one (recipe, seed); returns its figures and commands."""
+    run_dir = out / task / f"{name.split()[0]}{'-default' if '(' in name else ''}-{seed}"
+    iterations = str(ITERATIONS[task])
+    train = ["agents", "--task", task, *RUNS[name], "--iterations", iterations, "--seed", str(seed)]
+    train += ["--run-dir", str(run_dir), "--no-progress", "--checkpoint-every", iterations]
+    evaluate = ["agents.evaluate", "--task", task, "--policy", f"{run_dir}/final", "--json", f"{run_dir}/eval.json"]
+    threads = os.environ | {"OMP_NUM_THREADS": "1"}
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-m", *train], check=True, env=threads, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - began
+    subprocess.run([sys.executable, "-m", *evaluate], check=True, env=threads, stdout=subprocess.DEVNULL)
+    result = json.loads((run_dir / "eval.json").read_text())
+    figures = {key: result[key] for key in FIGURES}
+    print(f"{task:10s} {name:15s} seed {seed}: accuracy {figures['accuracy']:.3f} ({seconds:.0f} s)", flush=True)
+    commands = ["python -m " + shlex.join(command).replace(str(out), "OUT") for command in (train, evaluate)]
+    return {"seed": seed, "seconds": round(seconds, 1), **figures, "commands": commands}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="where the runs go")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(ITERATIONS), default=sorted(ITERATIONS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on one torch thread)")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "recipes")
+    args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    library = commit()
+    for task in args.tasks:
+        jobs = [(name, seed) for name in RUNS for seed in SEEDS]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(lambda job: one_run(task, *job, args.out), jobs))
+        runs: dict[str, list] = {name: [] for name in RUNS}
+        for (name, _), result in zip(jobs, done, strict=True):
+            runs[name].append(result)
+        summary = {"task": task, "iterations": ITERATIONS[task], "episodes_per_iteration": 64, "eval_samples": 4}
+        summary |= {"commit": library, "cpu_count": os.cpu_count(), "jobs": args.jobs, "runs": runs}
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{task}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if commit() != library:
+        sys.exit("the library's commit changed during the runs; run it again")
+
+
+if __name__ == "__main__":
+    main()
