@@ -77,11 +77,11 @@ def main() -> None:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     library = commit()
     for task in args.tasks:
-        jobs = [(name, seed) for name in RUNS for seed in SEEDS]
+        jobs = [(task, name, seed, args.out) for name in RUNS for seed in SEEDS]
         with ThreadPoolExecutor(args.jobs) as pool:
-            done = list(pool.map(lambda job: one_run(task, *job, args.out), jobs))
+            done = list(pool.map(lambda job: one_run(*job), jobs))
         runs: dict[str, list] = {name: [] for name in RUNS}
-        for (name, _), result in zip(jobs, done, strict=True):
+        for (_, name, _, _), result in zip(jobs, done, strict=True):
             runs[name].append(result)
         summary = {"task": task, "iterations": ITERATIONS[task], "episodes_per_iteration": 64, "eval_samples": 4}
         summary |= {"commit": library, "cpu_count": os.cpu_count(), "jobs": args.jobs, "runs": runs}
