@@ -8,7 +8,10 @@ episode an ordinary env episode: the KL to the reference and every reward term a
 the env's own). Reported: the mean score and its distribution, each paying term's
 mean (``reward/<name>``), the KL per response, the response length, the EOS rate,
 and, where the task has exact answers, the accuracy (mean of the answer check) and
-pass@k (the fraction of prompts with at least one right answer among k).
+pass@k (the fraction of prompts with at least one right answer among k). With an
+interaction, ``reward/interaction`` is the mean of what its replies paid per episode
+(a game's outcome) and ``interaction_gt0_rate`` the share of episodes paid above 0
+(a game's win rate where a win pays +1).
 
 Training logs the same figures for its own rollouts (``env/...``) and, through
 ``evaluate_policy``, for the eval prompts (``eval/...``); the examples and the
@@ -49,7 +52,7 @@ from torch import Tensor
 from transformers.utils import logging as hf_logging
 
 from agents.policy import ActorCritic, agent_autocast
-from agents.rollout import Rollout, collect_rollout, make_rollout_env
+from agents.rollout import INTERACTION_TERM, Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_int, resolve_config
 from textenv.loading import eval_split, looks_like_path, resolve_device
@@ -142,6 +145,9 @@ def summarize(
     for key, values in data.items():
         if key.startswith("reward/") or key == "replies":
             metrics[f"{prefix}/{key}"] = float(values.float().mean())
+    if "reward/" + INTERACTION_TERM in data:  # a game's win rate, where it pays +1 a win
+        paid = data["reward/" + INTERACTION_TERM]
+        metrics[f"{prefix}/{INTERACTION_TERM}_gt0_rate"] = float((paid > 0).float().mean())
     for q, value in zip(QUANTILES, torch.quantile(data["score"].float(), torch.tensor(QUANTILES)).tolist()):
         metrics[f"{prefix}/score_q{int(q * 100):02d}"] = value
     if accuracy is not None:

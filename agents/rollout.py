@@ -145,6 +145,9 @@ def collect_rollout(
     )
 
 
+INTERACTION_TERM = "interaction"
+"""The ``reward_terms`` key of what an interaction's replies paid each episode (summed over its turns)."""
+
 STEP_COLUMNS = ("actions", "logprobs", "rewards", "mask", "kl", "ref_logprobs")
 """What each step records per row, in the order ``step_until_all_end`` returns it; the ``Rollout`` field names."""
 
@@ -200,7 +203,9 @@ class Endings:
 
     scores: Tensor  # (B,)
     responses: list[str]
-    terms: dict[str, Tensor]  # per paying term (reward model, each reward function): (B,) its raw value
+    # per paying term (reward model, each reward function): (B,) its raw value; with an interaction, also
+    # ``INTERACTION_TERM``: the sum of the rewards its replies paid in the episode (a game's outcome)
+    terms: dict[str, Tensor]
     terminated: np.ndarray  # (B,) bool: ended with EOS
     truncated: np.ndarray  # (B,) bool: cut off at max_new_tokens
 
@@ -216,6 +221,9 @@ class Endings:
     def record(self, term: np.ndarray, trunc: np.ndarray, step_info: dict) -> None:
         """Keep what ``step_info`` says of the rows whose episode ended in this step."""
         batch = len(self.scores)
+        if "turn_reward" in step_info:  # paid on any step that ended a turn; NaN on the others
+            paid = torch.as_tensor(np.nan_to_num(step_info["turn_reward"]), dtype=torch.float32)
+            self.terms[INTERACTION_TERM] = self.terms.get(INTERACTION_TERM, torch.zeros(batch)) + paid
         for row in np.flatnonzero(term | trunc):
             self.scores[row], self.responses[row] = float(step_info["score"][row]), step_info["response"][row]
             for key in step_info:

@@ -108,3 +108,21 @@ def test_turn_rewards_sit_on_the_last_agent_token_of_each_turn(multi_turn_rollou
         else:  # truncated: a turn cut at max_new_tokens; the score on the last step
             expected[-1] += rollout.scores[row]
         torch.testing.assert_close(extra, expected, atol=1e-5, rtol=0)
+
+
+def test_the_interaction_term_is_what_the_replies_paid_each_episode(multi_turn_rollout_and_agent):
+    from agents.evaluate import concatenate, summarize
+    from agents.rollout import INTERACTION_TERM
+
+    rollout, _ = multi_turn_rollout_and_agent
+    eos = 2
+    expected = torch.zeros(len(rollout.actions))
+    for row in range(len(rollout.actions)):  # Talk pays 0.5 for the first turn and 1.0 for the second
+        turns_ended = int((rollout.actions[row][rollout.mask[row]] == eos).sum())
+        expected[row] = [0.0, 0.5, 1.5][turns_ended]
+    assert len(set(expected.tolist())) > 1  # some episodes were cut off before a turn ended: the test can fail
+    torch.testing.assert_close(rollout.reward_terms[INTERACTION_TERM], expected)
+    data = concatenate([rollout])
+    metrics = summarize(data, "eval")
+    assert metrics["eval/reward/interaction"] == pytest.approx(float(expected.mean()))
+    assert metrics["eval/interaction_gt0_rate"] == pytest.approx(float((expected > 0).float().mean()))
