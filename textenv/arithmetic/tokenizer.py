@@ -27,7 +27,7 @@ def build_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
         raise ValueError(f"characters must be distinct, got {characters!r}")
     vocab = {token: i for i, token in enumerate([PAD, UNK, EOS, *characters])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character a word
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # each character a word, "\n" too
     tokenizer.decoder = decoders.Fuse()  # join tokens without spaces
     tokenizer.add_special_tokens([PAD, UNK, EOS])
     return wrap_tokenizer(tokenizer)

@@ -84,6 +84,14 @@ def test_sft_labels_cover_answer_and_eos_only():
 # ---------------------------------------------------------------- tokenizer
 
 
+def test_a_character_tokenizer_keeps_runs_of_newlines_and_tabs_as_characters():
+    tokenizer = build_tokenizer("ab \n\t")
+    text = "a\n\nb\t\t a\n"  # "." does not match a newline: "\n\n" once became one unknown token
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == list(text)
+    assert tokenizer.decode(ids) == text
+
+
 @pytest.mark.parametrize("which", ["shipped", "built"])
 def test_tokenizer_is_one_token_per_character(which, tokenizer):
     tok = tokenizer if which == "shipped" else build_tokenizer()
