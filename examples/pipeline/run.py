@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: steps.py
+from steps import run_steps, write_summary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,19 +76,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=HERE, help="the example's data (make_data.py writes it)")
     parser.add_argument("--summary", type=Path, default=None, help="write the summary here too")
     args = parser.parse_args()
-    seconds = {}
-    for name, command in steps(args.out, args.data).items():
-        print("$ python -m " + " ".join(command), flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", *command], check=True)
-        seconds[name] = time.perf_counter() - start
-    result = summary(args.out, seconds)
-    text = json.dumps(result, indent=2) + "\n"
-    (args.out / "summary.json").write_text(text)
-    if args.summary is not None:
-        args.summary.parent.mkdir(parents=True, exist_ok=True)
-        args.summary.write_text(text)
-    print(text)
+    seconds, commands, digest = run_steps(steps(args.out, args.data), args.out)
+    result = summary(args.out, seconds) | {"commands": commands, "source_sha256": digest}
+    write_summary(result, args.out, args.summary)
 
 
 if __name__ == "__main__":

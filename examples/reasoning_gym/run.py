@@ -22,11 +22,8 @@ runs in this process (its command is recorded as the Python call it makes).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +31,9 @@ from pathlib import Path
 
 from textenv.adapters.reasoning_gym import sft_rows, task_name
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: steps.py
+from steps import run_steps, write_summary  # noqa: E402
+
 SEEDS = (0, 1, 2)
 ALGOS = ("grpo", "ppo")
 
@@ -153,20 +152,6 @@ def summary(name: str, preset: Preset, out: Path, seconds: dict[str, float], com
     }
 
 
-def source_digest() -> str:
-    """SHA-256 of the library's Python sources (agents/ and textenv/): the same at the start and the end of a run
-    says every step ran the same code."""
-    digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("agents/**/*.py"), *ROOT.glob("textenv/**/*.py")]):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def relative(command: list[str], out: Path) -> str:
-    """The command as text, the output directory written as OUT (the summary names no machine's paths)."""
-    return shlex.join(command).replace(str(out), "OUT")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(PRESETS), required=True, help="the reasoning-gym dataset")
@@ -175,27 +160,13 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, default=None, help="write the summary here too")
     args = parser.parse_args()
     preset = PRESETS[args.task]
-    digest = source_digest()
     start = time.perf_counter()
     written = write_demonstrations(args.task, preset, args.out / "demonstrations.jsonl")
-    seconds = {"demonstrations": time.perf_counter() - start}
-    commands = {"demonstrations": written}
-    for name, command in steps(args.task, preset, args.out, args.k).items():
-        print("$ python -m " + shlex.join(command), flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", *command], check=True)
-        seconds[name] = time.perf_counter() - start
-        commands[name] = "python -m " + relative(command, args.out)
-    result = summary(args.task, preset, args.out, seconds, commands, args.k)
-    result["source_sha256"] = digest
-    if source_digest() != digest:
-        sys.exit("the library's sources changed during the run: its steps may have run different code; run it again")
-    text = json.dumps(result, indent=2) + "\n"
-    (args.out / "summary.json").write_text(text)
-    if args.summary is not None:
-        args.summary.parent.mkdir(parents=True, exist_ok=True)
-        args.summary.write_text(text)
-    print(text)
+    took = time.perf_counter() - start
+    seconds, commands, digest = run_steps(steps(args.task, preset, args.out, args.k), args.out)
+    seconds, commands = {"demonstrations": took} | seconds, {"demonstrations": written} | commands
+    result = summary(args.task, preset, args.out, seconds, commands, args.k) | {"source_sha256": digest}
+    write_summary(result, args.out, args.summary)
 
 
 if __name__ == "__main__":
