@@ -69,7 +69,8 @@ class BenchmarkArgs:
     """textenv's critic: a value head on the policy's trunk, or its own trunk (--no-share-backbone)."""
     precisions: list[Precision] = field(default_factory=lambda: ["fp32"])
     """textenv's --precision in each run ('textenv <critic> bf16' in the tables; bf16 needs a CPU with AVX512-BF16
-    or AMX, or a GPU with bf16). TRL runs in fp32."""
+    or AMX, or a GPU with bf16). TRL runs in each of them too ('trl bf16': its --bf16 autocast); each textenv
+    side's ratio is against the TRL run of its own precision."""
     trl_python: str | None = None
     """A Python with TRL 0.29.1 installed (../shared/peers/requirements-trl.txt); without it, textenv only."""
     updates: int = 15
@@ -87,6 +88,9 @@ class BenchmarkArgs:
     other_checkout: str | None = None
     """Another checkout of textenv (e.g. before a change): each textenv run is repeated with its code, as
     'textenv <critic> @other', in the same rounds."""
+    json: Path | None = None
+    """Write every figure the tables print to this JSON file (per shape and side: s/update, peak RSS, the ratios
+    to TRL, the phases), with the versions, settings and loads."""
     worker: str | None = None
     """(internal) run one textenv side in this process, as the JSON spec says, and print its JSON lines."""
 
@@ -397,7 +401,8 @@ def textenv_spec(task: Task, critic: str, args: BenchmarkArgs) -> dict:
     )
 
 
-def trl_command(task: Task, args: BenchmarkArgs) -> list[str]:
+def trl_command(task: Task, side: str, args: BenchmarkArgs) -> list[str]:
+    """The command of a TRL side, 'trl' (fp32) or 'trl bf16'."""
     return [
         args.trl_python,
         str(TRL_SCRIPT),
@@ -406,6 +411,7 @@ def trl_command(task: Task, args: BenchmarkArgs) -> list[str]:
         *("--num-ppo-epochs", "4", "--num-mini-batches", str(task.batch_size // task.minibatch_size)),
         *("--max-prompt-length", "16", "--lr", "3e-4", "--kl-coef", "0.05", "--temperature", "1.0"),
         *("--stop-eos", "--threads", str(args.threads), "--seed", str(args.seed)),
+        *(["--bf16"] if side.endswith(" bf16") else []),
     ]
 
 
@@ -419,11 +425,12 @@ def measure(shape: Shape, task: Task, rounds: int, args: BenchmarkArgs) -> dict[
         order = [f"textenv {c}" + ("" if p == "fp32" else f" {p}") for c in args.critics for p in args.precisions]
         if args.other_checkout:
             order = [side for name in order for side in (name, f"{name} @other")]
-        if args.trl_python:  # TRL amid textenv's runs
-            order.insert(len(order) // 2, "trl")
+        if args.trl_python:  # TRL amid textenv's runs, in each precision
+            trl = ["trl" + ("" if p == "fp32" else f" {p}") for p in args.precisions]
+            order[len(order) // 2 : len(order) // 2] = trl
         for side in order:
             before = load()
-            command = trl_command(task, args) if side == "trl" else textenv_command(task, side, args)
+            command = trl_command(task, side, args) if side.startswith("trl") else textenv_command(task, side, args)
             checkout = Path(args.other_checkout).resolve() if side.endswith("@other") else REPO
             result = run_process(command, side, checkout)
             results[side].append(result)
@@ -435,37 +442,55 @@ def measure(shape: Shape, task: Task, rounds: int, args: BenchmarkArgs) -> dict[
     return results
 
 
-def report(shape: Shape, task: Task, results: dict[str, list[Result]]) -> None:
-    print(
-        f"\n{shape}: {task.batch_size} episodes x at most 32 new tokens, 4 epochs x "
-        f"{task.batch_size // task.minibatch_size} minibatches, {task.updates} updates per run, "
-        "median of updates 2..N per run, then the median over rounds"
-    )
-    trl = results.get("trl")
-    print(
-        f"{'side':24}{'s/update':>10}{'x TRL':>8}{'peak RSS MB':>13}{'x TRL':>8}"
-        f"{'score last':>12}{'KL last':>9}{'resp len':>10}"
-    )
+def peer_of(side: str) -> str:
+    """The TRL side a side is compared with: the one of its precision."""
+    return "trl bf16" if " bf16" in side else "trl"
+
+
+def figures(task: Task, results: dict[str, list[Result]]) -> dict[str, dict]:
+    """Per side: median s/update, peak RSS, the ratios to the TRL run of the same round and precision, the last
+    update's score, KL and response length, and the phases (textenv)."""
+    table = {}
     for side, runs in results.items():
-        seconds = statistics.median(r.s_per_update for r in runs)
-        rss = max(r.max_rss_mb for r in runs)
-        ratio = rss_ratio = ""
-        if trl:  # per round, textenv over the TRL run of the same round
-            ratio = f"{statistics.median(a.s_per_update / b.s_per_update for a, b in zip(runs, trl)):.2f}"
-            rss_ratio = f"{rss / max(r.max_rss_mb for r in trl):.2f}"
+        peer = results.get(peer_of(side))
         last = runs[-1].rows[-1]
         length = last.get("response_length")
         if length is None and last.get("gen_tokens"):  # TRL: decoded positions, EOS padding included
             length = last["gen_tokens"] / task.batch_size
+        row = {"s_per_update": statistics.median(r.s_per_update for r in runs)}
+        row["peak_rss_mb"] = max(r.max_rss_mb for r in runs)
+        if peer and not side.startswith("trl"):  # per round, textenv over the TRL run of the same round
+            row["x_trl_time"] = statistics.median(a.s_per_update / b.s_per_update for a, b in zip(runs, peer))
+            row["x_trl_rss"] = row["peak_rss_mb"] / max(r.max_rss_mb for r in peer)
+        row |= {"score_last": last.get("score"), "kl_last": last.get("kl"), "response_length_last": length}
+        if runs[0].phases:
+            row["phases"] = {p: statistics.median(r.phases[p] for r in runs) for p in PHASES}
+        table[side] = row
+    return table
+
+
+def report(shape: Shape, task: Task, table: dict[str, dict]) -> None:
+    print(
+        f"\n{shape}: {task.batch_size} episodes x at most 32 new tokens, 4 epochs x "
+        f"{task.batch_size // task.minibatch_size} minibatches, {task.updates} updates per run, "
+        "median of updates 2..N per run, then the median over rounds; x TRL against TRL in the same precision"
+    )
+    print(
+        f"{'side':24}{'s/update':>10}{'x TRL':>8}{'peak RSS MB':>13}{'x TRL':>8}"
+        f"{'score last':>12}{'KL last':>9}{'resp len':>10}"
+    )
+    nan = float("nan")
+    for side, row in table.items():
+        ratio = f"{row['x_trl_time']:.2f}" if "x_trl_time" in row else ""
+        rss_ratio = f"{row['x_trl_rss']:.2f}" if "x_trl_rss" in row else ""
         print(
-            f"{side:24}{seconds:10.3f}{ratio:>8}{rss:13.0f}{rss_ratio:>8}"
-            f"{last.get('score') or float('nan'):12.3f}{last.get('kl') or float('nan'):9.3f}"
-            f"{length if length is not None else float('nan'):10.1f}"
+            f"{side:24}{row['s_per_update']:10.3f}{ratio:>8}{row['peak_rss_mb']:13.0f}{rss_ratio:>8}"
+            f"{row['score_last'] or nan:12.3f}{row['kl_last'] or nan:9.3f}{row['response_length_last'] or nan:10.1f}"
         )
-    for side, runs in results.items():
-        if not runs[0].phases:
+    for side, row in table.items():
+        if "phases" not in row:
             continue
-        phases = {p: statistics.median(r.phases[p] for r in runs) for p in PHASES}
+        phases = row["phases"]
         rollout = sum(phases[p] for p in ROLLOUT_PHASES)
         update = sum(phases[p] for p in UPDATE_PHASES)
         print(
@@ -498,6 +523,16 @@ def main(argv: list[str] | None = None) -> None:
         print("no --trl-python: textenv only")
     if args.other_checkout:
         print(f"@other: textenv's code from {Path(args.other_checkout).resolve()}, same script and settings")
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "trl_python", "other_checkout")}
+    command = " ".join(argv or sys.argv[1:]).replace(args.trl_python or "\0", "TRL_PYTHON")  # no machine's paths
+    written: dict = {"command": "python benchmarks/ppo_iteration.py " + command}
+    written |= {"torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count()}
+    written |= {
+        "settings": settings,
+        "load_at_start": load(),
+        "peer": "TRL 0.29.1 PPOTrainer" if args.trl_python else None,
+    }
+    written["shapes"] = {}
     with tempfile.TemporaryDirectory(prefix="ppo_iteration_models_") as tmp:
         for shape in args.shapes:
             if shape == "default":
@@ -506,8 +541,16 @@ def main(argv: list[str] | None = None) -> None:
                 task, rounds = build_gpt2_small(Path(tmp), args.seed), args.gpt2_rounds
                 task.updates = args.gpt2_updates
             print(f"\n{shape}: measuring ({load()})", flush=True)
-            report(shape, task, measure(shape, task, rounds, args))
+            table = figures(task, measure(shape, task, rounds, args))
+            report(shape, task, table)
+            written["shapes"][shape] = {"episodes": task.batch_size, "updates": task.updates, "rounds": rounds}
+            written["shapes"][shape]["sides"] = table
     print(f"\n{load()} at the end")
+    if args.json is not None:
+        written["load_at_end"] = load()
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(written, indent=2) + "\n")
+        print(f"written to {args.json}")
 
 
 if __name__ == "__main__":
