@@ -311,3 +311,29 @@ def test_a_recipe_without_kl_trains_with_no_kl_in_the_reward_and_logs_the_mismat
 def test_new_options_out_of_range_are_refused_naming_the_field(options, match):
     with pytest.raises(ValueError, match=match):
         PPOConfig(**options)
+
+
+def test_the_docs_recipe_table_agrees_with_its_results():
+    """Each row of docs/algorithms.md's table is what benchmarks/recipes.py wrote for both tasks; every recipe
+    has its row."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "algorithms.md").read_text()
+    results = {
+        task: json.loads((root / "docs" / "results" / "recipes" / f"{task}.json").read_text())
+        for task in ("arithmetic", "calculator")
+    }
+    names = list(results["arithmetic"]["runs"])
+    assert set(RECIPES) <= set(names) and names == list(results["calculator"]["runs"])
+    for name in names:
+        label = f"`--algo {name.split()[0]}` (default settings)" if "(" in name else f"`--recipe {name}`"
+        cells = []
+        for task in ("arithmetic", "calculator"):
+            runs = results[task]["runs"][name]
+            assert [run["seed"] for run in runs] == [0, 1, 2]
+            accuracy = [100 * run["accuracy"] for run in runs]
+            cells += [" / ".join(f"{a:.1f}" for a in accuracy), f"{sum(accuracy) / 3:.1f}"]
+        row = f"| {label} | " + " | ".join(cells) + " |"
+        assert row in text, row
