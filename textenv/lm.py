@@ -446,19 +446,49 @@ class CachedStepper:
         return self.last
 
     def extend(self, tokens_by_row: dict[int, list[int]]) -> Tensor:
-        """Append each row's ``tokens_by_row[row]`` (other rows: nothing), one column at a time; returns ``last``.
+        """Append each row's ``tokens_by_row[row]`` (other rows: nothing); returns ``last``.
 
-        A row without a token in a column gets a masked pad there, as a row that waits a step does
-        (the env rebuilds a cache that cannot take such a column; see the class docstring).
+        The rows' tokens are columns after the cache, a row's tokens first and masked pads after them up to the
+        longest row's (a row without tokens gets masked pads only, as a row that waits a step does). A
+        full-attention cache takes them in one forward; others (sliding-window or mixed layers, scoring
+        models) one column a forward, the same columns (the env rebuilds a cache that cannot take masked
+        columns; see the class docstring).
         """
+        width = max((len(ids) for ids in tokens_by_row.values()), default=0)
+        if width == 0:
+            return self.last
         rows = self.mask.shape[0]
-        for column in range(max((len(ids) for ids in tokens_by_row.values()), default=0)):
-            tokens = torch.full((rows,), self.pad_token_id, dtype=torch.long)
-            has = torch.zeros(rows, dtype=torch.bool)
-            for row, ids in tokens_by_row.items():
-                if column < len(ids):
-                    tokens[row], has[row] = ids[column], True
-            self.advance(tokens.to(self.device), has.to(self.device))
+        tokens = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        has = torch.zeros(rows, width, dtype=torch.bool)
+        for row, ids in tokens_by_row.items():
+            tokens[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            has[row, : len(ids)] = True
+        tokens, has = tokens.to(self.device), has.to(self.device)
+        if self.scores or not self.editable:
+            for column in range(width):
+                self.advance(tokens[:, column], has[:, column])
+            return self.last
+        return self._advance_block(tokens, has)
+
+    @torch.no_grad()
+    def _advance_block(self, tokens: Tensor, has: Tensor) -> Tensor:
+        """``extend``'s one forward: columns ``tokens`` (N, L), real where ``has``, each row's real ones first."""
+        self.mask = torch.cat([self.mask, has.long()], dim=1)
+        counts = has.long().sum(1)
+        positions = self.position[:, None] + torch.arange(tokens.shape[1], device=self.device).clamp(
+            max=(counts - 1).clamp(min=0)[:, None]
+        )
+        out = self._forward(
+            input_ids=tokens,
+            attention_mask=self.mask,
+            position_ids=positions,
+            **{self.cache_keyword: self.cache},
+        )
+        self._set_cache(output_cache(out))
+        last_real = out.logits[torch.arange(len(tokens), device=self.device), (counts - 1).clamp(min=0)]
+        self.last = torch.where((counts > 0)[:, None], last_real, self.last)
+        self.position = self.position + counts
+        self._trim()
         return self.last
 
     def start(
