@@ -23,10 +23,12 @@ and save are skipped, as TRL's run has none).
 
 With ``--trl-python`` each textenv run alternates with a run of
 ``../shared/peers/trl_ppo_bench.py`` (TRL 0.29.1's PPOTrainer: policy, reference, value
-model from the reward model, reward model; ``--stop-eos``, temperature 1, fp32, same
-learning rate, KL coefficient and shape) in that Python. Every run is its own subprocess,
-whose peak RSS is read from ``os.wait4``. Per run the figure is the median of updates
-2..N; the ratio is textenv's over TRL's, from runs of the same round (< 1: textenv faster).
+model from the reward model, reward model; ``--stop-eos``, temperature 1, same
+learning rate, KL coefficient and shape) in that Python, in each precision: ``trl bf16``
+runs it with ``--bf16`` and ``ACCELERATE_MIXED_PRECISION=bf16`` (what ``accelerate launch
+--mixed_precision bf16`` sets). Every run is its own subprocess, whose peak RSS is read
+from /proc (``peak_rss_mb``). Per run the figure is the median of updates 2..N; the ratio
+is textenv's over TRL's, from runs of the same round and precision (< 1: textenv faster).
 
     python benchmarks/ppo_iteration.py --trl-python ../trl-venv/bin/python
 """
@@ -357,14 +359,29 @@ class Result:
     rows: list[dict]
 
 
-def run_process(command: list[str], side: str, checkout: Path = REPO) -> Result:
-    """Run ``command``, read its JSON lines and its peak RSS (``os.wait4``: this child only)."""
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (``VmHWM`` of /proc/PID/status), in MB; None once it is gone.
+
+    Not ``ru_maxrss`` of ``os.wait4``: Linux carries the forking process's peak into its child's across the
+    exec, so every child of this script (which holds models) would read at least this script's own peak."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(kb) / 1024
+
+
+def run_process(command: list[str], side: str, checkout: Path = REPO, extra_env: dict | None = None) -> Result:
+    """Run ``command``, read its JSON lines and its peak RSS (``peak_rss_mb``, read every 50 ms until it ends)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(checkout), env.get("PYTHONPATH", "")])  # whose textenv runs
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=checkout)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env | (extra_env or {}), cwd=checkout)
+        peak = 0.0
+        while process.poll() is None:
+            peak = max(peak, peak_rss_mb(process.pid) or 0.0)
+            time.sleep(0.05)
         out.seek(0)
         err.seek(0)
         if process.returncode != 0:
@@ -376,7 +393,7 @@ def run_process(command: list[str], side: str, checkout: Path = REPO) -> Result:
     if rows and "phases" in rows[0]:
         phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in timed) for p in PHASES}
     seconds = statistics.median(r["s"] for r in timed)
-    return Result(side, seconds, usage.ru_maxrss / 1024, phases, rows)
+    return Result(side, seconds, peak, phases, rows)
 
 
 def textenv_command(task: Task, side: str, args: BenchmarkArgs) -> list[str]:
@@ -432,7 +449,10 @@ def measure(shape: Shape, task: Task, rounds: int, args: BenchmarkArgs) -> dict[
             before = load()
             command = trl_command(task, side, args) if side.startswith("trl") else textenv_command(task, side, args)
             checkout = Path(args.other_checkout).resolve() if side.endswith("@other") else REPO
-            result = run_process(command, side, checkout)
+            # TRL's PPOTrainer makes its Accelerator without a precision: bf16 reaches it as it does from
+            # `accelerate launch --mixed_precision bf16`, by the environment (its --bf16 flag alone changes nothing)
+            bf16 = {"ACCELERATE_MIXED_PRECISION": "bf16"} if side == "trl bf16" else {}
+            result = run_process(command, side, checkout, bf16)
             results[side].append(result)
             print(
                 f"  [{shape} round {r + 1}] {side:23} {result.s_per_update:7.3f} s/update  "
@@ -517,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.trl_python:
         print(
             f"peer: {TRL_SCRIPT.name} in {args.trl_python} (TRL 0.29.1 PPOTrainer, four models, --stop-eos, "
-            "fp32, temperature 1, lr 3e-4, KL 0.05); ratios are textenv / TRL from the same round"
+            f"{' and '.join(args.precisions)}, temperature 1, lr 3e-4, KL 0.05); ratios are textenv / TRL from the "
+            "same round and precision"
         )
     else:
         print("no --trl-python: textenv only")
