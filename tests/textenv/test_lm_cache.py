@@ -116,3 +116,28 @@ def test_stepping_records_no_graph_even_with_grad_enabled():
     stepper.start_rows(torch.tensor([1]), *pad_batch([[12, 13, 14, 15]], 0), lambda: [[5, 6, 7, 10], [12, 13, 14, 15]])
     assert not stepper.last.requires_grad
     assert not any(layer.keys.requires_grad for layer in stepper.cache.layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_a_reply_in_one_forward_gives_what_a_column_at_a_time_gives(family):
+    """``extend`` (one forward for a full-attention cache) against ``advance`` column by column with the same
+    masked pads: the same mask and positions, the same outputs after it and after a step more."""
+    model = tiny_causal_lm(family)
+    generator = torch.Generator().manual_seed(1)
+    contexts = [torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (5, 2, 7, 4)]
+    replies = {0: [7, 8], 2: [9, 10, 11, 12], 3: [13]}  # row 1: no reply
+    block, columns = CachedStepper(model, 0, room=16), CachedStepper(model, 0, room=16)
+    for stepper in (block, columns):
+        stepper.prefill(*pad_batch(contexts, 0))
+    after_block = block.extend(replies).clone()
+    for column in range(4):
+        tokens = torch.tensor(
+            [replies.get(row, [])[column] if column < len(replies.get(row, [])) else 0 for row in range(4)]
+        )
+        columns.advance(tokens, torch.tensor([column < len(replies.get(row, [])) for row in range(4)]))
+    torch.testing.assert_close(after_block, columns.last, atol=1e-5, rtol=1e-5)
+    assert torch.equal(block.mask, columns.mask) and torch.equal(block.position, columns.position)
+    step = torch.tensor([20, 21, 22, 23])
+    torch.testing.assert_close(block.advance(step), columns.advance(step), atol=1e-5, rtol=1e-5)
+    assert block.editable == (family not in SLIDING)  # sliding-window caches take the column loop
