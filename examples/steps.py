@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -49,7 +50,9 @@ def run_steps(commands: dict[str, list[str]], out: Path, cwd: Path | None = None
 
 
 def write_summary(result: dict, out: Path, summary: Path | None) -> None:
-    """``result`` as JSON in OUT/summary.json, and in ``summary`` too when given; printed."""
+    """``result``, with the machine's CPU count and load, as JSON in OUT/summary.json, and in ``summary`` too when
+    given; printed."""
+    result = result | {"cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()[0]}
     text = json.dumps(result, indent=2) + "\n"
     (out / "summary.json").write_text(text)
     if summary is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -65,8 +64,6 @@ def summary(out: Path, seconds: dict[str, float]) -> dict:
         "evaluation": {"sft": {k: before[k] for k in keep}, "ppo": {k: after[k] for k in keep}}
         | {"episodes": after["episodes"], "seconds": seconds["evaluate_sft"] + seconds["evaluate_ppo"]},
         "total_seconds": sum(seconds.values()),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg()[0],
     }
 
 

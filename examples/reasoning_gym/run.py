@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -147,8 +146,6 @@ def summary(name: str, preset: Preset, out: Path, seconds: dict[str, float], com
         **runs,
         "seconds": seconds,
         "commands": commands,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg()[0],
     }
 
 

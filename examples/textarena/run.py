@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 SEEDS, ALGOS = (0, 1, 2), ("grpo", "ppo")
 TRAIN_GAMES, EVAL_GAMES, DEMONSTRATION_GAMES = range(0, 1000), range(1000, 1200), range(100_000, 102_000)
 GAME = ["--interaction", "guess_the_number:GuessTheNumber", "--reward-fn", "textenv.adapters:no_score"]
-# a guess is its own turn, ended by "]" ("[12]": 4 characters); an invalid guess gets a reply of up to about 200 characters
+# a guess is its own turn, ended by "]" ("[12]": 4 characters); an invalid guess gets a reply of about 200
 GAME += ["--end-of-turn-token", "]", "--max-prompt-tokens", "520", "--max-new-tokens", "5", "--max-turns", "6"]
 GAME += ["--max-env-tokens", "240"]
 ITERATIONS = 20
@@ -104,8 +103,6 @@ def summary(out: Path, seconds: dict[str, float], commands: dict, k: int) -> dic
         **runs,
         "seconds": seconds,
         "commands": commands,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg()[0],
     }
 
 
