@@ -82,3 +82,36 @@ def test_readme_rebuild_figures_agree_with_the_reports():
         f"against the shipped {100 * shipped['accuracy/greedy']:.1f}% and {100 * shipped['accuracy/sampled']:.1f}%"
     )
     assert sentence in " ".join(README.read_text().split()), sentence
+
+
+def test_readme_trl_comparison_agrees_with_the_benchmarks_json():
+    import json
+
+    figures = json.loads((README.parent / "docs" / "results" / "ppo_iteration.json").read_text())["shapes"]
+    small, default = figures["gpt2-small"]["sides"], figures["default"]["sides"]
+    sentence = (
+        f"textenv takes {default['textenv shared']['x_trl_time']:.2f}x TRL's time with the shared critic and "
+        f"{default['textenv separate']['x_trl_time']:.2f}x with a separate one, at "
+        f"{default['textenv shared']['x_trl_rss']:.2f}x its peak memory; at GPT-2-small shape (16 x 32) "
+        f"{small['textenv shared']['x_trl_time']:.2f}x its time and {small['textenv shared']['x_trl_rss']:.2f}x its "
+        f"memory ({small['textenv separate']['x_trl_time']:.2f}x and {small['textenv separate']['x_trl_rss']:.2f}x "
+        "with a separate critic, which trains the same two trunks TRL trains), and in bf16 at that shape "
+        f"{small['textenv shared bf16']['x_trl_time']:.2f}x its time and "
+        f"{small['textenv shared bf16']['x_trl_rss']:.2f}x its memory, TRL also in bf16"
+    )
+    assert sentence in " ".join(README.read_text().split()), sentence
+
+
+def test_scaling_doc_quotes_the_benchmarks_json():
+    import json
+
+    small = json.loads((README.parent / "docs" / "results" / "ppo_iteration.json").read_text())["shapes"]
+    small = small["gpt2-small"]["sides"]
+    text = " ".join((README.parent / "docs" / "scaling.md").read_text().split())
+    sentence = (
+        f"textenv's bf16 iteration took {small['textenv shared bf16']['s_per_update']:.1f} s against TRL's "
+        f"{small['trl bf16']['s_per_update']:.1f} s in bf16 ({small['textenv shared bf16']['x_trl_time']:.2f}x; fp32 "
+        f"{small['textenv shared']['s_per_update']:.1f} s against {small['trl']['s_per_update']:.1f} s, "
+        f"{small['textenv shared']['x_trl_time']:.2f}x)"
+    )
+    assert sentence in text, sentence
