@@ -219,7 +219,8 @@ class Endings:
         return cls(torch.zeros(batch), [""] * batch, {}, np.zeros(batch, dtype=bool), np.zeros(batch, dtype=bool))
 
     def record(self, term: np.ndarray, trunc: np.ndarray, step_info: dict) -> None:
-        """Keep what ``step_info`` says of the rows whose episode ended in this step."""
+        """Keep what ``step_info`` says of the rows whose episode ended in this step, and add up what an
+        interaction paid any row in it."""
         batch = len(self.scores)
         if "turn_reward" in step_info:  # paid on any step that ended a turn; NaN on the others
             paid = torch.as_tensor(np.nan_to_num(step_info["turn_reward"]), dtype=torch.float32)
