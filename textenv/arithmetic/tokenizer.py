@@ -27,7 +27,8 @@ def build_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
         raise ValueError(f"characters must be distinct, got {characters!r}")
     vocab = {token: i for i, token in enumerate([PAD, UNK, EOS, *characters])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # each character a word, "\n" too
+    # every character a word; "[\s\S]", not ".", which skips newlines ("\n\n" would become one unknown token)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # join tokens without spaces
     tokenizer.add_special_tokens([PAD, UNK, EOS])
     return wrap_tokenizer(tokenizer)
