@@ -67,3 +67,23 @@ def test_summaries_record_the_commands_the_section_describes():
                 policy = f"--reference-model OUT/sft/final --k {summary['k']} --policy OUT/{algo}-{seed}/final"
                 assert policy in evaluate
         assert not any(part.startswith("/") for text in commands.values() for part in shlex.split(text))
+
+
+TEXTARENA = ROOT / "docs" / "results" / "textarena" / "summary.json"
+GAME_ROW = re.compile(r"^\| (SFT|GRPO|PPO) \| ([\d., ]+) \| ([\d., ]+) \| ([\d., ]+) \|$", re.M)
+
+
+def test_the_textarena_table_is_its_summary():
+    """docs/adapters.md's Guess The Number table: every figure is what examples/textarena/run.py wrote."""
+    text = DOC.read_text()
+    start = text.index("### Before and after RL: Guess The Number")
+    rows = {name: cells for name, *cells in GAME_ROW.findall(text[start : text.index("\n## ", start)])}
+    summary = json.loads(TEXTARENA.read_text())
+    assert set(rows) == {"SFT", "GRPO", "PPO"}
+    for name, runs in [("SFT", [summary["sft"]]), ("GRPO", summary["grpo"]), ("PPO", summary["ppo"])]:
+        reward, hints, kl = rows[name]
+        assert reward == ", ".join(f"{run['reward']:.3f}" for run in runs)
+        assert hints == ", ".join(f"{run['replies']:.2f}" for run in runs)
+        assert kl == ", ".join(f"{round(run['kl'], 2) + 0.0:.2f}" for run in runs)
+    assert [run["seed"] for run in summary["grpo"]] == [run["seed"] for run in summary["ppo"]] == [0, 1, 2]
+    assert not re.search(r"(^|\s)/", " ".join(summary["commands"].values()))  # no absolute path: OUT/...
