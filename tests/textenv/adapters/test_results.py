@@ -87,3 +87,15 @@ def test_the_textarena_table_is_its_summary():
         assert kl == ", ".join(f"{round(run['kl'], 2) + 0.0:.2f}" for run in runs)
     assert [run["seed"] for run in summary["grpo"]] == [run["seed"] for run in summary["ppo"]] == [0, 1, 2]
     assert not re.search(r"(^|\s)/", " ".join(summary["commands"].values()))  # no absolute path: OUT/...
+    prose = " ".join(text[start:].split())
+    rl = [run["seconds"] for run in summary["grpo"] + summary["ppo"]]
+    assert f"--steps 400` ({summary['sft']['seconds']:.0f} s)" in prose
+    assert f"(640 games, {min(rl):.0f}-{max(rl):.0f} s)" in prose
+    assert f"runs the steps ({sum(summary['seconds'].values()) / 60:.0f} minutes in all)" in prose
+    ppo, grpo = ([run["reward"] for run in summary[algo]] for algo in ("ppo", "grpo"))
+    assert (
+        f"PPO ends above the SFT policy on all three seeds ({min(ppo):.3f}-{max(ppo):.3f} against "
+        f"{summary['sft']['reward']:.3f}) and GRPO on one of three ({min(grpo):.3f}-{max(grpo):.3f}), by at most "
+        f"{max(ppo + grpo) - summary['sft']['reward']:.3f}"
+    ) in prose
+    assert min(ppo) > summary["sft"]["reward"] and sum(g > summary["sft"]["reward"] for g in grpo) == 1
