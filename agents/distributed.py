@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -146,6 +147,11 @@ class Distributed:
 
     def shutdown(self) -> None:
         if self.enabled and dist.is_initialized():
+            # gloo's worker thread drops the last collective's tensors after the collective completes, and that
+            # needs the GIL. Were the group freed (by the DDP model's last reference) before it has, the main
+            # thread would join that worker while holding the GIL: a deadlock, seen once at the end of a
+            # torchrun run. Sleeping releases the GIL and lets the worker finish first.
+            time.sleep(0.1)
             dist.destroy_process_group()
 
 
