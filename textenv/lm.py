@@ -431,17 +431,27 @@ class CachedStepper:
         if live is None:
             live = torch.ones_like(tokens, dtype=torch.bool)
         tokens = torch.where(live, tokens, self.pad_token_id)
-        self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)
+        out = self._forward_columns(tokens[:, None], live[:, None], self.position[:, None])
+        return self._keep_outputs(self._output(out), live if self.scores else live[:, None], live.long())
+
+    def _forward_columns(self, tokens: Tensor, has: Tensor, positions: Tensor):
+        """One forward of the columns ``tokens`` (N, L) after the cache, real where ``has``; the cache grows by
+        them. Returns the model's output."""
+        self.mask = torch.cat([self.mask, has.long()], dim=1)
         out = self._forward(
-            input_ids=tokens[:, None],
+            input_ids=tokens,
             attention_mask=self.mask,
-            position_ids=self.position[:, None],
+            position_ids=positions,
             **{self.cache_keyword: self.cache},
         )
         self._set_cache(output_cache(out))
-        keep = live if self.scores else live[:, None]
-        self.last = torch.where(keep, self._output(out), self.last)  # a row that waited keeps its last output
-        self.position = self.position + live.long()
+        return out
+
+    def _keep_outputs(self, new: Tensor, keep: Tensor, counts: Tensor) -> Tensor:
+        """``last`` from ``new`` where ``keep`` (a row that took no token keeps its last output); each row's next
+        position ``counts`` further on; leading columns no row attends to dropped."""
+        self.last = torch.where(keep, new, self.last)
+        self.position = self.position + counts
         self._trim()
         return self.last
 
@@ -473,23 +483,12 @@ class CachedStepper:
     @torch.no_grad()
     def _advance_block(self, tokens: Tensor, has: Tensor) -> Tensor:
         """``extend``'s one forward: columns ``tokens`` (N, L), real where ``has``, each row's real ones first."""
-        self.mask = torch.cat([self.mask, has.long()], dim=1)
         counts = has.long().sum(1)
-        positions = self.position[:, None] + torch.arange(tokens.shape[1], device=self.device).clamp(
-            max=(counts - 1).clamp(min=0)[:, None]
-        )
-        out = self._forward(
-            input_ids=tokens,
-            attention_mask=self.mask,
-            position_ids=positions,
-            **{self.cache_keyword: self.cache},
-        )
-        self._set_cache(output_cache(out))
-        last_real = out.logits[torch.arange(len(tokens), device=self.device), (counts - 1).clamp(min=0)]
-        self.last = torch.where((counts > 0)[:, None], last_real, self.last)
-        self.position = self.position + counts
-        self._trim()
-        return self.last
+        last_real = (counts - 1).clamp(min=0)  # each row's last real column (0 for a row with none)
+        columns = torch.arange(tokens.shape[1], device=self.device)
+        out = self._forward_columns(tokens, has, self.position[:, None] + columns.clamp(max=last_real[:, None]))
+        new = out.logits[torch.arange(len(tokens), device=self.device), last_real]
+        return self._keep_outputs(new, (counts > 0)[:, None], counts)
 
     def start(
         self, rows: Tensor, input_ids: Tensor, attention_mask: Tensor, contexts: Callable[[], list[list[int]]]
