@@ -396,9 +396,19 @@ def run_process(command: list[str], side: str, checkout: Path = REPO, extra_env:
     return Result(side, seconds, peak, phases, rows)
 
 
+def side_name(base: str, precision: str) -> str:
+    """A run's name in the tables: 'textenv shared', 'trl', ..., with ' bf16' after it in bf16."""
+    return base if precision == "fp32" else f"{base} {precision}"
+
+
+def side_precision(side: str) -> str:
+    """The precision of the run named ``side`` (``side_name``'s)."""
+    return "bf16" if " bf16" in side else "fp32"
+
+
 def textenv_command(task: Task, side: str, args: BenchmarkArgs) -> list[str]:
     """The command of a textenv side, 'textenv <critic>[ bf16][ @other]'."""
-    spec = textenv_spec(task, side.split()[1], args) | {"precision": "bf16" if " bf16" in side else "fp32"}
+    spec = textenv_spec(task, side.split()[1], args) | {"precision": side_precision(side)}
     return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
 
 
@@ -428,7 +438,7 @@ def trl_command(task: Task, side: str, args: BenchmarkArgs) -> list[str]:
         *("--num-ppo-epochs", "4", "--num-mini-batches", str(task.batch_size // task.minibatch_size)),
         *("--max-prompt-length", "16", "--lr", "3e-4", "--kl-coef", "0.05", "--temperature", "1.0"),
         *("--stop-eos", "--threads", str(args.threads), "--seed", str(args.seed)),
-        *(["--bf16"] if side.endswith(" bf16") else []),
+        *(["--bf16"] if side_precision(side) == "bf16" else []),
     ]
 
 
@@ -439,11 +449,11 @@ def load() -> str:
 def measure(shape: Shape, task: Task, rounds: int, args: BenchmarkArgs) -> dict[str, list[Result]]:
     results: dict[str, list[Result]] = defaultdict(list)
     for r in range(rounds):
-        order = [f"textenv {c}" + ("" if p == "fp32" else f" {p}") for c in args.critics for p in args.precisions]
+        order = [side_name(f"textenv {c}", p) for c in args.critics for p in args.precisions]
         if args.other_checkout:
             order = [side for name in order for side in (name, f"{name} @other")]
         if args.trl_python:  # TRL amid textenv's runs, in each precision
-            trl = ["trl" + ("" if p == "fp32" else f" {p}") for p in args.precisions]
+            trl = [side_name("trl", p) for p in args.precisions]
             order[len(order) // 2 : len(order) // 2] = trl
         for side in order:
             before = load()
@@ -451,7 +461,8 @@ def measure(shape: Shape, task: Task, rounds: int, args: BenchmarkArgs) -> dict[
             checkout = Path(args.other_checkout).resolve() if side.endswith("@other") else REPO
             # TRL's PPOTrainer makes its Accelerator without a precision: bf16 reaches it as it does from
             # `accelerate launch --mixed_precision bf16`, by the environment (its --bf16 flag alone changes nothing)
-            bf16 = {"ACCELERATE_MIXED_PRECISION": "bf16"} if side == "trl bf16" else {}
+            trl_bf16 = side.startswith("trl") and side_precision(side) == "bf16"
+            bf16 = {"ACCELERATE_MIXED_PRECISION": "bf16"} if trl_bf16 else {}
             result = run_process(command, side, checkout, bf16)
             results[side].append(result)
             print(
@@ -464,7 +475,7 @@ def measure(shape: Shape, task: Task, rounds: int, args: BenchmarkArgs) -> dict[
 
 def peer_of(side: str) -> str:
     """The TRL side a side is compared with: the one of its precision."""
-    return "trl bf16" if " bf16" in side else "trl"
+    return side_name("trl", side_precision(side))
 
 
 def figures(task: Task, results: dict[str, list[Result]]) -> dict[str, dict]:
