@@ -1,11 +1,13 @@
 """The agent: an actor-critic on a Hugging Face causal LM.
 
 The LM head is the actor (logits over the vocabulary); a value head, a linear map
-of the last hidden state initialised to output 0, is the critic. With
-``share_backbone=True`` (the default) one forward of the LM gives both. With
-``share_backbone=False`` the critic runs its own trunk: Stiennon et al. (2020)
-initialise it from the reward model, and "The 37 implementation details of PPO"
-(item 12) found separate networks stronger.
+of a hidden state initialised to output 0, is the critic. With
+``share_backbone=True`` (the default) one forward of the LM gives both; the value
+head reads the output of the trunk's middle block (``value_layer``), not its last
+hidden state, which the next-token prediction owns (``docs/design.md``). With
+``share_backbone=False`` the critic runs its own trunk and the head reads that trunk's
+last hidden state: Stiennon et al. (2020) initialise it from the reward model, and
+"The 37 implementation details of PPO" (item 12) found separate networks stronger.
 
 The rollout samples from the logits with ``textenv.lm.sample_tokens`` (stepping the
 agent with ``textenv.lm.CachedStepper``); the update re-scores whole episodes with
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -49,11 +52,12 @@ from textenv.config import Precision, resolve_precision
 from textenv.lm import cache_keyword, disable_dropout, output_cache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_LAYER_KEY = "value_layer"
 CRITIC_DIR = "critic"
 
 
 def value_head(hidden_size: int) -> nn.Linear:
-    """The critic's head: a linear map of the last hidden state to V(s), zero at the start.
+    """The critic's head: a linear map of a hidden state to V(s), zero at the start.
 
     Zero-initialised, so the first advantages are the returns themselves rather than
     the noise of a random head.
@@ -64,14 +68,55 @@ def value_head(hidden_size: int) -> nn.Linear:
     return head
 
 
-def save_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, Path(directory) / VALUE_HEAD_FILE
-    )
+def save_value_head(head: nn.Linear, directory: str | os.PathLike, value_layer: int | None = None) -> None:
+    """The head's weights, and the block it reads (``value_layer``) in the file's metadata where given."""
+    metadata = None if value_layer is None else {VALUE_LAYER_KEY: str(value_layer)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, Path(directory) / VALUE_HEAD_FILE, metadata=metadata)
 
 
 def load_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
     head.load_state_dict(load_file(Path(directory) / VALUE_HEAD_FILE))
+
+
+def saved_value_layer(directory: str | os.PathLike) -> int | None:
+    """The block a saved value head reads (its file's metadata); None for a head saved without one, which read the
+    trunk's last hidden state."""
+    with safe_open(Path(directory) / VALUE_HEAD_FILE, framework="pt") as saved:
+        value = (saved.metadata() or {}).get(VALUE_LAYER_KEY)
+    if value is not None and not value.isdigit():
+        raise ValueError(f"{Path(directory) / VALUE_HEAD_FILE}: its {VALUE_LAYER_KEY!r} is {value!r}, not a block")
+    return None if value is None else int(value)
+
+
+def trunk_layers(model: PreTrainedModel) -> int:
+    """The number of transformer blocks of ``model``'s (text) trunk."""
+    return model.config.get_text_config().num_hidden_layers
+
+
+def middle_layer(layers: int) -> int:
+    """The block a value head reads on a shared trunk by default: the middle one, ceil(layers / 2)."""
+    return (layers + 1) // 2
+
+
+def check_value_layer(value_layer: int | None, policy: PreTrainedModel, shared: bool) -> int | None:
+    """``value_layer`` resolved (None: the middle block of a shared trunk; stays None for a separate critic)."""
+    if not shared:
+        if value_layer is not None:
+            raise ValueError(
+                f"value_layer={value_layer!r} is for a value head on the policy's trunk (share_backbone=True); a "
+                "separate critic's head reads its own trunk's last hidden state: leave value_layer None"
+            )
+        return None
+    layers = trunk_layers(policy)
+    if value_layer is None:
+        return middle_layer(layers)
+    if isinstance(value_layer, bool) or not isinstance(value_layer, int) or not 1 <= value_layer <= layers:
+        raise ValueError(
+            f"value_layer={value_layer!r} is not a block of the policy's trunk, which has {layers}: pass 1 .. "
+            f"{layers} ({layers}: its last hidden state; None: the middle block, {middle_layer(layers)})"
+        )
+    return value_layer
 
 
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
@@ -179,10 +224,18 @@ class ActorCriticOutput(NamedTuple):
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | None = None):
+    """The actor (``policy``, a causal LM) and the critic (``value_head`` on the policy's trunk, or on ``critic``).
+
+    ``value_layer``, on the policy's trunk only: the block (1 .. the trunk's layers) whose output the value head
+    reads; the last is the trunk's final hidden state, after its final norm. None: the middle block
+    (``middle_layer``). A separate critic's head reads its own trunk's last hidden state.
+    """
+
+    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | None = None, value_layer: int | None = None):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        self.value_layer = check_value_layer(value_layer, policy, critic is None)
         self.value_head = value_head((critic or policy).config.hidden_size)
         self._logits_to_keep = accepts_logits_to_keep(policy)
 
@@ -196,9 +249,10 @@ class ActorCritic(nn.Module):
         policy: str | os.PathLike | nn.Module,
         share_backbone: bool = True,
         critic_init: str | os.PathLike | PreTrainedModel | None = None,
+        value_layer: int | None = None,
     ) -> ActorCritic:
         """Wrap ``policy`` (a causal LM, or its directory: ``load_policy``); a separate critic trunk starts from
-        ``critic_init``.
+        ``critic_init``; ``value_layer`` as the class says.
 
         ``critic_init`` is the reward model's directory or module when it shares the
         policy's tokenizer (the Stiennon et al. choice), else None: the policy's trunk.
@@ -207,7 +261,7 @@ class ActorCritic(nn.Module):
         if not isinstance(policy, nn.Module):
             policy = load_policy(policy)
         critic = critic_trunk(critic_init if critic_init is not None else policy) if not share_backbone else None
-        agent = cls(policy, critic)
+        agent = cls(policy, critic, value_layer)
         disable_dropout(agent)  # the rollout's and the update's forwards must agree: the first PPO ratio exactly 1
         return agent
 
@@ -248,7 +302,7 @@ class ActorCritic(nn.Module):
         logits = out.logits if logits_at is None or keep else out.logits[logits_at]
         critic_cache = None
         if self.share_backbone:
-            hidden = out.hidden_states[-1]
+            hidden = out.hidden_states[self.value_layer]  # [0] is the embeddings, [k] block k's output
         else:
             critic_cache = None if cache is None else cache[1]
             critic_out = self.critic(input_ids=input_ids, **{cache_keyword(self.critic): critic_cache}, **inputs)
@@ -261,7 +315,7 @@ class ActorCritic(nn.Module):
         """The policy as a Hugging Face model (or PEFT adapters), with the value head (and critic) beside it."""
         directory = Path(directory)
         self.policy.save_pretrained(directory)
-        save_value_head(self.value_head, directory)
+        save_value_head(self.value_head, directory, self.value_layer)
         if self.critic is not None:
             self.critic.save_pretrained(directory / CRITIC_DIR)
 
@@ -276,7 +330,10 @@ class ActorCritic(nn.Module):
         else:
             policy = load_policy(directory)
         critic = critic_trunk(directory / CRITIC_DIR) if (directory / CRITIC_DIR).is_dir() else None
-        agent = cls(policy, critic)
+        value_layer = saved_value_layer(directory)
+        if critic is None and value_layer is None:  # saved before the head could read another block: the last
+            value_layer = trunk_layers(policy)
+        agent = cls(policy, critic, value_layer)
         load_value_head(agent.value_head, directory)
         disable_dropout(agent)
         return agent

@@ -24,9 +24,10 @@ Where this departs from the textbook PPO (Schulman et al. 2017) and why:
   ratio exactly 1. The sampling log-probs still feed the env's KL penalty.
 - the critic is a value head on the policy's trunk (or a separate trunk) and one
   combined loss ``pg + vf_coef * vf - ent_coef * entropy (+ beta * KL)`` trains both.
-- the value loss may be divided by the variance of the rollout's returns (``normalize_value_loss``, off by
-  default); with it, ``vf_coef`` 2 and ``clip_range_value`` 1.0 the value head on the policy's trunk learns to
-  explain the returns, which with the defaults it does not (``docs/design.md``).
+- the value loss is divided by the variance of the rollout's returns (``normalize_value_loss``); with it,
+  ``vf_coef`` 2, ``clip_range_value`` 1.0 and the head on the trunk's middle block (``ActorCritic``) a value
+  head on the policy's trunk learns to explain the returns; with the older defaults (the plain loss, 0.1, 0.2,
+  the last hidden state) it explained almost nothing (``docs/design.md``).
 - advantages are whitened over valid tokens (not with ``advantage_scaling`` 'none', Dr. GRPO's
   unscaled advantages); rewards optionally scaled (no shift).
 - the per-token losses are a token mean over the minibatch by default
@@ -167,14 +168,15 @@ class PPOConfig:
     surrogate: Surrogate = "clip"
     """'clip': PPO's clipped surrogate. 'cispo': -sg(min(r, 1 + clip_range_high)) * A * log pi, the clipped and
     detached ratio as a weight, so every token keeps a gradient (CISPO, MiniMax-M1 2025; no lower bound)."""
-    clip_range_value: float = 0.2
+    clip_range_value: float = 1.0
     """Epsilon of the clipped value loss, in the returns' units: how far a value may move from its old value in one
-    update. A value head on the policy's trunk learns with 1.0 (and normalize_value_loss, vf_coef 2): the values start
-    at 0 and the default task's returns span about [-3, 3] (docs/design.md)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss in the combined loss (small: the trunk is shared). At 0.1 the shared trunk is the
-    actor's and its value head explains little of the returns; with normalize_value_loss, 2 (docs/design.md)."""
-    normalize_value_loss: bool = False
+    update. The values start at 0 and the default task's returns span about [-3, 3]; at 0.2 (an older default) the
+    clip held them back (docs/design.md)."""
+    vf_coef: float = 2.0
+    """Weight of the value loss in the combined loss. With normalize_value_loss it is the critic's share of the
+    shared trunk's gradient against the policy loss's (whitened, of unit scale); at 0.1 (an older default) the trunk
+    was the actor's and the value head explained almost nothing of the returns (docs/design.md)."""
+    normalize_value_loss: bool = True
     """Divide the value loss by the variance of the rollout's returns over valid tokens (1 where they do not vary),
     so the critic's share of the gradient holds whatever the scale and spread of the scores."""
     ent_coef: float = 0.0

@@ -83,6 +83,10 @@ class RunConfig:
     """Episodes per rollout in each process (the vector env's num_envs)."""
     share_backbone: bool = True
     """Critic = value head on the policy's trunk; False: a separate critic trunk (from the reward model)."""
+    value_layer: int | None = None
+    """With share_backbone: the block of the policy's trunk whose output the value head reads (1 .. its layers;
+    the last is its final hidden state, which next-token prediction owns). None: the middle block,
+    ceil(layers / 2) (docs/design.md)."""
     seed: int = 0
     """Seed of sampling, prompt draws and minibatch order."""
     run_dir: Path = Path("runs/ppo")
@@ -137,6 +141,13 @@ class RunConfig:
             check_int("token_budget", self.token_budget, minimum=1)
         if self.threads is not None:
             check_int("threads", self.threads, minimum=1)
+        if self.value_layer is not None:
+            check_int("value_layer", self.value_layer, minimum=1)
+            if not self.share_backbone:
+                raise ValueError(
+                    "--value-layer is for a value head on the policy's trunk; with --no-share-backbone the critic's "
+                    "head reads its own trunk's last hidden state: drop --value-layer"
+                )
         check_float("lora_alpha", self.lora_alpha, "> 0", lambda v: v > 0)
 
 
@@ -799,7 +810,9 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
             and load_config(reward_source, "reward model").model_type == policy.config.model_type
         )
         critic_init = reward_source if same_trunk and not run.share_backbone else None
-        agent = ActorCritic.from_models(policy, share_backbone=run.share_backbone, critic_init=critic_init)
+        agent = ActorCritic.from_models(
+            policy, share_backbone=run.share_backbone, critic_init=critic_init, value_layer=run.value_layer
+        )
     agent.to(device).train()
     if run.gradient_checkpointing:
         agent.policy.gradient_checkpointing_enable()

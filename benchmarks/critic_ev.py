@@ -12,7 +12,13 @@ torch thread, and reads the run's ``metrics.jsonl``:
 - ``pos@10``, ``pos@N``: ``eval/positive_rate`` of the evaluation after 10 and after N iterations
   (128 held-out episodes each, ``--eval-every 10``).
 
-Flags after ``--`` go to every run (``-- --vf-coef 0.5``). The table is printed and written as JSON
+``trl`` (with ``--trl-python``, the interpreter of the peer harness's virtual environment) runs TRL's PPO
+trainer on the same task and shape instead (``benchmarks/trl_snapshots.py``: TRL's value model is a copy of the
+reward model, like ``separate``), saves its policy after update 10 and N, and evaluates each snapshot with
+``python -m agents.evaluate --k 4`` (every eval prompt 4 times: 224 episodes, where a textenv run's own
+evaluation samples 128); it has no EV.
+
+Flags after ``--`` go to every textenv run (``-- --vf-coef 0.5``). The table is printed and written as JSON
 (``docs/results/critic_ev.json`` by default), under ``--label`` beside the labels already there.
 """
 
@@ -27,8 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-CRITICS = {"shared": [], "separate": ["--no-share-backbone"]}
-EV_KEY, RATE_KEY = "ppo/explained_variance", "eval/positive_rate"
+CRITICS = {"shared": [], "separate": ["--no-share-backbone"], "trl": None}
+EV_KEY, RATE_KEY, SCORE_KEY = "ppo/explained_variance", "eval/positive_rate", "env/score"
+REPO = Path(__file__).resolve().parents[1]
+THREAD = {"OMP_NUM_THREADS": "1"}
+PIPE = {"stdout": subprocess.PIPE, "text": True}
 
 
 def run(seed: int, iterations: int, critic: str, extra: list[str], run_dir: Path) -> dict:
@@ -37,7 +46,7 @@ def run(seed: int, iterations: int, critic: str, extra: list[str], run_dir: Path
     command += ["--run-dir", str(run_dir), "--no-progress", "--checkpoint-every", str(iterations)]
     command += CRITICS[critic] + extra
     began = time.perf_counter()
-    subprocess.run(command, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, env=os.environ | THREAD, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - began
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     second_half = [row[EV_KEY] for row in rows if iterations // 2 <= row["iteration"] < iterations and EV_KEY in row]
@@ -48,42 +57,96 @@ def run(seed: int, iterations: int, critic: str, extra: list[str], run_dir: Path
         "ev_second_half": sum(second_half) / len(second_half),
         "ev_per_iteration": [row.get(EV_KEY) for row in rows if row["iteration"] < iterations],
         "positive_rate": {str(k): v for k, v in sorted(rates.items())},
+        "score_per_iteration": [row[SCORE_KEY] for row in rows if row["iteration"] < iterations and SCORE_KEY in row],
         "seconds": round(seconds, 1),
     }
 
 
+def run_trl(seed: int, iterations: int, trl_python: str, run_dir: Path) -> dict:
+    """TRL's PPO on the default task at textenv's default shape; its policy's positive rate after update 10 and N."""
+    from textenv.default_task import ARTIFACTS_DIR
+
+    harness = ["--policy", str(ARTIFACTS_DIR / "policy"), "--reward", str(ARTIFACTS_DIR / "reward_model")]
+    harness += ["--prompts", str(ARTIFACTS_DIR / "prompts_train.txt"), "--updates", str(iterations)]
+    harness += ["--batch-size", "64", "--response-length", "32", "--num-ppo-epochs", "4", "--num-mini-batches", "4"]
+    harness += ["--max-prompt-length", "16", "--lr", "3e-4", "--kl-coef", "0.05", "--temperature", "1.0"]
+    harness += ["--stop-eos", "--threads", "1", "--seed", str(seed)]
+    at = sorted({min(10, iterations), iterations})
+    snapshots = [trl_python, str(REPO / "benchmarks" / "trl_snapshots.py"), "--out", str(run_dir)]
+    began = time.perf_counter()
+    quiet = dict(check=True, env=os.environ | THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trained = subprocess.run([*snapshots, "--save-at", *map(str, at), "--", *harness], **quiet | PIPE)
+    updates = [json.loads(line) for line in trained.stdout.splitlines() if line.startswith('{"update"')]
+    seconds = time.perf_counter() - began
+    rates = {}
+    for update in at:
+        figures = run_dir / f"eval_{update}.json"
+        evaluate = [sys.executable, "-m", "agents.evaluate", "--policy", str(run_dir / f"update_{update}")]
+        evaluate += ["--reference-model", str(ARTIFACTS_DIR / "policy"), "--k", "4", "--seed", str(seed)]
+        subprocess.run([*evaluate, "--json", str(figures), "--device", "cpu"], **quiet)
+        rates[str(update)] = json.loads(figures.read_text())["positive_rate"]
+    return {
+        "seed": seed,
+        "critic": "trl",
+        "ev_second_half": None,
+        "ev_per_iteration": None,
+        "positive_rate": rates,
+        "score_per_iteration": [row["score"] for row in updates],
+        "seconds": round(seconds, 1),
+    }
+
+
+def figures(r: dict, iterations: int) -> list[float | None]:
+    """A run's row: EV over the second half, eval positive rate at 0, 10 and N, mean training score of 1-10, 1-N."""
+    rate, scores = r["positive_rate"], r.get("score_per_iteration") or []
+    early, whole = (mean(scores[:n]) if len(scores) >= n else None for n in (min(10, iterations), iterations))
+    return [r["ev_second_half"], *(rate.get(str(i)) for i in (0, 10, iterations)), early, whole]
+
+
 def table(results: list[dict], iterations: int) -> str:
-    half = iterations // 2
-    lines = [f"| critic | seed | EV {half}-{iterations - 1} | pos@0 | pos@10 | pos@{iterations} |", "| --- " * 6 + "|"]
+    head = ["critic", "seed", f"EV {iterations // 2}-{iterations - 1}", "pos@0", "pos@10", f"pos@{iterations}"]
+    head += ["train score 1-10", f"train score 1-{iterations}"]
+    lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
     for r in results:
-        rate = r["positive_rate"]
-        cells = [f"{rate.get(str(i), float('nan')):.3f}" for i in (0, 10, iterations)]
-        lines.append(f"| {r['critic']} | {r['seed']} | {r['ev_second_half']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['critic']} | {r['seed']} | " + " | ".join(map(cell, figures(r, iterations))) + " |")
     for critic in dict.fromkeys(r["critic"] for r in results):
-        mine = [r for r in results if r["critic"] == critic]
-        ev = sum(r["ev_second_half"] for r in mine) / len(mine)
-        at = (0, 10, iterations)
-        means = [sum(r["positive_rate"].get(str(i), float("nan")) for r in mine) / len(mine) for i in at]
-        lines.append(f"| {critic} | mean | {ev:.3f} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        rows = [figures(r, iterations) for r in results if r["critic"] == critic]
+        lines.append(f"| {critic} | mean | " + " | ".join(cell(mean(list(column))) for column in zip(*rows)) + " |")
     return "\n".join(lines)
+
+
+def mean(values: list[float | None]) -> float | None:
+    """The mean, or None where a run has no such figure (TRL: no EV, no evaluation before training)."""
+    return None if None in values else sum(values) / len(values)
+
+
+def cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--critics", nargs="+", choices=list(CRITICS), default=list(CRITICS))
+    parser.add_argument("--critics", nargs="+", choices=list(CRITICS), default=["shared", "separate"])
+    parser.add_argument("--trl-python", help="TRL's interpreter (the peer harness's virtual environment), for 'trl'")
     parser.add_argument("--output", type=Path, default=Path("docs/results/critic_ev.json"))
     parser.add_argument("--label", default="current", help="the key of these runs in the JSON (others are kept)")
     parser.add_argument("extra", nargs="*", help="flags for every run, after --")
     args = parser.parse_args()
+    if "trl" in args.critics and not (args.trl_python and Path(args.trl_python).is_file()):
+        parser.error(f"--critics trl needs --trl-python, the path of TRL's python; got {args.trl_python!r}")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for critic in args.critics:
             for seed in args.seeds:
-                results.append(run(seed, args.iterations, critic, args.extra, Path(scratch) / f"{critic}-{seed}"))
+                run_dir = Path(scratch) / f"{critic}-{seed}"
+                if critic == "trl":
+                    results.append(run_trl(seed, args.iterations, args.trl_python, run_dir))
+                else:
+                    results.append(run(seed, args.iterations, critic, args.extra, run_dir))
                 r = results[-1]
-                print(f"{critic} seed {seed}: EV {r['ev_second_half']:.3f}, {r['positive_rate']}, {r['seconds']} s")
+                print(f"{critic} seed {seed}: EV {cell(r['ev_second_half'])}, {r['positive_rate']}, {r['seconds']} s")
     print(table(results, args.iterations))
     command = ["python", "benchmarks/critic_ev.py", *sys.argv[1:]]
     report = json.loads(args.output.read_text()) if args.output.is_file() else {}
