@@ -10,7 +10,8 @@ recipe's or the default) and evaluates the final policy with ``python -m agents.
 thread; ``--jobs`` runs that many at once. It writes ``docs/results/recipes/TASK.json`` (``--results``):
 per run the accuracy, pass@4, KL to the SFT policy, response length and training seconds, the commands
 (the output directory written as OUT), and the git commit of the library that ran, which must be clean
-(commit first: the figures name the code that made them).
+(commit first: the figures name the code that made them). ``--runs NAME ...`` trains those entries only
+and replaces them in the JSON already there, keeping the others; each run records its own commit.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def one_run(task: str, name: str, seed: int, out: Path) -> dict:
     figures = {key: result[key] for key in FIGURES}
     print(f"{task:10s} {name:15s} seed {seed}: accuracy {figures['accuracy']:.3f} ({seconds:.0f} s)", flush=True)
     commands = ["python -m " + shlex.join(command).replace(str(out), "OUT") for command in (train, evaluate)]
-    return {"seed": seed, "seconds": round(seconds, 1), **figures, "commands": commands}
+    return {"seed": seed, "seconds": round(seconds, 1), **figures, "commands": commands, "commit": commit()}
 
 
 def main() -> None:
@@ -72,21 +73,32 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=sorted(ITERATIONS), default=sorted(ITERATIONS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on one torch thread)")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "recipes")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), help="only these entries (the JSON keeps the rest)")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     library = commit()
+    names = args.runs or list(RUNS)
     for task in args.tasks:
-        jobs = [(task, name, seed, args.out) for name in RUNS for seed in SEEDS]
+        path = args.results / f"{task}.json"
+        if args.runs and not path.is_file():
+            parser.error(f"--runs: {path} does not exist yet; run every entry first (no --runs)")
+        jobs = [(task, name, seed, args.out) for name in names for seed in SEEDS]
         with ThreadPoolExecutor(args.jobs) as pool:
             done = list(pool.map(lambda job: one_run(*job), jobs))
-        runs: dict[str, list] = {name: [] for name in RUNS}
+        kept = json.loads(path.read_text()) if args.runs else {"runs": {}}
+        old_commit = kept.pop("commit", None)  # files written before each run kept its own
+        old = {
+            name: [run | {"commit": run.get("commit", old_commit)} for run in kept["runs"][name]]
+            for name in kept["runs"]
+        }
+        runs = {name: [] if name in names else old.get(name, []) for name in RUNS}
         for (_, name, _, _), result in zip(jobs, done, strict=True):
             runs[name].append(result)
         summary = {"task": task, "iterations": ITERATIONS[task], "episodes_per_iteration": 64, "eval_samples": 4}
-        summary |= {"commit": library, "cpu_count": os.cpu_count(), "jobs": args.jobs, "runs": runs}
+        summary |= {"cpu_count": os.cpu_count(), "jobs": args.jobs, "runs": runs}
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / f"{task}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        path.write_text(json.dumps(summary, indent=2) + "\n")
     if commit() != library:
         sys.exit("the library's commit changed during the runs; run it again")
 
