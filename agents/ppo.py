@@ -24,7 +24,8 @@ Where this departs from the textbook PPO (Schulman et al. 2017) and why:
   ratio exactly 1. The sampling log-probs still feed the env's KL penalty.
 - the critic is a value head on the policy's trunk (or a separate trunk) and one
   combined loss ``pg + vf_coef * vf - ent_coef * entropy (+ beta * KL)`` trains both.
-- the value loss is divided by the variance of the rollout's returns (``normalize_value_loss``); with it,
+- the value loss is divided by the variance of the rollout's returns, or the old values' mean squared error
+  where larger (``normalize_value_loss``); with it,
   ``vf_coef`` 2, ``clip_range_value`` 1.0 and the head on the trunk's middle block (``ActorCritic``) a value
   head on the policy's trunk learns to explain the returns; with the older defaults (the plain loss, 0.1, 0.2,
   the last hidden state) it explained almost nothing (``docs/design.md``).
@@ -177,8 +178,9 @@ class PPOConfig:
     shared trunk's gradient against the policy loss's (whitened, of unit scale); at 0.1 (an older default) the trunk
     was the actor's and the value head explained almost nothing of the returns (docs/design.md)."""
     normalize_value_loss: bool = True
-    """Divide the value loss by the variance of the rollout's returns over valid tokens (1 where they do not vary),
-    so the critic's share of the gradient holds whatever the scale and spread of the scores."""
+    """Divide the value loss by the variance of the rollout's returns over valid tokens, or by the old values' mean
+    squared error where that is larger (``value_loss_scale``), so the critic's share of the gradient holds whatever
+    the scale and spread of the scores, and stays bounded where the values lag a mean that moved."""
     ent_coef: float = 0.0
     """Weight of the entropy bonus."""
     loss_aggregation: Aggregation = "token_mean"
@@ -683,7 +685,8 @@ def ppo_update(
     advantages, returns, mask = rollout_advantages(rollout, old_values, config, kl_coef)
     ref_logprobs = rollout.ref_logprobs.to(mask.device)
     weights, mismatch = sampler_mismatch(old_logprobs, rollout, config)
-    value_scale = return_variance(returns, mask) if config.uses_critic and config.normalize_value_loss else None
+    normalize = config.uses_critic and config.normalize_value_loss
+    value_scale = value_loss_scale(returns, old_values[:, :-1], mask) if normalize else None
     targets = Targets(old_logprobs, old_values, ref_logprobs, advantages, returns, mask, weights, value_scale)
 
     stats: dict[str, list[float]] = defaultdict(list)
@@ -743,11 +746,17 @@ def turn_stats(
     return stats
 
 
-def return_variance(returns: Tensor, mask: Tensor) -> Tensor:
-    """Var(returns) over the mask, the divisor of ``normalize_value_loss``; 1 where the returns do not vary (nothing
-    to explain: the plain loss). A tensor on the returns' device: no wait for it."""
-    var = masked_var(returns, mask)
-    return torch.where(var > 1e-8, var, torch.ones_like(var))
+def value_loss_scale(returns: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """The divisor of ``normalize_value_loss``: the larger of Var(returns) and the old values' mean squared error
+    over the mask; 1 where both are below 1e-8 (nothing to explain: the plain loss). A tensor on the device: no wait.
+
+    Divided by the variance, the value loss is 0.5 x (1 - explained variance) at the update's start, whatever the
+    scale of the rewards and however narrow the returns. The mean squared error bounds it where the values lag the
+    returns' mean (which moves as the policy improves): an offset divided by the variance alone would be multiplied by
+    as much as the returns had narrowed (a task that succeeds nearly always: Var(returns) near 0), and its gradient
+    would pull the shared trunk as far."""
+    scale = torch.maximum(masked_var(returns, mask), masked_mean((returns - values) ** 2, mask))
+    return torch.where(scale > 1e-8, scale, torch.ones_like(scale))
 
 
 def sampler_mismatch(

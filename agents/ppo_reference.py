@@ -77,8 +77,11 @@ def ppo_update_reference(
         weights = sampler_weights(old_logprobs, sampler, mask, config.sampler_correction, config.sampler_correction_cap)
 
     ref_logprobs = rollout.ref_logprobs.to(device)
-    value_scale = masked_var(returns, mask) if config.uses_critic and config.normalize_value_loss else 1.0
-    value_scale = value_scale if value_scale > 1e-8 else 1.0  # returns that do not vary: the plain loss
+    value_scale = 1.0  # normalize_value_loss: the larger of Var(returns) and the old values' mean squared error
+    if config.uses_critic and config.normalize_value_loss:
+        squared_error = ((returns - old_values[:, :-1]) ** 2)[mask].mean()
+        value_scale = max(float(masked_var(returns, mask)), float(squared_error))
+        value_scale = value_scale if value_scale > 1e-8 else 1.0  # nothing to explain: the plain loss
     agg = {"aggregation": config.loss_aggregation, "max_new_tokens": max_new_tokens}
     for permutation in permutations:
         for rows in permutation.split(config.minibatch_size):
@@ -94,7 +97,7 @@ def ppo_update_reference(
                 new, old, target = values[:, :-1], old_values[rows, :-1], returns[rows]
                 clipped = old + (new - old).clamp(-config.clip_range_value, config.clip_range_value)
                 vf_loss = 0.5 * aggregate(torch.maximum((new - target) ** 2, (clipped - target) ** 2), m, **agg)
-                vf_loss = vf_loss / value_scale  # normalize_value_loss: over Var(returns) of the rollout
+                vf_loss = vf_loss / value_scale
                 loss = loss + config.vf_coef * vf_loss
             loss = loss - config.ent_coef * aggregate(entropy, m, **agg)
             if config.kl_penalty == "loss":  # GRPO's KL term, its gradient through the new log-probs

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from agents.advantages import explained_variance
 from agents.policy import VALUE_HEAD_FILE, ActorCritic
-from agents.ppo import PPOConfig, ppo_update, rescore, rollout_advantages
+from agents.ppo import PPOConfig, ppo_update, rescore, rollout_advantages, value_loss_scale
 from agents.rollout import collect_rollout
 from agents.train import RunConfig
 from tests.agents.test_ppo import tiny_agent, tiny_rollout
@@ -40,10 +40,25 @@ def test_the_value_loss_is_in_units_of_the_returns_variance():
     assert first_value_loss([10 * r for r in returns], **PLAIN) == pytest.approx(100 * plain, 1e-5)
 
 
-def test_returns_that_do_not_vary_leave_the_loss_plain():
-    # lambda 1 and V = 0: every step's return is its episode's, 0.7 (lambda < 1 would discount the earlier steps')
+def test_returns_that_do_not_vary_are_measured_against_the_values_offset():
+    # lambda 1 and V = 0: every step's return is its episode's, 0.7 (lambda < 1 would discount the earlier steps').
+    # Var(returns) = 0: the divisor is the old values' mean squared error, 0.49, so the loss starts at 0.5, not at
+    # 0.5 x 0.49 / 0 (an offset blown up by the returns' narrowness)
     same = {"lam": 1.0}
-    assert first_value_loss([0.7] * 4, **same) == pytest.approx(first_value_loss([0.7] * 4, **PLAIN, **same))
+    assert first_value_loss([0.7] * 4, **PLAIN, **same) == pytest.approx(0.5 * 0.49, rel=1e-5)
+    assert first_value_loss([0.7] * 4, **same) == pytest.approx(0.5, rel=1e-5)
+    # returns of 0 and values of 0: nothing to explain, the plain loss (0)
+    assert first_value_loss([0.0] * 4, **same) == 0.0
+
+
+def test_the_divisor_is_the_larger_of_the_returns_variance_and_the_values_squared_error():
+    returns, values = torch.tensor([[1.0, 2.0], [3.0, 5.0]]), torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    variance = torch.tensor([1.0, 2.0, 3.0]).var()  # unbiased, over the mask: 1
+    assert value_loss_scale(returns, values, mask) == pytest.approx(float(variance))  # values exact: the variance
+    lagging = values - 4.0  # an offset of 4: squared error 16 > 1
+    assert value_loss_scale(returns, lagging, mask) == pytest.approx(16.0)
+    assert value_loss_scale(torch.zeros(2, 2), torch.zeros(2, 2), mask) == 1.0  # nothing to explain
 
 
 def fitted_explained_variance(make_vec, updates: int, value_layer: int | None = None, **settings) -> float:
@@ -123,3 +138,25 @@ def test_a_separate_critic_takes_no_value_layer():
         RunConfig(share_backbone=False, value_layer=1)
     with pytest.raises(ValueError, match="value_layer"):
         RunConfig(value_layer=0)
+
+
+def test_the_design_docs_critic_tables_agree_with_their_results():
+    """docs/design.md's tables of the critic's runs are what benchmarks/critic_ev.py wrote (``--doc-table``)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("critic_ev", root / "benchmarks" / "critic_ev.py")
+    critic_ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(critic_ev)
+    report = json.loads((root / "docs" / "results" / "critic_ev.json").read_text())
+    text = (root / "docs" / "design.md").read_text()
+    for labels in (DESIGN_TABLE, OTHER_SETTINGS):
+        for row in critic_ev.doc_rows(report, labels):
+            assert row in text, row
+
+
+DESIGN_TABLE = ["before", "before, separate", "after"]
+OTHER_SETTINGS = ["after, seeds 3-4", "middle block, vf_coef 1", "middle block, plain loss, vf_coef 2",
+                  "middle block, plain loss, vf_coef 3"]  # fmt: skip
