@@ -29,8 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 ITERATIONS = {"arithmetic": 200, "calculator": 100}
+EARLIER_CRITIC = ["--value-layer", "2", "--no-normalize-value-loss", "--vf-coef", "0.1", "--clip-range-value", "0.2"]
 RUNS = {
     "ppo (default)": ["--algo", "ppo"],
+    "ppo (earlier critic)": ["--algo", "ppo", *EARLIER_CRITIC],  # the value settings before docs/design.md's change
     "grpo (default)": ["--algo", "grpo"],
     **{recipe: ["--recipe", recipe] for recipe in ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "dual_clip")},
     "reinforce_pp": ["--recipe", "reinforce_pp"],
@@ -50,7 +52,8 @@ def commit() -> str:
 
 def one_run(task: str, name: str, seed: int, out: Path) -> dict:
     """Train and evaluate one (recipe, seed); returns its figures and commands."""
-    run_dir = out / task / f"{name.split()[0]}{'-default' if '(' in name else ''}-{seed}"
+    slug = name.replace(" (", "-").replace(")", "").replace(" ", "-")  # "ppo (default)" -> "ppo-default"
+    run_dir = out / task / f"{slug}-{seed}"
     iterations = str(ITERATIONS[task])
     train = ["agents", "--task", task, *RUNS[name], "--iterations", iterations, "--seed", str(seed)]
     train += ["--run-dir", str(run_dir), "--no-progress", "--checkpoint-every", iterations]
