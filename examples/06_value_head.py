@@ -1,10 +1,12 @@
-"""06 - The critic is a value head: one linear layer on a transformer's last hidden state.
+"""06 - The critic is a value head: one linear layer on a transformer's hidden state.
 
 The critic predicts V(s_t), the return the actor will get from state s_t on. In
-agents.policy.ActorCritic it is ``value_head = nn.Linear(hidden_size, 1)`` on the
-last hidden state of the actor's own transformer (``share_backbone=True``, the
-default), so one forward gives both pi(.|s_t) and V(s_t) at every position. The
-head starts at zero: V = 0 everywhere before training.
+agents.policy.ActorCritic it is ``value_head = nn.Linear(hidden_size, 1)`` on a
+hidden state of the actor's own transformer (``share_backbone=True``, the
+default): the output of its middle block (``agent.value_layer``; block 1 of this
+policy's 2), not the last hidden state, which the next-token prediction owns. One
+forward gives both pi(.|s_t) and V(s_t) at every position. The head starts at
+zero: V = 0 everywhere before training.
 
 The script computes V by hand (w . h + b) next to score_rollout's values, and
 compares the warm agent's values with the return G_t they try to predict. Then it
@@ -56,17 +58,17 @@ class Args(ExampleArgs):
 args = parse_args(Args, __doc__)
 agent, tok = warm_agent(args.out), tokenizer()
 separate = ActorCritic.from_models(POLICY_DIR, share_backbone=False, critic_init=REWARD_MODEL_DIR).eval()
-print(f"the critic: agent.value_head = {agent.value_head}, on the actor's last hidden state")
+print(f"the critic: agent.value_head = {agent.value_head}, on the output of block {agent.value_layer} of the actor")
 batch = rollout(agent, make_env(args.episodes), args.seed)
 
 
 @torch.no_grad()
-def features(trunk, episodes):
-    """The trunk's last hidden state at the state before each action: (B, T, 128)."""
+def features(trunk, episodes, layer=-1):
+    """The trunk's hidden state after block ``layer`` (-1: the last) at the state before each action: (B, T, 128)."""
     mask = episodes.attention_mask
     out = trunk(input_ids=episodes.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 output_hidden_states=True)  # fmt: skip
-    return out.hidden_states[-1][:, episodes.prompt_ids.shape[1] - 1 : -1]
+    return out.hidden_states[layer][:, episodes.prompt_ids.shape[1] - 1 : -1]
 
 
 def returns_of(episodes):
@@ -78,7 +80,8 @@ def returns_of(episodes):
 with torch.no_grad():
     values = score_rollout(agent, batch, 1.0).values[:, :-1]  # (B, T): V(s_0) .. V(s_{T-1}), the library
     values_sft = score_rollout(sft_agent(), batch, 1.0).values[:, :-1]  # the untrained head: all zeros
-    values_hand = features(agent.policy, batch) @ agent.value_head.weight[0] + agent.value_head.bias  # w . h + b
+    hidden = features(agent.policy, batch, agent.value_layer)  # h: what the head reads
+    values_hand = hidden @ agent.value_head.weight[0] + agent.value_head.bias  # w . h + b
 returns, valid = returns_of(batch), batch.mask
 print(f"max |hand - library| = {float((values_hand - values).abs().max()):.1e}")
 print(f"untrained head: max |V| = {float(values_sft.abs().max()):.1e} (zero-initialised)")
@@ -87,9 +90,10 @@ ev = {"warm agent's head": explained_variance(values, returns, valid)}
 # Fit a fresh head alone (trunk frozen) on other episodes: 0.5 * (V - G)^2, agents.losses.value_loss unclipped.
 fit_batch = rollout(agent, make_env(args.fit_episodes), args.seed + 1)
 fitted = {}
-for label, trunk in (("head fitted on the actor's trunk", agent.policy), ("head fitted on an RM-initialised trunk",
-                                                                             separate.critic)):  # fmt: skip
-    train_features = features(trunk, fit_batch)  # (B', T, hidden): 128 for the actor, 64 for the RM
+probes = {"head fitted on the actor's trunk": (agent.policy, agent.value_layer),  # the block the agent's head reads
+          "head fitted on an RM-initialised trunk": (separate.critic, -1)}  # fmt: skip
+for label, (trunk, layer) in probes.items():
+    train_features = features(trunk, fit_batch, layer)  # (B', T, hidden): 128 for the actor, 64 for the RM
     head = torch.nn.Linear(train_features.shape[-1], 1)
     optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
     for _ in range(300):
@@ -99,7 +103,7 @@ for label, trunk in (("head fitted on the actor's trunk", agent.policy), ("head 
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        fitted[label] = head(features(trunk, batch)).squeeze(-1)  # on the episodes shown, unseen by the fit
+        fitted[label] = head(features(trunk, batch, layer)).squeeze(-1)  # on the episodes shown, unseen by the fit
     ev[label] = explained_variance(fitted[label], returns, valid)
 for label, value in ev.items():
     print(f"explained variance of G_t, {label}: {value:+.3f}  (1: perfect, 0: no better than a constant)")

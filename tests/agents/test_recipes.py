@@ -328,7 +328,8 @@ def test_the_docs_recipe_table_agrees_with_its_results():
     names = list(results["arithmetic"]["runs"])
     assert set(RECIPES) <= set(names) and names == list(results["calculator"]["runs"])
     for name in names:
-        label = f"`--algo {name.split()[0]}` (default settings)" if "(" in name else f"`--recipe {name}`"
+        algo, _, settings = name.partition(" (")  # "ppo (default)", "ppo (earlier critic)", or a recipe's name
+        label = f"`--algo {algo}` ({settings.rstrip(')')} settings)" if settings else f"`--recipe {name}`"
         cells = []
         for task in ("arithmetic", "calculator"):
             runs = results[task]["runs"][name]

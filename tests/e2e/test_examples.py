@@ -174,7 +174,7 @@ def test_06_value_head(out):
     rows = data["tokens"]
     for row in rows:
         assert row["V_untrained"] == 0.0  # the value head is zero-initialised
-        assert close(row["V(s_t)"], row["V_by_hand"])  # value_head(last hidden state)
+        assert close(row["V(s_t)"], row["V_by_hand"])  # value_head(the hidden state of the block it reads)
     assert all(close(r["G_t"], g) for r, g in zip(rows, discounted([r["reward"] for r in rows], 1.0)))
     assert all(math.isfinite(v) for v in data["explained_variance"].values())
     assert_png(out / "06_value_head.png")
@@ -384,7 +384,7 @@ def test_13_what_goes_wrong(out):
     data = load(out, "13_what_goes_wrong.json")
     runs = data["runs"]
     assert set(runs) == {"baseline", "no KL penalty", "too large a step", "no EOS penalty (10 tokens)",
-                         "EOS penalty 1 (10 tokens)", "separate critic"}  # fmt: skip
+                         "EOS penalty 1 (10 tokens)", "starved critic", "separate critic"}  # fmt: skip
     for name, result in runs.items():
         metrics = result["metrics"]
         assert [m["iteration"] for m in metrics] == list(range(data["iterations"])), name

@@ -115,3 +115,92 @@ def test_scaling_doc_quotes_the_benchmarks_json():
         f"{small['textenv shared']['x_trl_time']:.2f}x)"
     )
     assert sentence in text, sentence
+
+
+def percent(rate: float) -> str:
+    """A rate as the README prints it: 100% whole, else to a tenth of a percent."""
+    return "100%" if rate == 1 else f"{100 * rate:.1f}%"
+
+
+def test_readme_default_task_tables_agree_with_their_runs():
+    import json
+
+    results = json.loads((README.parent / "docs" / "results" / "default_task.json").read_text())
+    text = README.read_text()
+    for seed, run in results["defaults"].items():
+        before, after = run["before"], run["after"]
+        cells = [seed, percent(before["eval/positive_rate"]), percent(after["eval/positive_rate"])]
+        cells += [f"{before['eval/score']:.2f}", f"{after['eval/score']:.2f}", f"{after['eval/kl']:.1f}"]
+        row = "| " + " | ".join(cells) + " |"
+        assert row in text, row
+    for name, run in results["token budget"].items():
+        after = run["after"]
+        cells = [str(run["iterations"]), percent(after["eval/positive_rate"]), f"{after['eval/score']:.2f}"]
+        cells += [f"{after['eval/kl']:.1f}", f"{run['training_seconds']:.0f} s"]
+        row = re.compile(rf"^\| {re.escape(name)}[^|]* \| " + re.escape(" | ".join(cells)) + r" \|$", re.M)
+        assert row.search(text), (name, cells)
+
+
+def test_readme_arithmetic_table_agrees_with_the_recipes_runs():
+    import json
+
+    results = README.parent / "docs" / "results"
+    runs = json.loads((results / "recipes" / "arithmetic.json").read_text())["runs"]
+    sft = json.loads((results / "evaluate" / "arithmetic-sft.json").read_text())
+    text = README.read_text()
+    for algo in ("GRPO", "PPO"):
+        for run in runs[f"{algo.lower()} (default)"]:
+            cells = [algo, str(run["seed"]), f"{100 * sft['accuracy']:.1f}%", f"{100 * run['accuracy']:.1f}%"]
+            cells += [f"{100 * sft['pass@4']:.1f}%", f"{100 * run['pass@4']:.1f}%", f"{run['kl']:.2f}"]
+            row = "| " + " | ".join(cells) + " |"
+            assert row in text, row
+    earlier = " / ".join(f"{100 * run['accuracy']:.1f}" for run in runs["ppo (earlier critic)"])
+    assert f"fixed reaches {earlier}% here" in " ".join(text.split()), earlier
+
+
+EVALUATIONS = ("reviews-sft", "reviews-ppo", "arithmetic-sft", "arithmetic-ppo")
+
+
+def evaluation_rows(results: dict[str, dict]) -> list[str]:
+    """The README's table of `python -m agents.evaluate` figures, one column per JSON in docs/results/evaluate/."""
+
+    def signed(x: float) -> str:
+        return f"{x:+.2f}".replace("-0.00", "-0.00")
+
+    def rate(x: float) -> str:
+        return "100%" if x == 1 else f"{100 * x:.1f}%"
+
+    def row(label: str, cell) -> str:
+        return f"| {label} | " + " | ".join(cell(results[name]) for name in EVALUATIONS) + " |"
+
+    def exact(d: dict, key: str) -> str:
+        return rate(d[key]) if key in d else "-"
+
+    return [
+        row("mean score", lambda d: signed(d["score"])),
+        row("score std", lambda d: f"{d['score_std']:.2f}"),
+        row("score 10% / 50% / 90%", lambda d: " / ".join(signed(d[f"score_q{q}"]) for q in (10, 50, 90))),
+        row(
+            "score > 0 rate (`positive_rate` / `score_gt0_rate`)",
+            lambda d: rate(d.get("positive_rate", d.get("score_gt0_rate"))),
+        ),  # fmt: skip
+        row("accuracy (exact match)", lambda d: exact(d, "accuracy")),
+        row("pass@4", lambda d: exact(d, "pass@4")),
+        row(
+            "KL to the reference (nats per response)",
+            lambda d: f"{abs(d['kl']) if abs(d['kl']) < 5e-3 else d['kl']:.2f}",
+        ),
+        row("response length (tokens)", lambda d: f"{d['response_length']:.2f}"),
+        row("EOS rate", lambda d: rate(d["eos_rate"])),
+        row("episodes (prompts x 4)", lambda d: f"{d['episodes']:.0f}"),
+    ]
+
+
+def test_readme_evaluation_table_agrees_with_its_evaluation_files():
+    import json
+
+    folder = README.parent / "docs" / "results" / "evaluate"
+    results = {name: json.loads((folder / f"{name}.json").read_text()) for name in EVALUATIONS}
+    text = README.read_text()
+    for row in evaluation_rows(results):
+        assert row in text, row
