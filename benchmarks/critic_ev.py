@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -243,7 +244,7 @@ def main() -> None:
 def save(args: argparse.Namespace, results: list[dict]) -> None:
     command = ["python", "benchmarks/critic_ev.py", *sys.argv[1:]]
     report = json.loads(args.output.read_text()) if args.output.is_file() else {}
-    report[args.label] = {"command": " ".join(command), "iterations": args.iterations, "runs": results}
+    report[args.label] = {"command": shlex.join(command), "iterations": args.iterations, "runs": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
 
