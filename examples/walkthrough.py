@@ -11,7 +11,7 @@
 #
 # Each cell runs one example exactly as the command line would (its module-level
 # code, with the arguments given here) and then displays the figures it wrote. The
-# longest cell is 13 (six short training runs, most of the walk's time); 12 and 15
+# longest cell is 13 (seven short training runs, most of the walk's time); 12 and 15
 # each train one run. `--quick` uses the smallest batches and runs, for tests: it
 # checks the plumbing, and its numbers are not the ones the docs quote.
 
@@ -90,7 +90,7 @@ example("05_kl_penalty.py", *small)
 show("05_kl_per_token.png", "05_kl_heatmap.png", "05_kl_per_response.png")
 
 # %% [markdown]
-# ## 6. The critic: a linear head on the last hidden state
+# ## 6. The critic: a linear head on the middle block's hidden state
 
 # %%
 example("06_value_head.py", *(["--episodes", "6", "--fit-episodes", "32"] if QUICK else []))
@@ -141,7 +141,7 @@ example(
 show("12_learning_curve.png", "12_scores_before_after.png")
 
 # %% [markdown]
-# ## 13. What goes wrong: six short runs, one broken setting each, and the metric that warns you
+# ## 13. What goes wrong: seven short runs, one broken setting each, and the metric that warns you
 
 # %%
 example("13_what_goes_wrong.py", *(["--quick"] if QUICK else []))
