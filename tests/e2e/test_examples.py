@@ -132,8 +132,9 @@ def test_04_four_roles(out):
     per_loss = data["grad_norm_per_loss"]
     assert per_loss["actor loss only"]["value_head"] == 0.0  # the actor loss never reaches the value head
     assert per_loss["critic loss only"]["value_head"] > 0.0
-    for group in ("trunk block 0", "trunk block 1"):  # the shared trunk hears from both losses
-        assert per_loss["actor loss only"][group] > 0 and per_loss["critic loss only"][group] > 0
+    # the value head reads block 0's output (the middle of 2 blocks): the critic loss reaches block 0, not block 1
+    assert per_loss["actor loss only"]["trunk block 0"] > 0 and per_loss["critic loss only"]["trunk block 0"] > 0
+    assert per_loss["actor loss only"]["trunk block 1"] > 0 and per_loss["critic loss only"]["trunk block 1"] == 0
     assert_png(out / "04_four_roles.png")
     assert_png(out / "04_four_models.png")  # the diagram of the four models and one iteration
 
