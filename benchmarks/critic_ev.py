@@ -41,7 +41,9 @@ CRITICS = {"shared": [], "separate": ["--no-share-backbone"], "trl": None}
 EV_KEY, RATE_KEY, SCORE_KEY, KL_KEY = "ppo/explained_variance", "eval/positive_rate", "env/score", "eval/kl"
 EVAL_SCORE_KEY = "eval/score"
 REPO = Path(__file__).resolve().parents[1]
-HARNESS = REPO.parent / "shared" / "peers" / "trl_ppo_bench.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from trl_snapshots import HARNESS, harness_flags  # noqa: E402
+
 THREAD = {"OMP_NUM_THREADS": "1"}
 PIPE = {"stdout": subprocess.PIPE, "text": True}
 
@@ -76,11 +78,9 @@ def run_trl(seed: int, iterations: int, trl_python: str, trl_harness: Path, run_
     """TRL's PPO on the default task at textenv's default shape; its policy's positive rate after update 10 and N."""
     from textenv.default_task import ARTIFACTS_DIR
 
-    harness = ["--policy", str(ARTIFACTS_DIR / "policy"), "--reward", str(ARTIFACTS_DIR / "reward_model")]
-    harness += ["--prompts", str(ARTIFACTS_DIR / "prompts_train.txt"), "--updates", str(iterations)]
-    harness += ["--batch-size", "64", "--response-length", "32", "--num-ppo-epochs", "4", "--num-mini-batches", "4"]
-    harness += ["--max-prompt-length", "16", "--lr", "3e-4", "--kl-coef", "0.05", "--temperature", "1.0"]
-    harness += ["--stop-eos", "--threads", "1", "--seed", str(seed)]
+    models = [str(ARTIFACTS_DIR / name) for name in ("policy", "reward_model", "prompts_train.txt")]
+    shape = dict(updates=iterations, batch_size=64, minibatch_size=16)  # textenv's defaults on this task
+    harness = harness_flags(*models, **shape, threads=1, seed=seed)
     at = sorted({min(10, iterations), iterations})
     snapshots = [trl_python, str(REPO / "benchmarks" / "trl_snapshots.py"), "--harness", str(trl_harness)]
     snapshots += ["--out", str(run_dir)]

@@ -52,7 +52,9 @@ from typing import Literal
 import tyro
 
 REPO = Path(__file__).resolve().parent.parent
-TRL_SCRIPT = REPO.parent / "shared" / "peers" / "trl_ppo_bench.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from trl_snapshots import HARNESS, harness_flags  # noqa: E402
+
 Shape = Literal["default", "gpt2-small"]
 Critic = Literal["shared", "separate"]
 Precision = Literal["fp32", "bf16"]
@@ -430,14 +432,11 @@ def textenv_spec(task: Task, critic: str, args: BenchmarkArgs) -> dict:
 
 def trl_command(task: Task, side: str, args: BenchmarkArgs) -> list[str]:
     """The command of a TRL side, 'trl' (fp32) or 'trl bf16'."""
+    shape = dict(updates=task.updates, batch_size=task.batch_size, minibatch_size=task.minibatch_size)
     return [
         args.trl_python,
-        str(TRL_SCRIPT),
-        *("--policy", task.policy, "--reward", task.reward, "--prompts", task.prompts),
-        *("--updates", str(task.updates), "--batch-size", str(task.batch_size), "--response-length", "32"),
-        *("--num-ppo-epochs", "4", "--num-mini-batches", str(task.batch_size // task.minibatch_size)),
-        *("--max-prompt-length", "16", "--lr", "3e-4", "--kl-coef", "0.05", "--temperature", "1.0"),
-        *("--stop-eos", "--threads", str(args.threads), "--seed", str(args.seed)),
+        str(HARNESS),
+        *harness_flags(task.policy, task.reward, task.prompts, **shape, threads=args.threads, seed=args.seed),
         *(["--bf16"] if side_precision(side) == "bf16" else []),
     ]
 
@@ -547,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.trl_python:
         print(
-            f"peer: {TRL_SCRIPT.name} in {args.trl_python} (TRL 0.29.1 PPOTrainer, four models, --stop-eos, "
+            f"peer: {HARNESS.name} in {args.trl_python} (TRL 0.29.1 PPOTrainer, four models, --stop-eos, "
             f"{' and '.join(args.precisions)}, temperature 1, lr 3e-4, KL 0.05); ratios are textenv / TRL from the "
             "same round and precision"
         )

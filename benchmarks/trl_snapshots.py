@@ -19,6 +19,30 @@ import sys
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parents[2] / "shared" / "peers" / "trl_ppo_bench.py"
+"""The peer harness, beside textenv's checkout; ``ppo_iteration.py`` and ``critic_ev.py`` run it too."""
+
+
+def harness_flags(
+    policy: str,
+    reward: str,
+    prompts: str,
+    *,
+    updates: int,
+    batch_size: int,
+    minibatch_size: int,
+    threads: int,
+    seed: int,
+) -> list[str]:
+    """The harness's flags for textenv's PPO shape and settings: responses of at most 32 tokens ending at EOS,
+    prompts of at most 16, 4 epochs over minibatches of ``minibatch_size``, lr 3e-4, KL coefficient 0.05,
+    temperature 1."""
+    return [
+        *("--policy", policy, "--reward", reward, "--prompts", prompts),
+        *("--updates", str(updates), "--batch-size", str(batch_size), "--response-length", "32"),
+        *("--num-ppo-epochs", "4", "--num-mini-batches", str(batch_size // minibatch_size)),
+        *("--max-prompt-length", "16", "--lr", "3e-4", "--kl-coef", "0.05", "--temperature", "1.0"),
+        *("--stop-eos", "--threads", str(threads), "--seed", str(seed)),
+    ]
 
 
 def load_harness(path: Path):
