@@ -67,7 +67,7 @@ def one_run(task: str, name: str, seed: int, out: Path) -> dict:
     figures = {key: result[key] for key in FIGURES}
     print(f"{task:10s} {name:15s} seed {seed}: accuracy {figures['accuracy']:.3f} ({seconds:.0f} s)", flush=True)
     commands = ["python -m " + shlex.join(command).replace(str(out), "OUT") for command in (train, evaluate)]
-    return {"seed": seed, "seconds": round(seconds, 1), **figures, "commands": commands, "commit": commit()}
+    return {"seed": seed, "seconds": round(seconds, 1), **figures, "commands": commands}
 
 
 def main() -> None:
@@ -97,7 +97,7 @@ def main() -> None:
         }
         runs = {name: [] if name in names else old.get(name, []) for name in RUNS}
         for (_, name, _, _), result in zip(jobs, done, strict=True):
-            runs[name].append(result)
+            runs[name].append(result | {"commit": library})  # checked clean at the start (and again at the end)
         summary = {"task": task, "iterations": ITERATIONS[task], "episodes_per_iteration": 64, "eval_samples": 4}
         summary |= {"cpu_count": os.cpu_count(), "jobs": args.jobs, "runs": runs}
         args.results.mkdir(parents=True, exist_ok=True)
