@@ -121,36 +121,43 @@ def figures(r: dict, iterations: int) -> list[float | None]:
     return [r["ev_second_half"], *(rate.get(str(i)) for i in (0, 10, iterations)), early, whole, *evaluated, kl]
 
 
+def by_critic(runs: list[dict], iterations: int, columns: list[int] | None = None) -> list[tuple[str, str, list]]:
+    """(critic, seed, figures) of each run, its ``figures`` (those at ``columns``, else all), then after each critic's
+    runs its mean ("mean" as the seed), critics in the order they first appear."""
+    grouped: dict[str, list[tuple[str, list]]] = {}
+    for r in runs:
+        row = figures(r, iterations)
+        grouped.setdefault(r["critic"], []).append(
+            (str(r["seed"]), row if columns is None else [row[i] for i in columns])
+        )
+    rows = []
+    for critic, seeded in grouped.items():
+        rows += [(critic, seed, values) for seed, values in seeded]
+        rows.append((critic, "mean", [mean(list(column)) for column in zip(*(values for _, values in seeded))]))
+    return rows
+
+
 def table(results: list[dict], iterations: int) -> str:
     head = ["critic", "seed", f"EV {iterations // 2}-{iterations - 1}", "pos@0", "pos@10", f"pos@{iterations}"]
     head += ["train score 1-10", f"train score 1-{iterations}", "eval score at 10", f"eval score at {iterations}"]
     head += [f"eval KL at {iterations}"]
     lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
-    for r in results:
-        lines.append(f"| {r['critic']} | {r['seed']} | " + " | ".join(map(cell, figures(r, iterations))) + " |")
-    for critic in dict.fromkeys(r["critic"] for r in results):
-        rows = [figures(r, iterations) for r in results if r["critic"] == critic]
-        lines.append(f"| {critic} | mean | " + " | ".join(cell(mean(list(column))) for column in zip(*rows)) + " |")
+    for critic, seed, values in by_critic(results, iterations):
+        lines.append(f"| {critic} | {seed} | " + " | ".join(map(cell, values)) + " |")
     return "\n".join(lines)
 
 
 DOC_HEAD = ["runs", "critic", "seed", "EV 15-29", "pos@10", "pos@30", "train score 1-10", "train score 1-30"]
 DOC_HEAD += ["eval score at 10", "eval KL at 30"]
+DOC_COLUMNS = [0, 2, 3, 4, 5, 6, 8]  # of ``figures``: EV, pos@10, pos@N, train scores, eval score at 10, KL at N
 
 
 def doc_rows(report: dict, labels: list[str]) -> list[str]:
     """docs/design.md's table of the runs under ``labels`` in the JSON: each run, then each critic's mean."""
     rows = ["| " + " | ".join(DOC_HEAD) + " |", "| --- " * len(DOC_HEAD) + "|"]
     for label in labels:
-        entry = report[label]
-        shown = {}
-        for r in entry["runs"]:
-            ev, _, at10, at_end, early, whole, score10, _, kl = figures(r, entry["iterations"])
-            shown.setdefault(r["critic"], []).append([ev, at10, at_end, early, whole, score10, kl])
-        for critic, runs in shown.items():
-            seeds = [r["seed"] for r in entry["runs"] if r["critic"] == critic]
-            for seed, values in [*zip(map(str, seeds), runs), ("mean", [mean(list(c)) for c in zip(*runs)])]:
-                rows.append(f"| {label} | {critic} | {seed} | " + " | ".join(map(cell, values)) + " |")
+        for critic, seed, values in by_critic(report[label]["runs"], report[label]["iterations"], DOC_COLUMNS):
+            rows.append(f"| {label} | {critic} | {seed} | " + " | ".join(map(cell, values)) + " |")
     return rows
 
 
