@@ -165,16 +165,13 @@ def evaluation_rows(results: dict[str, dict]) -> list[str]:
     """The README's table of `python -m agents.evaluate` figures, one column per JSON in docs/results/evaluate/."""
 
     def signed(x: float) -> str:
-        return f"{x:+.2f}".replace("-0.00", "-0.00")
-
-    def rate(x: float) -> str:
-        return "100%" if x == 1 else f"{100 * x:.1f}%"
+        return f"{x:+.2f}"
 
     def row(label: str, cell) -> str:
         return f"| {label} | " + " | ".join(cell(results[name]) for name in EVALUATIONS) + " |"
 
     def exact(d: dict, key: str) -> str:
-        return rate(d[key]) if key in d else "-"
+        return percent(d[key]) if key in d else "-"
 
     return [
         row("mean score", lambda d: signed(d["score"])),
@@ -182,16 +179,16 @@ def evaluation_rows(results: dict[str, dict]) -> list[str]:
         row("score 10% / 50% / 90%", lambda d: " / ".join(signed(d[f"score_q{q}"]) for q in (10, 50, 90))),
         row(
             "score > 0 rate (`positive_rate` / `score_gt0_rate`)",
-            lambda d: rate(d.get("positive_rate", d.get("score_gt0_rate"))),
-        ),  # fmt: skip
+            lambda d: percent(d.get("positive_rate", d.get("score_gt0_rate"))),
+        ),
         row("accuracy (exact match)", lambda d: exact(d, "accuracy")),
         row("pass@4", lambda d: exact(d, "pass@4")),
         row(
             "KL to the reference (nats per response)",
-            lambda d: f"{abs(d['kl']) if abs(d['kl']) < 5e-3 else d['kl']:.2f}",
+            lambda d: f"{abs(d['kl']) if abs(d['kl']) < 5e-3 else d['kl']:.2f}",  # a model's KL to itself: 0.00
         ),
         row("response length (tokens)", lambda d: f"{d['response_length']:.2f}"),
-        row("EOS rate", lambda d: rate(d["eos_rate"])),
+        row("EOS rate", lambda d: percent(d["eos_rate"])),
         row("episodes (prompts x 4)", lambda d: f"{d['episodes']:.0f}"),
     ]
 
