@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import tyro
@@ -40,7 +40,7 @@ from agents.policy import ActorCritic, agent_autocast, load_policy
 from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
-from textenv.config import AsPath, check_float, check_int, resolve_config, resolve_precision
+from textenv.config import AsPath, check_choice, check_float, check_int, resolve_config, resolve_precision
 from textenv.loading import (
     eval_split,
     load_config,
@@ -57,6 +57,8 @@ from textenv.reward_fns import (
     resolve_reward_fns,
     unstable_description,
 )
+
+CriticInit = Literal["reward", "policy"]
 
 
 @dataclass
@@ -82,7 +84,12 @@ class RunConfig:
     batch_size: int = 64
     """Episodes per rollout in each process (the vector env's num_envs)."""
     share_backbone: bool = True
-    """Critic = value head on the policy's trunk; False: a separate critic trunk (from the reward model)."""
+    """Critic = value head on the policy's trunk; False: a separate critic trunk (critic_init says which weights
+    it starts from)."""
+    critic_init: CriticInit | None = None
+    """With --no-share-backbone: the weights the critic's trunk starts from, 'reward' (the reward model's; it needs
+    the policy's architecture) or 'policy' (the starting policy's). None: the reward model's where it has the
+    policy's architecture, else the policy's."""
     value_layer: int | None = None
     """With share_backbone: the block of the policy's trunk whose output the value head reads (1 .. its layers;
     the last is its final hidden state, which next-token prediction owns). None: the middle block,
@@ -149,6 +156,13 @@ class RunConfig:
                     "head reads its own trunk's last hidden state: drop --value-layer"
                 )
         check_float("lora_alpha", self.lora_alpha, "> 0", lambda v: v > 0)
+        if self.critic_init is not None:
+            check_choice("critic_init", self.critic_init, CriticInit)
+            if self.share_backbone:
+                raise ValueError(
+                    f"--critic-init {self.critic_init} is for a separate critic trunk; with a shared backbone the "
+                    "critic is a head on the policy's trunk: add --no-share-backbone or drop --critic-init"
+                )
 
 
 @dataclass
@@ -809,7 +823,16 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
             reward_source is not None
             and load_config(reward_source, "reward model").model_type == policy.config.model_type
         )
-        critic_init = reward_source if same_trunk and not run.share_backbone else None
+        if run.critic_init == "reward" and not same_trunk:
+            arch = policy.config.model_type
+            why = f"the reward model ({reward_source}) does not have the policy's architecture ({arch})"
+            if reward_source is None:
+                why = "the task has no reward model"
+            raise ValueError(
+                f"--critic-init reward: {why}, so the critic cannot start from it; pass --critic-init policy"
+            )
+        from_reward = same_trunk and run.critic_init != "policy" and not run.share_backbone
+        critic_init = reward_source if from_reward else None
         agent = ActorCritic.from_models(
             policy, share_backbone=run.share_backbone, critic_init=critic_init, value_layer=run.value_layer
         )

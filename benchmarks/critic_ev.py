@@ -3,7 +3,8 @@
     python benchmarks/critic_ev.py --seeds 0 1 2 --iterations 30
 
 For each seed and each critic (``shared``: the value head on the policy's trunk, the default;
-``separate``: ``--no-share-backbone``, a critic trunk initialised from the reward model) it runs
+``separate``: ``--no-share-backbone``, a critic trunk initialised from the reward model; ``separate-policy``: a
+critic trunk initialised from the policy, ``--critic-init policy``, which knows what the shared trunk knows) it runs
 ``python -m agents --iterations N --seed S`` on the embedded default task, one run at a time with one
 torch thread, and reads the run's ``metrics.jsonl``:
 
@@ -37,7 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-CRITICS = {"shared": [], "separate": ["--no-share-backbone"], "trl": None}
+CRITICS = {
+    "shared": [],
+    "separate": ["--no-share-backbone"],
+    "separate-policy": ["--no-share-backbone", "--critic-init", "policy"],
+    "trl": None,
+}
 EV_KEY, RATE_KEY, SCORE_KEY, KL_KEY = "ppo/explained_variance", "eval/positive_rate", "env/score", "eval/kl"
 EVAL_SCORE_KEY = "eval/score"
 REPO = Path(__file__).resolve().parents[1]

@@ -140,6 +140,37 @@ def test_a_separate_critic_takes_no_value_layer():
         RunConfig(value_layer=0)
 
 
+@pytest.mark.parametrize("critic_init", [None, "reward", "policy"])
+def test_a_separate_critic_starts_from_the_weights_critic_init_names(critic_init):
+    from transformers import AutoModel
+
+    from agents.train import TrainConfig, build_agent
+
+    config = TrainConfig(run=RunConfig(share_backbone=False, critic_init=critic_init))
+    critic = build_agent(config, None, torch.device("cpu")).critic.state_dict()
+    source = POLICY_DIR if critic_init == "policy" else REWARD_MODEL_DIR  # None: the reward model, same architecture
+    other = REWARD_MODEL_DIR if source == POLICY_DIR else POLICY_DIR
+    expected, elsewhere = (AutoModel.from_pretrained(d).state_dict() for d in (source, other))
+    assert critic.keys() == expected.keys()
+    assert all(torch.equal(critic[k], expected[k]) for k in critic)
+    assert not all(torch.equal(critic[k], elsewhere[k]) for k in critic)
+
+
+def test_critic_init_is_refused_where_it_cannot_apply():
+    from agents.train import TrainConfig, build_agent
+    from textenv import TokenEnvConfig
+
+    with pytest.raises(ValueError, match="add --no-share-backbone or drop --critic-init"):
+        RunConfig(critic_init="policy")
+    with pytest.raises(ValueError, match="critic_init must be one of"):
+        RunConfig(share_backbone=False, critic_init="rm")
+    config = TrainConfig(
+        env=TokenEnvConfig(task="arithmetic"), run=RunConfig(share_backbone=False, critic_init="reward")
+    )
+    with pytest.raises(ValueError, match="the task has no reward model.*pass --critic-init policy"):
+        build_agent(config, None, torch.device("cpu"))
+
+
 def test_the_design_docs_critic_tables_agree_with_their_results():
     """docs/design.md's tables of the critic's runs are what benchmarks/critic_ev.py wrote (``--doc-table``)."""
     import importlib.util
