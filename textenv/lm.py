@@ -290,8 +290,11 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 def output_cache(out):
     """The KV cache a forward returned, under either name (``cache`` or ``past_key_values``)."""
-    cache = out.get("cache") if isinstance(out, Mapping) else None  # a transformers ModelOutput is a dict
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+    if isinstance(out, Mapping):  # a transformers ModelOutput: a dict of the fields that are set. Its keys are
+        # listed, not asked for: from 5.24 both `in` and the attribute map the old name and log a deprecation
+        keys = list(out.keys())
+        return next((out[key] for key in ("cache", "past_key_values") if key in keys), None)
+    return getattr(out, "past_key_values", None)
 
 
 EDITABLE_LAYERS = (DynamicLayer, PreallocatedLayer)

@@ -141,3 +141,19 @@ def test_a_reply_in_one_forward_gives_what_a_column_at_a_time_gives(family):
     step = torch.tensor([20, 21, 22, 23])
     torch.testing.assert_close(block.advance(step), columns.advance(step), atol=1e-5, rtol=1e-5)
     assert block.editable == (family not in SLIDING)  # sliding-window caches take the column loop
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_reading_a_forwards_cache_logs_no_deprecation(family, use_cache, monkeypatch):
+    import transformers.utils.generic as generic
+
+    from textenv.lm import output_cache
+
+    said = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *args, **kwargs: said.append(message))
+    trunk = tiny_causal_lm(family).base_model  # a separate critic's trunk: its output has no logits
+    out = trunk(input_ids=torch.tensor([[3, 4, 5]]), use_cache=use_cache)
+    cache = output_cache(out)
+    assert (cache is not None) == use_cache
+    assert said == []  # reading `out.past_key_values` (the cache absent) logged "... are deprecated"
