@@ -151,6 +151,10 @@ class PPOConfig:
     numbers to float rounding (``agents.packing``). Off: one episode per padded row."""
     learning_rate: float = 3e-4
     """Adam learning rate at the start; it decays linearly to 0 over the run."""
+    value_lr_scale: float = 1.0
+    """The value head's learning rate as a multiple of learning_rate (the trunk and the rest take learning_rate).
+    On a shared trunk a faster head fits more of the returns itself and asks less of the trunk the actor uses
+    (docs/design.md)."""
     gamma: float = 1.0
     """Discount factor."""
     lam: float = 0.95
@@ -270,6 +274,7 @@ class PPOConfig:
         for name in ("group_size", "epochs", "minibatch_size", "micro_batch_size"):
             check_int(name, getattr(self, name), minimum=1)
         check_float("learning_rate", self.learning_rate, "> 0", lambda v: v > 0)
+        check_float("value_lr_scale", self.value_lr_scale, "> 0", lambda v: v > 0)
         for name in ("gamma", "lam"):
             check_float(name, getattr(self, name), "in [0, 1]", lambda v: 0 <= v <= 1)
         for name in ("clip_range", "clip_range_value", "max_grad_norm"):

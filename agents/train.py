@@ -354,11 +354,11 @@ class Trainer:
         self.agent_tokens = env.agent_tokens(turns=env.interaction is not None)
         self.max_turns = env.max_turns if env.interaction is not None else None  # the per-turn metrics' turns
         self.autocast = agent_autocast(config.env.precision, self.device)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = parameter_groups(self.model, self.agent, config.ppo.value_lr_scale)
         # fused: one kernel over all parameters instead of a loop of small ops per tensor (4x faster a step on the
         # default task, 8x at GPT-2-small size on one CPU thread); a checkpoint's saved setting wins on --resume
         fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.Adam(trainable, lr=config.ppo.learning_rate, eps=1e-5, fused=fused or None)
+        self.optimizer = torch.optim.Adam(groups, lr=config.ppo.learning_rate, eps=1e-5, fused=fused or None)
         self.kl_controller = config.kl.controller(config.env.kl_coef)
         self.seed = dist.seed(run.seed)
         self.sampling = torch.Generator(device=self.device).manual_seed(self.seed)
@@ -461,9 +461,9 @@ class Trainer:
         return metrics | rollout_metrics(rollout, "env", self.rate_key), rollout
 
     def set_learning_rate(self, iteration: int) -> None:
-        """The learning rate of ``iteration`` (``learning_rate``), set on every parameter group."""
+        """The learning rate of ``iteration`` (``learning_rate``), times each parameter group's ``lr_scale``."""
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config, iteration)
+            group["lr"] = learning_rate(self.config, iteration) * group.get(LR_SCALE, 1.0)
 
     def check_update(self, metrics: dict[str, float]) -> None:
         """Stop when too many updates in a row were skipped for NaN or inf gradients (one may be a fluke)."""
@@ -619,6 +619,23 @@ def is_own_code(filename: str) -> bool:
 
 
 OWN_CODE = tuple(Path(module.__file__).resolve().parent for module in (sys.modules["textenv"], sys.modules["agents"]))
+
+
+LR_SCALE = "lr_scale"
+"""The key of a parameter group's multiple of the learning rate (Adam keeps it with the group, and a checkpoint)."""
+
+
+def parameter_groups(model: torch.nn.Module, agent: ActorCritic, value_lr_scale: float) -> list[dict]:
+    """Adam's parameter groups of ``model`` (the agent, or its DDP/FSDP wrapper): its trainable parameters; with a
+    ``value_lr_scale`` other than 1, the value head's in a group of their own at that multiple of the rate."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if value_lr_scale == 1:
+        return [{"params": trainable}]  # one group, as every run had before the scale existed
+    head = {id(p) for p in agent.value_head.parameters()}
+    return [
+        {"params": [p for p in trainable if id(p) not in head], LR_SCALE: 1.0},
+        {"params": [p for p in trainable if id(p) in head], LR_SCALE: value_lr_scale},
+    ]
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:

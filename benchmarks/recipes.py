@@ -33,6 +33,7 @@ EARLIER_CRITIC = ["--value-layer", "2", "--no-normalize-value-loss", "--vf-coef"
 RUNS = {
     "ppo (default)": ["--algo", "ppo"],
     "ppo (earlier critic)": ["--algo", "ppo", *EARLIER_CRITIC],  # the value settings before docs/design.md's change
+    "ppo (value head at 3x)": ["--algo", "ppo", "--value-lr-scale", "3"],  # the head's learning rate 3x the trunk's
     "grpo (default)": ["--algo", "grpo"],
     **{recipe: ["--recipe", recipe] for recipe in ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "dual_clip")},
     "reinforce_pp": ["--recipe", "reinforce_pp"],

@@ -553,3 +553,22 @@ def test_code_given_from_python_as_one_callable_or_object_is_checked_without_err
         ("step_reward_fn", "mod:step"),
         ("interaction", "mod:Talk"),
     ]
+
+
+def test_the_value_heads_learning_rate_is_value_lr_scale_times_the_trunks(tmp_path):
+    """One Adam step (tiny_config: one minibatch, one epoch) from a zero head moves each of the head's weights by
+    about the learning rate, so the step at value_lr_scale 3 is 3 times the step at 1; the trunk's step is the same."""
+    heads, trunks = {}, {}
+    for scale in (1.0, 3.0):
+        config = tiny_config(tmp_path / f"run{scale}")
+        config.ppo.value_lr_scale = scale
+        train(config)
+        heads[scale] = load_file(tmp_path / f"run{scale}" / "final" / "value_head.safetensors")
+        trunks[scale] = load_file(tmp_path / f"run{scale}" / "final" / "model.safetensors")
+    assert heads[1.0]["weight"].abs().max() > 0  # the step moved the head
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(heads[3.0][name], 3 * heads[1.0][name], rtol=1e-5, atol=1e-9)
+    assert trunks[1.0].keys() == trunks[3.0].keys()
+    assert all(torch.equal(trunks[1.0][k], trunks[3.0][k]) for k in trunks[1.0])
+    with pytest.raises(ValueError, match="value_lr_scale must be > 0"):
+        PPOConfig(value_lr_scale=0.0)
