@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -47,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from textenv.config import Precision, resolve_precision
 from textenv.lm import cache_keyword, disable_dropout, output_cache
@@ -131,11 +133,11 @@ def fused_activations(config: PretrainedConfig) -> dict[str, str]:
     }
 
 
-def load_for_training(auto_class, source: str | os.PathLike) -> PreTrainedModel:
-    """``auto_class.from_pretrained(source)`` as the agent trains it: activations fused, weights in float32
+def load_for_training(auto_class, source: str | os.PathLike, **kwargs):
+    """``auto_class.from_pretrained(source, **kwargs)`` as the agent trains it: activations fused, weights in float32
     whatever dtype the checkpoint was saved in (the master weights; bf16 is autocast's, per forward)."""
     fused = fused_activations(AutoConfig.from_pretrained(source))
-    return auto_class.from_pretrained(source, dtype=torch.float32, **fused)
+    return auto_class.from_pretrained(source, dtype=torch.float32, **fused, **kwargs)
 
 
 def load_policy(source: str | os.PathLike) -> PreTrainedModel:
@@ -143,11 +145,38 @@ def load_policy(source: str | os.PathLike) -> PreTrainedModel:
     return load_for_training(AutoModelForCausalLM, source)
 
 
+class _NoLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def load_trunk(source: str | os.PathLike) -> PreTrainedModel:
+    """The trunk of the model saved in ``source`` (``load_for_training``), every one of its weights from there.
+
+    A reward model's directory holds its head too, which the trunk leaves out: transformers' load report of that
+    head is not shown. A weight of the trunk the checkpoint lacks is refused (it would start random)."""
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    no_report = _NoLoadReport()  # a filter, not a level: transformers runs other checks at some levels
+    logger.addFilter(no_report)
+    try:
+        trunk, info = load_for_training(AutoModel, source, output_loading_info=True)
+    finally:
+        logger.removeFilter(no_report)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"the critic's trunk from {os.fspath(source)!r}: the checkpoint has no {', '.join(missing[:4])}"
+            f"{f' (and {len(missing) - 4} more)' if len(missing) > 4 else ''}; a trunk needs all of its weights from "
+            "the model it starts from: pass a complete checkpoint of the policy's architecture"
+        )
+    return trunk
+
+
 def critic_trunk(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
     """A new trunk (no head) with the weights of ``source`` (a directory, hub name or model, left as it is);
     activations fused."""
     if not isinstance(source, PreTrainedModel):
-        return load_for_training(AutoModel, source)
+        return load_trunk(source)
     config = copy.deepcopy(source.config)
     for name, value in fused_activations(config).items():
         setattr(config, name, value)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 from safetensors.torch import load_file, save_file
+from transformers import AutoModel
 
 from agents.advantages import explained_variance
 from agents.policy import VALUE_HEAD_FILE, ActorCritic
@@ -13,7 +14,7 @@ from agents.ppo import PPOConfig, ppo_update, rescore, rollout_advantages, value
 from agents.rollout import collect_rollout
 from agents.train import RunConfig
 from tests.agents.test_ppo import tiny_agent, tiny_rollout
-from tests.models import tiny_causal_lm
+from tests.models import tiny_causal_lm, tiny_reward_model
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 from textenv.lm import position_ids_from_mask
 
@@ -142,7 +143,6 @@ def test_a_separate_critic_takes_no_value_layer():
 
 @pytest.mark.parametrize("critic_init", [None, "reward", "policy"])
 def test_a_separate_critic_starts_from_the_weights_critic_init_names(critic_init):
-    from transformers import AutoModel
 
     from agents.train import TrainConfig, build_agent
 
@@ -192,3 +192,30 @@ DESIGN_TABLE = ["before", "before, separate", "after"]
 OTHER_SETTINGS = ["after, seeds 3-4", "loss only", "middle block, Var(returns) only", "middle block, vf_coef 1",
                   "middle block, plain loss, vf_coef 2", "middle block, plain loss, vf_coef 3",
                   "after, separate from the policy"]  # fmt: skip
+
+
+def test_a_critic_trunk_from_a_reward_models_directory_shows_no_load_report_and_refuses_missing_weights(tmp_path):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from agents.policy import critic_trunk
+
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        critic_trunk(REWARD_MODEL_DIR)  # the directory holds the reward model's head too, which a trunk leaves out
+        AutoModel.from_pretrained(REWARD_MODEL_DIR)  # transformers itself reports it
+    finally:
+        logger.removeHandler(handler)
+    assert len(shown) == 1 and "LOAD REPORT" in shown[0] and "score.weight" in shown[0]
+    reward_model = tiny_reward_model("gpt2")
+    reward_model.save_pretrained(tmp_path / "rm")
+    weights = load_file(tmp_path / "rm" / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the checkpoint has no h\.1\.mlp\.c_fc\.weight; a trunk needs all of its"):
+        critic_trunk(tmp_path / "rm")
