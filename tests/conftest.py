@@ -55,3 +55,17 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """bf16 on this CPU, native where it has AVX512-BF16 or AMX, else emulated: the bf16 tests then run everywhere.
+
+    textenv refuses bf16 on a CPU without the instructions (a user would get a slower run, not a faster one), but
+    torch's bf16 kernels compute the same roundings without them, more slowly: the tests pass the refusal here, so
+    that the bf16 code path is exercised on every machine the suite runs on."""
+    from textenv.config import bf16_supported
+
+    if not bf16_supported(torch.device("cpu")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        assert bf16_supported(torch.device("cpu"))

@@ -7,7 +7,8 @@
 3. bf16 where the CPU lacks it is refused before anything loads, by training and by evaluation; --bf16 is
    refused, naming --precision; a run written before --precision resumes with its meaning.
 
-The tests that run bf16 are skipped on a CPU without AVX512-BF16 or AMX.
+The tests that run bf16 run on every CPU: natively with AVX512-BF16 or AMX, else emulated by torch's kernels (the
+``bf16_cpu`` fixture of tests/conftest.py passes textenv's refusal).
 """
 
 import pytest
@@ -23,12 +24,9 @@ from agents.rollout import collect_rollout
 from agents.train import TrainingStopped, retire_bf16, train
 from tests.agents.test_train import logged_rates, schedule_config
 from textenv import TokenEnvConfig
-from textenv.config import bf16_supported
 from textenv.default_task import POLICY_DIR
 
-needs_bf16 = pytest.mark.skipif(
-    not bf16_supported(torch.device("cpu")), reason="this CPU has neither AVX512-BF16 nor AMX"
-)
+needs_bf16 = pytest.mark.usefixtures("bf16_cpu")  # native or emulated bf16 (tests/conftest.py)
 CPU = torch.device("cpu")
 
 
