@@ -175,6 +175,11 @@ def load_trunk(source: str | os.PathLike) -> PreTrainedModel:
 def critic_trunk(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
     """A new trunk (no head) with the weights of ``source`` (a directory, hub name or model, left as it is);
     activations fused."""
+    if hasattr(source, "get_base_model"):  # PEFT: its modules hold adapters beside the weights they adapt
+        raise ValueError(
+            "a critic trunk cannot start from a PEFT model (critic_init, else the policy): its modules hold "
+            "adapters a trunk has no place for; pass critic_init= the base model, or its directory"
+        )
     if not isinstance(source, PreTrainedModel):
         return load_trunk(source)
     config = copy.deepcopy(source.config)

@@ -848,8 +848,9 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
             raise ValueError(
                 f"--critic-init reward: {why}, so the critic cannot start from it; pass --critic-init policy"
             )
-        from_reward = same_trunk and run.critic_init != "policy" and not run.share_backbone
-        critic_init = reward_source if from_reward else None
+        from_reward = same_trunk and run.critic_init != "policy"
+        # from the policy's directory, not its module: with LoRA the module holds adapters a trunk has no place for
+        critic_init = None if run.share_backbone else reward_source if from_reward else policy_source(run, env)
         agent = ActorCritic.from_models(
             policy, share_backbone=run.share_backbone, critic_init=critic_init, value_layer=run.value_layer
         )

@@ -141,12 +141,12 @@ def test_a_separate_critic_takes_no_value_layer():
         RunConfig(value_layer=0)
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
 @pytest.mark.parametrize("critic_init", [None, "reward", "policy"])
-def test_a_separate_critic_starts_from_the_weights_critic_init_names(critic_init):
-
+def test_a_separate_critic_starts_from_the_weights_critic_init_names(critic_init, lora_rank):
     from agents.train import TrainConfig, build_agent
 
-    config = TrainConfig(run=RunConfig(share_backbone=False, critic_init=critic_init))
+    config = TrainConfig(run=RunConfig(share_backbone=False, critic_init=critic_init, lora_rank=lora_rank))
     critic = build_agent(config, None, torch.device("cpu")).critic.state_dict()
     source = POLICY_DIR if critic_init == "policy" else REWARD_MODEL_DIR  # None: the reward model, same architecture
     other = REWARD_MODEL_DIR if source == POLICY_DIR else POLICY_DIR
@@ -219,3 +219,14 @@ def test_a_critic_trunk_from_a_reward_models_directory_shows_no_load_report_and_
     save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"the checkpoint has no h\.1\.mlp\.c_fc\.weight; a trunk needs all of its"):
         critic_trunk(tmp_path / "rm")
+
+
+def test_a_critic_trunk_is_refused_from_a_peft_model():
+    from agents.lora import add_lora
+    from agents.policy import load_policy
+
+    policy = add_lora(load_policy(POLICY_DIR), 4, 16.0, None)
+    with pytest.raises(ValueError, match="cannot start from a PEFT model.*pass critic_init= the base model"):
+        ActorCritic.from_models(policy, share_backbone=False)
+    agent = ActorCritic.from_models(policy, share_backbone=False, critic_init=POLICY_DIR)
+    assert agent.critic is not None
