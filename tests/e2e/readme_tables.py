@@ -73,20 +73,25 @@ def pipeline_table() -> Table:
     return table
 
 
+def algorithm_seed_table(name: str, header: str, runs: dict[str, list[dict]], figures) -> Table:
+    """A table of a row per algorithm (GRPO, then PPO) and seed: ``figures(run)`` after the label."""
+    table = Table(name, header)
+    for algo in ("GRPO", "PPO"):
+        table.rows += [([algo, str(run["seed"])], figures(run)) for run in runs[algo]]
+    return table
+
+
 def calculator_table() -> Table:
     sft = read("calculator", "sft.json")
-    table = Table(
-        "calculator (docs/results/calculator/)",
-        "| algorithm | seed | success before (SFT) | success after | calls per episode before | after "
-        "| KL after (nats) |",
-    )
-    for algo in ("GRPO", "PPO"):
-        for seed in (0, 1, 2):
-            run = read("calculator", f"{algo.lower()}-{seed}.json")
-            figures = [f"{100 * sft['accuracy']:.1f}%", f"{100 * run['accuracy']:.1f}%"]
-            figures += [f"{sft['replies']:.3f}", f"{run['replies']:.2f}", f"{run['kl']:.2f}"]
-            table.rows.append(([algo, str(seed)], figures))
-    return table
+    runs = {algo: [read("calculator", f"{algo.lower()}-{seed}.json") | {"seed": seed} for seed in (0, 1, 2)]
+            for algo in ("GRPO", "PPO")}  # fmt: skip
+
+    def figures(run: dict) -> list[str]:
+        before_after = [f"{100 * sft['accuracy']:.1f}%", f"{100 * run['accuracy']:.1f}%"]
+        return before_after + [f"{sft['replies']:.3f}", f"{run['replies']:.2f}", f"{run['kl']:.2f}"]
+
+    header = "| algorithm | seed | success before (SFT) | success after | calls per episode before | after "
+    return algorithm_seed_table("calculator (docs/results/calculator/)", header + "| KL after (nats) |", runs, figures)
 
 
 def default_task_tables() -> list[Table]:
@@ -114,19 +119,18 @@ def default_task_tables() -> list[Table]:
 
 
 def arithmetic_table() -> Table:
-    runs = read("recipes", "arithmetic.json")["runs"]
+    recipes = read("recipes", "arithmetic.json")["runs"]
     sft = read("evaluate", "arithmetic-sft.json")
-    table = Table(
-        "arithmetic (docs/results/recipes/arithmetic.json)",
-        "| algorithm | seed | accuracy before (SFT) | accuracy after | pass@4 before | pass@4 after "
-        "| KL after (nats) |",
+    runs = {algo: recipes[f"{algo.lower()} (default)"] for algo in ("GRPO", "PPO")}
+
+    def figures(run: dict) -> list[str]:
+        before_after = [f"{100 * sft['accuracy']:.1f}%", f"{100 * run['accuracy']:.1f}%"]
+        return before_after + [f"{100 * sft['pass@4']:.1f}%", f"{100 * run['pass@4']:.1f}%", f"{run['kl']:.2f}"]
+
+    header = "| algorithm | seed | accuracy before (SFT) | accuracy after | pass@4 before | pass@4 after "
+    return algorithm_seed_table(
+        "arithmetic (docs/results/recipes/arithmetic.json)", header + "| KL after (nats) |", runs, figures
     )
-    for algo in ("GRPO", "PPO"):
-        for run in runs[f"{algo.lower()} (default)"]:
-            figures = [f"{100 * sft['accuracy']:.1f}%", f"{100 * run['accuracy']:.1f}%"]
-            figures += [f"{100 * sft['pass@4']:.1f}%", f"{100 * run['pass@4']:.1f}%", f"{run['kl']:.2f}"]
-            table.rows.append(([algo, str(run["seed"])], figures))
-    return table
 
 
 EVALUATIONS = ("reviews-sft", "reviews-ppo", "arithmetic-sft", "arithmetic-ppo")
