@@ -431,9 +431,15 @@ def test_a_resumed_run_with_more_iterations_follows_the_new_schedule(tmp_path):
     assert logged_rates(run_dir) == {0: rate, 1: rate * 0.5, 2: rate * 0.5, 3: rate * 0.25}
 
 
-def test_a_resumed_run_with_the_same_iterations_ends_with_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("value_lr_scale", [1.0, 3.0])  # 3: two Adam groups, each with its rate, resumed
+def test_a_resumed_run_with_the_same_iterations_ends_with_the_same_weights(tmp_path, monkeypatch, value_lr_scale):
+    def configured(run_dir):
+        config = schedule_config(run_dir, iterations=3)
+        config.ppo.value_lr_scale = value_lr_scale
+        return config
+
     straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
-    train(schedule_config(straight_dir, iterations=3))
+    train(configured(straight_dir))
 
     def stop_after_the_first_iteration(self, dist):  # as Ctrl-C during iteration 0 does
         return True
@@ -442,9 +448,9 @@ def test_a_resumed_run_with_the_same_iterations_ends_with_the_same_weights(tmp_p
         patch.setattr(agents.train.StopSignals, "requested", stop_after_the_first_iteration)
         patch.setattr(agents.train.StopSignals, "signal_name", property(lambda self: "SIGTERM"))
         with pytest.raises(TrainingStopped):
-            train(schedule_config(stopped_dir, iterations=3))
+            train(configured(stopped_dir))
     assert sorted(logged_rates(stopped_dir)) == [0]
-    resumed = schedule_config(stopped_dir, iterations=3)
+    resumed = configured(stopped_dir)
     resumed.run.resume = True
     train(resumed)
     assert logged_rates(stopped_dir) == logged_rates(straight_dir)
@@ -452,6 +458,8 @@ def test_a_resumed_run_with_the_same_iterations_ends_with_the_same_weights(tmp_p
     final = load_file(stopped_dir / "final" / "model.safetensors")
     assert straight.keys() == final.keys()
     assert all(torch.equal(final[key], straight[key]) for key in straight), "the resumed run diverged"
+    heads = [load_file(run / "final" / "value_head.safetensors") for run in (straight_dir, stopped_dir)]
+    assert all(torch.equal(heads[0][key], heads[1][key]) for key in heads[0]), "the resumed value head diverged"
 
 
 # --------------------------------------------------------------------------- 7. what it builds
