@@ -458,6 +458,7 @@ class Trainer:
             max_new_tokens=self.agent_tokens,
             max_turns=self.max_turns,
         )
+        self.optimizer.zero_grad(set_to_none=True)  # the next rollout does not carry the last step's gradients
         return metrics | rollout_metrics(rollout, "env", self.rate_key), rollout
 
     def set_learning_rate(self, iteration: int) -> None:

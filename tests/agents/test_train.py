@@ -580,3 +580,14 @@ def test_the_value_heads_learning_rate_is_value_lr_scale_times_the_trunks(tmp_pa
     assert all(torch.equal(trunks[1.0][k], trunks[3.0][k]) for k in trunks[1.0])
     with pytest.raises(ValueError, match="value_lr_scale must be > 0"):
         PPOConfig(value_lr_scale=0.0)
+
+
+def test_an_iteration_leaves_no_gradients_for_the_next_rollout_to_carry(tmp_path):
+    config = tiny_config(tmp_path / "run")
+    trainer = Trainer(config)
+    try:
+        metrics, _ = trainer.iterate(1)  # no evaluation at iteration 1
+    finally:
+        trainer.logger.close()
+    assert metrics["ppo/steps"] >= 1 and metrics["ppo/skipped_steps"] == 0  # a step was taken, with gradients
+    assert all(p.grad is None for p in trainer.agent.parameters())
