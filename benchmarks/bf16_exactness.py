@@ -28,27 +28,20 @@ sys.path.insert(0, str(REPO))
 
 def measure(seeds: list[int]) -> dict:
     from gymnasium.vector import AutoresetMode
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from tests.conftest import new_vec
-    from tests.textenv.test_core import KL_COEF, SETTINGS, Script, run_vector, uncached_ref_logprobs, uncached_score
-    from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
+    from tests.textenv.test_bf16 import load_bf16_models, scripted_episodes, uncached_figures
+    from tests.textenv.test_core import SETTINGS
 
-    load = dict(dtype=torch.bfloat16)
-    reference = AutoModelForCausalLM.from_pretrained(POLICY_DIR, **load).eval()
-    reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR, **load).eval()
-    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+    tokenizer, reference, reward_model = load_bf16_models()
     logprob, score, reward = [], [], []
     for seed in seeds:
         env = new_vec(5, autoreset_mode=AutoresetMode.DISABLED, precision="bf16", **SETTINGS)
-        for episode in run_vector(env, Script(tokenizer, 5, seed=seed), 45, caller_logprobs=True, reset_every=3):
-            ref = uncached_ref_logprobs(reference, episode)
+        for episode in scripted_episodes(env, tokenizer, seed):
+            ref, expected_score, rewards = uncached_figures(episode, reference, reward_model)
             logprob.append(np.abs(np.array(episode.ref_logprobs) - ref))
-            expected_score = uncached_score(reward_model, episode.prompt + episode.actions)
             score.append(abs(episode.score - expected_score))
-            expected = -KL_COEF * (np.array(episode.logprobs) - ref)
-            expected[-1] += expected_score
-            reward.append(np.abs(np.array(episode.rewards) - expected))
+            reward.append(np.abs(np.array(episode.rewards) - rewards))
     steps = np.concatenate(logprob)
     return {
         "episodes": len(score),

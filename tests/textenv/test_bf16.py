@@ -36,12 +36,32 @@ LOGPROB_ATOL, SCORE_ATOL, REWARD_ATOL = (1e-5, 1e-5, 1e-5) if NATIVE_BF16 else (
 FP32_GAP_LOGPROB, FP32_GAP_SCORE = 0.1, 0.01
 
 
-@pytest.fixture(scope="module")
-def bf16_models():
+def load_bf16_models():
+    """The default task's tokenizer, reference and reward model, loaded in bf16 (the recomputation's models)."""
     load = dict(dtype=torch.bfloat16)
     reference = AutoModelForCausalLM.from_pretrained(POLICY_DIR, **load).eval()
     reward_model = AutoModelForSequenceClassification.from_pretrained(REWARD_MODEL_DIR, **load).eval()
     return AutoTokenizer.from_pretrained(POLICY_DIR), reference, reward_model
+
+
+@pytest.fixture(scope="module")
+def bf16_models():
+    return load_bf16_models()
+
+
+def scripted_episodes(env, tokenizer, seed: int = 3, caller_logprobs: bool = True) -> list[Episode]:
+    """The finished episodes of 45 scripted steps of ``env`` (5 envs, autoreset off), a reset every 3."""
+    return run_vector(env, Script(tokenizer, 5, seed=seed), steps=45, caller_logprobs=caller_logprobs, reset_every=3)
+
+
+def uncached_figures(episode: Episode, reference, reward_model) -> tuple[np.ndarray, float, np.ndarray]:
+    """``episode``'s reference log-probs, score and per-step rewards from plain full-sequence forwards of
+    ``reference`` and ``reward_model`` (no cache, no padding, a batch of one)."""
+    ref = uncached_ref_logprobs(reference, episode)
+    score = uncached_score(reward_model, episode.prompt + episode.actions)
+    rewards = -KL_COEF * (np.array(episode.logprobs) - ref)
+    rewards[-1] += score
+    return ref, score, rewards
 
 
 def dtypes(model: torch.nn.Module) -> set[torch.dtype]:
@@ -67,20 +87,17 @@ def test_a_model_passed_loaded_keeps_its_dtype(make_vec):
 
 def check_bf16_episode(episode: Episode, reference, reward_model) -> None:
     """The env's figures against an uncached recomputation with the same bf16 models, to the ``*_ATOL`` above."""
-    ref = uncached_ref_logprobs(reference, episode)
+    ref, score, rewards = uncached_figures(episode, reference, reward_model)
     np.testing.assert_allclose(episode.ref_logprobs, ref, atol=LOGPROB_ATOL, rtol=0)
-    score = uncached_score(reward_model, episode.prompt + episode.actions)
     assert episode.score == pytest.approx(score, abs=SCORE_ATOL)
-    expected = -KL_COEF * (np.array(episode.logprobs) - ref)
-    expected[-1] += score
-    np.testing.assert_allclose(episode.rewards, expected, atol=REWARD_ATOL, rtol=0)
+    np.testing.assert_allclose(episode.rewards, rewards, atol=REWARD_ATOL, rtol=0)
 
 
 @needs_bf16
 def test_bf16_rewards_match_an_uncached_bf16_recomputation(bf16_models, make_vec):
     tokenizer, reference, reward_model = bf16_models
     env = make_vec(5, autoreset_mode=AutoresetMode.DISABLED, precision="bf16", **SETTINGS)
-    finished = run_vector(env, Script(tokenizer, 5, seed=3), steps=45, caller_logprobs=True, reset_every=3)
+    finished = scripted_episodes(env, tokenizer)
     assert len(finished) >= 10 and any(e.truncated for e in finished) and any(e.terminated for e in finished)
     for episode in finished:
         check_bf16_episode(episode, reference, reward_model)
@@ -93,8 +110,7 @@ def test_bf16_differs_from_fp32_by_a_bounded_amount(make_vec):
     runs = {}
     for precision in ("fp32", "bf16"):
         env = make_vec(5, autoreset_mode=AutoresetMode.DISABLED, precision=precision, **SETTINGS)
-        tokenizer = env.unwrapped.tokenizer
-        runs[precision] = run_vector(env, Script(tokenizer, 5, seed=3), steps=45, reset_every=3)
+        runs[precision] = scripted_episodes(env, env.unwrapped.tokenizer, caller_logprobs=False)
     fp32, bf16 = runs["fp32"], runs["bf16"]
     assert [e.actions for e in fp32] == [e.actions for e in bf16]  # scripted: the same episodes
     logprob_gap = max(np.abs(np.subtract(a.ref_logprobs, b.ref_logprobs)).max() for a, b in zip(fp32, bf16))
