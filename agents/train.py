@@ -821,12 +821,24 @@ def policy_source(run: RunConfig, env: TokenEnvConfig) -> str:
     return str(path.resolve()) if path.is_dir() else str(source)
 
 
-def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -> ActorCritic:
-    """The trainable actor-critic: from a checkpoint, or the policy (with LoRA adapters if asked) and a new critic.
+def critic_source(run: RunConfig, env: TokenEnvConfig, policy_type: str) -> str:
+    """Where a separate critic trunk starts (``run.critic_init``): the reward model's directory when it has the
+    policy's architecture (``policy_type``; Stiennon et al. 2020) unless told 'policy', else the policy's directory
+    (not its module: with LoRA the module holds adapters a trunk has no place for). 'reward' where the reward model
+    cannot serve is refused."""
+    reward_source = env.reward_model
+    same_trunk = reward_source is not None and load_config(reward_source, "reward model").model_type == policy_type
+    if run.critic_init == "reward" and not same_trunk:
+        why = f"the reward model ({reward_source}) does not have the policy's architecture ({policy_type})"
+        if reward_source is None:
+            why = "the task has no reward model"
+        raise ValueError(f"--critic-init reward: {why}, so the critic cannot start from it; pass --critic-init policy")
+    return reward_source if same_trunk and run.critic_init != "policy" else policy_source(run, env)
 
-    A separate critic trunk starts from the reward model when it has the policy's
-    architecture (Stiennon et al. 2020), else from the policy.
-    """
+
+def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -> ActorCritic:
+    """The trainable actor-critic: from a checkpoint, or the policy (with LoRA adapters if asked) and a new critic
+    (a separate trunk from ``critic_source``)."""
     run = config.run
     if saved is not None:
         agent = ActorCritic.from_pretrained(saved)
@@ -836,22 +848,7 @@ def build_agent(config: TrainConfig, saved: Path | None, device: torch.device) -
         if run.lora_rank:
             targets = run.lora_target_modules.split(",") if run.lora_target_modules else None
             policy = add_lora(policy, run.lora_rank, run.lora_alpha, targets)
-        reward_source = env.reward_model
-        same_trunk = (
-            reward_source is not None
-            and load_config(reward_source, "reward model").model_type == policy.config.model_type
-        )
-        if run.critic_init == "reward" and not same_trunk:
-            arch = policy.config.model_type
-            why = f"the reward model ({reward_source}) does not have the policy's architecture ({arch})"
-            if reward_source is None:
-                why = "the task has no reward model"
-            raise ValueError(
-                f"--critic-init reward: {why}, so the critic cannot start from it; pass --critic-init policy"
-            )
-        from_reward = same_trunk and run.critic_init != "policy"
-        # from the policy's directory, not its module: with LoRA the module holds adapters a trunk has no place for
-        critic_init = None if run.share_backbone else reward_source if from_reward else policy_source(run, env)
+        critic_init = None if run.share_backbone else critic_source(run, env, policy.config.model_type)
         agent = ActorCritic.from_models(
             policy, share_backbone=run.share_backbone, critic_init=critic_init, value_layer=run.value_layer
         )
