@@ -56,13 +56,15 @@ PIPE = {"stdout": subprocess.PIPE, "text": True}
 
 def run(seed: int, iterations: int, critic: str, extra: list[str], run_dir: Path) -> dict:
     """One training run; its EV over the second half and its positive rates at iteration 10 and at the end."""
+    from agents.logger import read_jsonl
+
     command = [sys.executable, "-m", "agents", "--iterations", str(iterations), "--seed", str(seed)]
     command += ["--run-dir", str(run_dir), "--no-progress", "--checkpoint-every", str(iterations)]
     command += CRITICS[critic] + extra
     began = time.perf_counter()
     subprocess.run(command, check=True, env=os.environ | THREAD, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - began
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     second_half = [row[EV_KEY] for row in rows if iterations // 2 <= row["iteration"] < iterations and EV_KEY in row]
     rates = {row["iteration"]: row[RATE_KEY] for row in rows if RATE_KEY in row}
     kls = {str(row["iteration"]): row[KL_KEY] for row in rows if KL_KEY in row}

@@ -26,6 +26,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from agents.logger import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from recipes import commit  # noqa: E402
@@ -46,7 +48,7 @@ def one_run(flags: list[str], run_dir: Path, out: Path) -> dict:
     subprocess.run(
         [sys.executable, "-m", *train], check=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL
     )
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     evaluations = [row for row in rows if EVAL[0] in row]
     trained = [row for row in rows if "perf/iteration_s" in row]
     result = {

@@ -14,13 +14,14 @@ commit before the update's speed work (packing, the sparse embedding gradient, f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from agents.logger import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def training_seconds(tree: Path, iterations: int, run_dir: Path) -> float:
     command += ["--run-dir", str(run_dir), "--no-progress", "--checkpoint-every", str(iterations)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     subprocess.run(command, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     return sum(row["perf/iteration_s"] for row in rows if "perf/iteration_s" in row)
 
 
