@@ -185,7 +185,11 @@ def evaluate_policy(
         kept.append(len(chunk))
         chunk = np.resize(chunk, batch)  # fill a short last batch with repeats
         options = {"prompt_index": chunk}
-        rollouts.append(collect_rollout(agent, env, temperature, start, generator, autocast, reset_options=options))
+        rollouts.append(
+            collect_rollout(
+                agent, env, temperature, start, generator, autocast, reset_options=options, value_prior=False
+            )
+        )
     data = concatenate(rollouts)
     keep = torch.cat([torch.arange(n) + i * batch for i, n in enumerate(kept)])
     return {key: values[keep] for key, values in data.items()}

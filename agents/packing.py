@@ -51,6 +51,12 @@ class Packing:
         row-major order of ``where`` in the padded layout."""
         return self.index[where].argsort().argsort()
 
+    def pack(self, padded: Tensor) -> Tensor:
+        """A per-token (B, L) tensor of the padded layout in the packed (R, C) one, 0 at the filler."""
+        flat = padded.new_zeros(self.ids.numel())
+        flat[self.index[self.real]] = padded[self.real]
+        return flat.view(self.ids.shape)
+
     def unpack(self, packed: Tensor) -> Tensor:
         """A per-cell (R, C) tensor back in the padded (B, L) layout, 0 at the padding."""
         return packed.flatten()[self.index].masked_fill(~self.real, 0)

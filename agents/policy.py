@@ -55,6 +55,7 @@ from textenv.lm import cache_keyword, disable_dropout, output_cache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_LAYER_KEY = "value_layer"
+PRIOR_WEIGHT_KEY = "prior_weight"  # the value prior's weight, a tensor of the head's file where the critic has one
 CRITIC_DIR = "critic"
 
 
@@ -70,15 +71,23 @@ def value_head(hidden_size: int) -> nn.Linear:
     return head
 
 
-def save_value_head(head: nn.Linear, directory: str | os.PathLike, value_layer: int | None = None) -> None:
-    """The head's weights, and the block it reads (``value_layer``) in the file's metadata where given."""
+def save_value_head(
+    head: nn.Linear, directory: str | os.PathLike, value_layer: int | None = None, prior_weight: Tensor | None = None
+) -> None:
+    """The head's weights (and the value prior's weight, where given), and the block it reads (``value_layer``) in
+    the file's metadata where given."""
     metadata = None if value_layer is None else {VALUE_LAYER_KEY: str(value_layer)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tensors = dict(head.state_dict()) | ({} if prior_weight is None else {PRIOR_WEIGHT_KEY: prior_weight})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     save_file(tensors, Path(directory) / VALUE_HEAD_FILE, metadata=metadata)
 
 
-def load_value_head(head: nn.Linear, directory: str | os.PathLike) -> None:
-    head.load_state_dict(load_file(Path(directory) / VALUE_HEAD_FILE))
+def load_value_head(head: nn.Linear, directory: str | os.PathLike) -> Tensor | None:
+    """Load the head's weights; returns the value prior's weight saved beside them, None where there is none."""
+    tensors = load_file(Path(directory) / VALUE_HEAD_FILE)
+    prior_weight = tensors.pop(PRIOR_WEIGHT_KEY, None)
+    head.load_state_dict(tensors)
+    return prior_weight
 
 
 def saved_value_layer(directory: str | os.PathLike) -> int | None:
@@ -263,15 +272,41 @@ class ActorCritic(nn.Module):
     ``value_layer``, on the policy's trunk only: the block (1 .. the trunk's layers) whose output the value head
     reads; the last is the trunk's final hidden state, after its final norm. None: the middle block
     (``middle_layer``). A separate critic's head reads its own trunk's last hidden state.
+
+    ``value_prior``: the critic's value is the head's output plus ``prior_weight`` (a trained scalar, 1 at the
+    start) times the reward model's score of the state's prefix, V(s) = head(h(s)) + w * score(s): the critic
+    starts from the reward model's judgement and learns the rest. The rollout reads those scores from the env
+    (``agents.rollout.collect_rollout``) and ``agents.ppo.score_rollout`` adds them; ``forward``'s values are the
+    head's alone. ``docs/design.md`` says why.
     """
 
-    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | None = None, value_layer: int | None = None):
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        critic: PreTrainedModel | None = None,
+        value_layer: int | None = None,
+        value_prior: bool = False,
+    ):
         super().__init__()
         self.policy = policy
         self.critic = critic
         self.value_layer = check_value_layer(value_layer, policy, critic is None)
         self.value_head = value_head((critic or policy).config.hidden_size)
+        self.prior_weight = None
+        if value_prior:
+            self.add_value_prior()
         self._logits_to_keep = accepts_logits_to_keep(policy)
+
+    @property
+    def value_prior(self) -> bool:
+        """Whether the values add the reward model's prefix score (``prior_weight`` times it) to the head's output."""
+        return self.prior_weight is not None
+
+    def add_value_prior(self) -> None:
+        """Give the critic a value prior, its weight at 1 (``value_prior``), before any training of it."""
+        if self.value_prior:
+            raise ValueError("this agent's critic has a value prior already")
+        self.prior_weight = nn.Parameter(torch.ones((), device=self.value_head.weight.device))
 
     @property
     def share_backbone(self) -> bool:
@@ -284,9 +319,10 @@ class ActorCritic(nn.Module):
         share_backbone: bool = True,
         critic_init: str | os.PathLike | PreTrainedModel | None = None,
         value_layer: int | None = None,
+        value_prior: bool = False,
     ) -> ActorCritic:
         """Wrap ``policy`` (a causal LM, or its directory: ``load_policy``); a separate critic trunk starts from
-        ``critic_init``; ``value_layer`` as the class says.
+        ``critic_init``; ``value_layer`` and ``value_prior`` as the class says.
 
         ``critic_init`` is the reward model's directory or module when it shares the
         policy's tokenizer (the Stiennon et al. choice), else None: the policy's trunk.
@@ -295,7 +331,7 @@ class ActorCritic(nn.Module):
         if not isinstance(policy, nn.Module):
             policy = load_policy(policy)
         critic = critic_trunk(critic_init if critic_init is not None else policy) if not share_backbone else None
-        agent = cls(policy, critic, value_layer)
+        agent = cls(policy, critic, value_layer, value_prior)
         disable_dropout(agent)  # the rollout's and the update's forwards must agree: the first PPO ratio exactly 1
         return agent
 
@@ -308,6 +344,7 @@ class ActorCritic(nn.Module):
         use_cache: bool = False,
         logits_at: Tensor | None = None,
         sparse_embedding_grad: bool = False,
+        value_prior: Tensor | None = None,
     ) -> ActorCriticOutput:
         """Logits and values at every position of ``input_ids`` (B, T), from one forward per trunk.
 
@@ -317,8 +354,12 @@ class ActorCritic(nn.Module):
         back as (N, V), N the number of True entries, in row-major order (values stay (B, T)).
         ``sparse_embedding_grad``: the policy's tied input embedding is looked up here,
         through ``SparseRowsLookup``, where ``sparse_lookup_applies`` (else it is ignored);
-        for a caller that calls ``backward`` on a loss of these logits.
+        for a caller that calls ``backward`` on a loss of these logits. ``value_prior`` (B, T): the reward model's
+        score of each position's prefix, for a critic with a value prior: the values add ``prior_weight`` times it
+        (without it they are the head's alone, as a rollout that reads no values has them).
         """
+        if value_prior is not None and not self.value_prior:
+            raise ValueError("value_prior was given to an agent whose critic has none: build it with value_prior=True")
         cache = past_key_values
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
         keep = {"logits_to_keep": logits_at} if logits_at is not None and self._logits_to_keep else {}
@@ -343,13 +384,15 @@ class ActorCritic(nn.Module):
             hidden, critic_cache = critic_out.last_hidden_state, output_cache(critic_out)
         with torch.autocast(hidden.device.type, enabled=False):  # V(s) in fp32: bf16 keeps 8 bits of it
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+            if value_prior is not None:
+                values = values + self.prior_weight * value_prior
         return ActorCriticOutput(logits, values, (output_cache(out), critic_cache) if use_cache else None)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The policy as a Hugging Face model (or PEFT adapters), with the value head (and critic) beside it."""
         directory = Path(directory)
         self.policy.save_pretrained(directory)
-        save_value_head(self.value_head, directory, self.value_layer)
+        save_value_head(self.value_head, directory, self.value_layer, self.prior_weight)
         if self.critic is not None:
             self.critic.save_pretrained(directory / CRITIC_DIR)
 
@@ -368,6 +411,8 @@ class ActorCritic(nn.Module):
         if critic is None and value_layer is None:  # saved before the head could read another block: the last
             value_layer = trunk_layers(policy)
         agent = cls(policy, critic, value_layer)
-        load_value_head(agent.value_head, directory)
+        prior_weight = load_value_head(agent.value_head, directory)
+        if prior_weight is not None:
+            agent.prior_weight = nn.Parameter(prior_weight.float())
         disable_dropout(agent)
         return agent

@@ -393,17 +393,20 @@ def score_rollout(
     cells = (torch.arange(batch, device=mask.device)[:, None] * steps + torch.arange(taken, device=mask.device))[mask]
     chosen = actions[mask]
     packing = plan_packing(ids, attention) if pack and packing_works(agent) else None
+    prior = value_prior_layout(agent, rollout, width, taken)
     embed = {"sparse_embedding_grad": sparse_embedding_grad}
     with autocast or torch.autocast(device.type, enabled=False):
         if packing is None:
             inputs = (ids, attention, position_ids_from_mask(attention), logits_at)
             ids, attention, positions, logits_at = (to_device(t, device) for t in inputs)
-            out = agent(ids, attention, positions, logits_at=logits_at, **embed)
+            prior = {} if prior is None else {"value_prior": to_device(prior, device)}
+            out = agent(ids, attention, positions, logits_at=logits_at, **embed, **prior)
             logits, values = out.logits, out.values
         else:  # no attention mask: the position ids' restarts keep the episodes apart
             at, order = packing.packed_positions(logits_at), packing.reorder(logits_at)
+            prior = {} if prior is None else {"value_prior": to_device(packing.pack(prior), device)}
             at, order, packing = to_device(at, device), to_device(order, device), packing.to(device)
-            out = agent(packing.ids, None, packing.position_ids, logits_at=at, **embed)
+            out = agent(packing.ids, None, packing.position_ids, logits_at=at, **embed, **prior)
             logits, values = out.logits[order], packing.unpack(out.values)
     logprobs = logprobs_from_logits(logits, temperature)  # (N, V), N taken steps
     cells, chosen = to_device(cells, device), to_device(chosen, device)
@@ -414,6 +417,19 @@ def score_rollout(
         values=F.pad(values[:, width - 1 :], (0, steps - taken)),
         entropy=zeros.index_put((cells,), EntropyOfLogprobs.apply(logprobs)).view(batch, steps),
     )
+
+
+def value_prior_layout(agent: torch.nn.Module, rollout: Rollout, width: int, taken: int) -> Tensor | None:
+    """The rollout's value prior (B, T + 1) in the layout of the cropped episodes (B, width + taken) that
+    ``score_rollout`` runs (value t is read at position width - 1 + t); None where the agent's critic has none."""
+    if not getattr(agent, "module", agent).value_prior:  # DistributedDataParallel keeps the agent as .module
+        return None
+    if rollout.value_prior is None:
+        raise ValueError(
+            "the agent's critic adds the reward model's prefix scores to its values (value_prior) but the rollout has "
+            "none: collect it with agents.rollout.collect_rollout from an env with a reward model"
+        )
+    return F.pad(rollout.value_prior[:, : taken + 1], (width - 1, 0))
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:

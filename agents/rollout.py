@@ -53,6 +53,9 @@ class Rollout(NamedTuple):
     # episodes of several turns: (B, T) True on the environment's tokens. Their columns sit between the agent's
     # (``actions`` holds every token after the prompt); they are context, never steps: ``mask`` is False there
     env_mask: Tensor | None = None
+    # (B, T + 1) where the agent's critic has a value prior (``ActorCritic.value_prior``): the env's score of the
+    # prefix each value V(s_0) .. V(s_T) is read at (``prefix_scores``), 0 past the episode's end
+    value_prior: Tensor | None = None
 
     @property
     def input_ids(self) -> Tensor:
@@ -68,10 +71,13 @@ class Rollout(NamedTuple):
         picked = {
             name: t[rows] if isinstance(t, Tensor) else [t[i] for i in rows.tolist()]
             for name, t in self._asdict().items()
-            if name not in ("reward_terms", "env_mask")
+            if name not in ("reward_terms", "env_mask", "value_prior")
         }
-        env_mask = None if self.env_mask is None else self.env_mask[rows]
-        return Rollout(**picked, reward_terms={n: t[rows] for n, t in self.reward_terms.items()}, env_mask=env_mask)
+        optional = {
+            name: None if t is None else t[rows]
+            for name, t in (("env_mask", self.env_mask), ("value_prior", self.value_prior))
+        }
+        return Rollout(**picked, reward_terms={n: t[rows] for n, t in self.reward_terms.items()}, **optional)
 
     @property
     def terminated_steps(self) -> Tensor:
@@ -105,11 +111,14 @@ def collect_rollout(
     autocast: torch.autocast | None = None,
     group_size: int | None = None,
     reset_options: dict | None = None,
+    value_prior: bool = True,
 ) -> Rollout:
     """Run one lockstep batch of ``env.num_envs`` episodes with ``agent`` sampling every token.
 
     ``group_size`` k: consecutive groups of k episodes share one prompt (RLOO, GRPO).
     ``reset_options``: passed to ``env.reset`` (e.g. ``{"prompt_index": indices}``).
+    ``value_prior``: where the agent's critic has a value prior, read its scores (``prefix_scores``; False skips
+    them, for a caller that reads no values: an evaluation).
     """
     device = agent.value_head.weight.device
     options = dict(reset_options or {}) | ({} if group_size is None else {"group_size": group_size})
@@ -131,6 +140,9 @@ def collect_rollout(
     env_mask = None
     if any(replies_after):
         columns, env_mask = interleave(columns, replies_after)
+    prior = None
+    if value_prior and agent.value_prior:
+        prior = prefix_scores(env, prompt_ids, prompt_mask, columns["actions"], columns["mask"], env_mask)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -142,7 +154,21 @@ def collect_rollout(
         responses=endings.responses,
         reward_terms=endings.terms,
         env_mask=env_mask,
+        value_prior=prior,
     )
+
+
+def prefix_scores(
+    env, prompt_ids: Tensor, prompt_mask: Tensor, actions: Tensor, mask: Tensor, env_mask: Tensor | None
+) -> Tensor:
+    """The env's score of the prefix each value is read at (``Rollout.value_prior``): V(s_t) at the last prompt
+    token (t = 0) and at each column's token after it. (B, T + 1) on the host, 0 past each episode's end."""
+    context = mask if env_mask is None else mask | env_mask
+    attention = torch.cat([prompt_mask, context.long()], 1)
+    scores = env.unwrapped.prefix_scores(torch.cat([prompt_ids, actions], 1), attention).cpu()
+    width = prompt_ids.shape[1]
+    real = torch.cat([torch.ones_like(context[:, :1]), context], 1)  # the last prompt token, then the context's
+    return torch.where(real, scores[:, width - 1 :], 0.0)
 
 
 INTERACTION_TERM = "interaction"

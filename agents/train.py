@@ -41,6 +41,7 @@ from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_choice, check_float, check_int, resolve_config, resolve_precision
+from textenv.lm import has_prefix_scores
 from textenv.loading import (
     eval_split,
     load_config,
@@ -59,6 +60,7 @@ from textenv.reward_fns import (
 )
 
 CriticInit = Literal["reward", "policy"]
+ValuePrior = Literal["score", "none"]
 
 
 @dataclass
@@ -94,6 +96,12 @@ class RunConfig:
     """With share_backbone: the block of the policy's trunk whose output the value head reads (1 .. its layers;
     the last is its final hidden state, which next-token prediction owns). None: the middle block,
     ceil(layers / 2) (docs/design.md)."""
+    value_prior: ValuePrior | None = None
+    """What the critic's values add to the value head's output: 'score', the reward model's score of the state's
+    prefix times a trained weight that starts at 1, V(s) = head(h(s)) + w * score(s), so that the critic starts
+    from the reward model's judgement and learns the rest; 'none', nothing. It needs a reward model that reads the
+    policy's token ids and pays at the episode's end (reward_mode 'sparse'). None: 'score' for a critic on the
+    policy's trunk (share_backbone) where the task has such a reward model, else 'none' (docs/design.md)."""
     seed: int = 0
     """Seed of sampling, prompt draws and minibatch order."""
     run_dir: Path = Path("runs/ppo")
@@ -156,6 +164,8 @@ class RunConfig:
                     "head reads its own trunk's last hidden state: drop --value-layer"
                 )
         check_float("lora_alpha", self.lora_alpha, "> 0", lambda v: v > 0)
+        if self.value_prior is not None:
+            check_choice("value_prior", self.value_prior, ValuePrior)
         if self.critic_init is not None:
             check_choice("critic_init", self.critic_init, CriticInit)
             if self.share_backbone:
@@ -213,6 +223,11 @@ class TrainConfig:
         if ppo.uses_groups and (ppo.group_size < 2 or run.batch_size % ppo.group_size):
             raise ValueError(
                 f"{ppo.algo} needs group_size >= 2 dividing batch_size ({run.batch_size}); got {ppo.group_size}"
+            )
+        if run.value_prior == "score" and not ppo.uses_critic:
+            raise ValueError(
+                f"--value-prior score is the critic's, and --algo {ppo.algo} has none: drop --value-prior or use "
+                "--algo ppo"
             )
         if run.fsdp and run.lora_rank:
             raise ValueError("--fsdp with --lora-rank is not supported: LoRA already keeps the trained state small")
@@ -347,8 +362,10 @@ class Trainer:
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.agent = build_agent(config, None if resumed is None else resumed.directory / "agent", self.device)
         torch.set_num_threads(run.threads or default_threads(self.agent.policy, self.device))
-        self.model = dist.wrap(self.agent)
         self.env, self.eval_env = build_envs(config, self.agent, self.device)
+        if resumed is None and uses_value_prior(config, self.env.unwrapped):  # a resumed agent has it, or not
+            self.agent.add_value_prior()
+        self.model = dist.wrap(self.agent)
         env = self.env.unwrapped.config  # resolved: the task's limits filled in
         # the constant L of --loss-aggregation constant: the most steps an episode can take (replies are not steps)
         self.agent_tokens = env.agent_tokens(turns=env.interaction is not None)
@@ -459,6 +476,9 @@ class Trainer:
             max_turns=self.max_turns,
         )
         self.optimizer.zero_grad(set_to_none=True)  # the next rollout does not carry the last step's gradients
+        if self.agent.value_prior:
+            weight = self.agent.prior_weight.detach()
+            metrics["ppo/prior_weight"] = float(weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
         return metrics | rollout_metrics(rollout, "env", self.rate_key), rollout
 
     def set_learning_rate(self, iteration: int) -> None:
@@ -626,17 +646,59 @@ LR_SCALE = "lr_scale"
 """The key of a parameter group's multiple of the learning rate (Adam keeps it with the group, and a checkpoint)."""
 
 
+PRIOR_LR_SCALE = 100.0
+"""The value prior's weight's learning rate, as a multiple of learning_rate. One scalar that must follow the
+policy: as the actor improves, the reward model's score of an early prefix says less of the return (the actor
+turns most openings positive), and at the trunk's rate Adam would move the weight about 3e-4 a step, 0.1 over a
+60-iteration run. At 100x it falls from 1 to about 0.6 over the default task's first 30 iterations, and the
+critic explains more of the returns than at 30x or 300x (docs/design.md)."""
+
+
 def parameter_groups(model: torch.nn.Module, agent: ActorCritic, value_lr_scale: float) -> list[dict]:
     """Adam's parameter groups of ``model`` (the agent, or its DDP/FSDP wrapper): its trainable parameters; with a
-    ``value_lr_scale`` other than 1, the value head's in a group of their own at that multiple of the rate."""
+    ``value_lr_scale`` other than 1, the value head's in a group of their own at that multiple of the rate; with a
+    value prior, its weight in a group of its own at ``PRIOR_LR_SCALE``."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if value_lr_scale == 1:
+    if value_lr_scale == 1 and not agent.value_prior:
         return [{"params": trainable}]  # one group, as every run had before the scale existed
-    head = {id(p) for p in agent.value_head.parameters()}
-    return [
-        {"params": [p for p in trainable if id(p) not in head], LR_SCALE: 1.0},
-        {"params": [p for p in trainable if id(p) in head], LR_SCALE: value_lr_scale},
-    ]
+    own = {"head": {id(p) for p in agent.value_head.parameters()} if value_lr_scale != 1 else set()}
+    own["prior"] = {id(agent.prior_weight)} if agent.value_prior else set()
+    groups = [{"params": [p for p in trainable if not any(id(p) in ids for ids in own.values())], LR_SCALE: 1.0}]
+    for name, scale in (("head", value_lr_scale), ("prior", PRIOR_LR_SCALE)):
+        if own[name]:
+            groups.append({"params": [p for p in trainable if id(p) in own[name]], LR_SCALE: scale})
+    return groups
+
+
+def uses_value_prior(config: TrainConfig, env) -> bool:
+    """Whether a new run's critic adds the reward model's prefix scores to its values (``RunConfig.value_prior``,
+    None resolved), ``env`` the training env; --value-prior score where it cannot apply is refused, naming why."""
+    choice = config.run.value_prior
+    if choice == "none" or (choice is None and not config.run.share_backbone):
+        return False
+    obstacle = value_prior_obstacle(config, env)
+    if choice == "score" and obstacle is not None:
+        raise ValueError(f"--value-prior score: {obstacle}; drop it (or pass --value-prior none)")
+    return obstacle is None
+
+
+def value_prior_obstacle(config: TrainConfig, env) -> str | None:
+    """Why the reward model's prefix scores cannot serve the critic of this run, or None where they can."""
+    if not config.ppo.uses_critic:
+        return f"--algo {config.ppo.algo} has no critic"
+    if env.reward_model is None:
+        return "the task has no reward model, so no prefix has a score"
+    if env.reward_tokenizer is not None:
+        return (
+            "the reward model reads text with its own tokenizer, so its scores have no place among the policy's tokens"
+        )
+    if env.config.reward_mode != "sparse":
+        return "with --reward-mode dense the rewards already pay each prefix's score (a prior would count it twice)"
+    if not has_prefix_scores(env.reward_model):
+        return (
+            f"the reward model ({type(env.reward_model).__name__}) has no per-position score head to read prefixes at"
+        )
+    return None
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:

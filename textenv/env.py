@@ -12,7 +12,9 @@ from gymnasium import spaces
 
 from textenv.config import TokenEnvConfig, TokenEnvSettings, check_kl_coef, resolve_config
 from textenv.core import TokenBatchCore
+from textenv.lm import prefix_scores
 from textenv.loading import load_task
+from textenv.rewards import clip_score
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -116,6 +118,32 @@ class CoreView:
     @property
     def reward_model(self):
         return self.core.reward_model
+
+    @property
+    def reward_tokenizer(self):
+        """The reward model's own tokenizer, where it reads the text with it; None where it reads the policy's token
+        ids, or there is no reward model."""
+        return getattr(self.core.scorer, "reward_tokenizer", None)
+
+    def prefix_scores(self, input_ids, attention_mask):
+        """The score the env would pay each prefix of these rows had the episode ended there: the reward model's
+        score of the tokens up to each position, clipped to ``score_clip`` (``textenv.lm.prefix_scores``, one
+        forward), before the reward functions and the missing-EOS penalty. ``input_ids``/``attention_mask`` (B, T)
+        tensors of the policy's token ids; returns (B, T) float32 on the reward model's device.
+
+        What a learner may read as a feature of the state (``agents``' value prior). Refused where the env has no
+        reward model, or one that reads text with its own tokenizer (its positions are not these tokens).
+        """
+        if self.core.reward_model is None:
+            raise ValueError("this env has no reward model, so no prefix has a score: set reward_model")
+        if self.reward_tokenizer is not None:
+            raise ValueError(
+                "this env's reward model reads text with its own tokenizer (reward_tokenizer), so its scores have no "
+                "position among the policy's tokens: prefix scores need a reward model of the policy's vocabulary"
+            )
+        device = next(self.core.reward_model.parameters()).device
+        scores = prefix_scores(self.core.reward_model, input_ids.to(device), attention_mask.to(device))
+        return clip_score(scores, self.core.config.score_clip)
 
 
 class TokenGenerationEnv(CoreView, gym.Env[dict[str, np.ndarray], int]):

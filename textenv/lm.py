@@ -8,7 +8,8 @@ means the same thing whether it is padded on the left or on the right.
   the tokens ``torch.multinomial`` draws with the same generator, without its checks
   and with faster draws of the same random numbers on the CPU;
 - padding: lists of token ids to tensors, leading pad columns cropped, rows re-laid;
-- ``sequence_scores``: a sequence classifier's scalar at each row's last real token;
+- ``sequence_scores``: a sequence classifier's scalar at each row's last real token; ``prefix_scores``: a causal
+  one's at every position (each prefix's score), from one forward;
 - ``CachedStepper``: a model stepped over N rows with one KV cache (prefill the
   prompts, then one token per step); the env's frozen models, ``sample``, the
   agent's rollout and the benchmarks all step through it. A full-attention cache
@@ -199,6 +200,47 @@ def sequence_scores_with_grad(reward_model: torch.nn.Module, input_ids: Tensor, 
     logits = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     check_scalar_output(logits)
     return logits[:, 0].float()
+
+
+def has_prefix_scores(reward_model: torch.nn.Module) -> bool:
+    """Whether ``prefix_scores`` can read ``reward_model``: it has a per-position score head (``score``)."""
+    return isinstance(getattr(reward_model, "score", None), torch.nn.Module)
+
+
+@torch.no_grad()
+def prefix_scores(reward_model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The score a frozen causal ``reward_model`` gives every prefix of each row, from one forward. Returns (B, T):
+    at position p, the score of the row's tokens up to p (``sequence_scores`` of that prefix); at padding, what the
+    head reads there (meaningless).
+
+    A causal classifier pools its per-position head (``score``, (B, T, 1)) at the last real token; each position's
+    output depends on the tokens up to it alone, so the head's output at p is the prefix's score. Read from that
+    head while the model runs (a hook for the call, removed after). Refused where the model has no such head (a
+    classifier that pools before its head, as BERT's does, reads the whole text at every position).
+    """
+    if not has_prefix_scores(reward_model):
+        raise ValueError(
+            f"{type(reward_model).__name__} has no per-position score head ('score'), so its prefixes cannot be scored "
+            "from one forward: use a causal reward model that scores at the last token (GPT-2, Llama, Qwen, ...)"
+        )
+    captured: list[Tensor] = []
+    handle = reward_model.score.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        with pooling_at_last_position(reward_model):
+            reward_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+            )
+    finally:
+        handle.remove()
+    per_position = captured[0] if len(captured) == 1 else None
+    if per_position is None or per_position.shape != (*input_ids.shape, 1):
+        shape = None if per_position is None else tuple(per_position.shape)
+        raise ValueError(
+            f"{type(reward_model).__name__}'s score head gave {shape}, not one scalar per position "
+            f"{(*input_ids.shape, 1)}: its prefixes cannot be scored from one forward; use a causal reward model with "
+            "one label that scores at the last token (GPT-2, Llama, Qwen, ...)"
+        )
+    return per_position[..., 0].float()
 
 
 # ---------------------------------------------------------------- the cached stepper
