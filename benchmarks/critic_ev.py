@@ -13,7 +13,8 @@ torch thread, and reads the run's ``metrics.jsonl``:
 - ``pos@10``, ``pos@N``: ``eval/positive_rate`` of the evaluation after 10 and after N iterations
   (128 held-out episodes each, ``--eval-every 10``), with ``eval/score`` and ``eval/kl`` beside it;
 - ``train score``: ``env/score``, the reward-model score of the training rollouts, averaged over updates
-  1-10 and 1-N (64 episodes each): how fast the actor learns per sample.
+  1-10 and 1-N (64 episodes each): how fast the actor learns per sample;
+- where the critic has a value prior, ``ppo/prior_weight`` after each update (in the JSON only).
 
 ``trl`` (with ``--trl-python``, the interpreter of the peer harness's virtual environment) runs TRL's PPO
 trainer on the same task and shape instead (``benchmarks/trl_snapshots.py``: TRL's value model is a copy of the
@@ -46,6 +47,7 @@ CRITICS = {
 }
 EV_KEY, RATE_KEY, SCORE_KEY, KL_KEY = "ppo/explained_variance", "eval/positive_rate", "env/score", "eval/kl"
 EVAL_SCORE_KEY = "eval/score"
+PRIOR_KEY = "ppo/prior_weight"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from trl_snapshots import HARNESS, harness_flags  # noqa: E402
@@ -79,7 +81,12 @@ def run(seed: int, iterations: int, critic: str, extra: list[str], run_dir: Path
         "eval_score": scores,
         "score_per_iteration": [row[SCORE_KEY] for row in rows if row["iteration"] < iterations and SCORE_KEY in row],
         "seconds": round(seconds, 1),
-    }
+    } | ({"prior_weight_per_iteration": weights} if (weights := prior_weights(rows, iterations)) else {})
+
+
+def prior_weights(rows: list[dict], iterations: int) -> list[float]:
+    """``ppo/prior_weight`` after each update, where the critic has a value prior (empty where it has none)."""
+    return [row[PRIOR_KEY] for row in rows if row["iteration"] < iterations and PRIOR_KEY in row]
 
 
 def run_trl(seed: int, iterations: int, trl_python: str, trl_harness: Path, run_dir: Path) -> dict:

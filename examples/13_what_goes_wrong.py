@@ -8,13 +8,14 @@ and size, with one setting changed from the healthy run ("baseline"):
     too large a step    learning rate x10 and 8 epochs: each update moves the policy far; approx_kl and the
                         clip fraction jump far above a healthy run's (12), and the entropy falls as the
                         policy collapses onto a few short answers, while the score still rises.
-    a starved critic    the value head on the actor's own trunk, but on its last hidden state, with the plain
-                        value loss at weight 0.1 and a value clip of 0.2 (this library's defaults until the
-                        critic was fixed): the value loss gets almost none of the trunk's gradient and the
+    a starved critic    the value head alone on the actor's own trunk, on its last hidden state, with the
+                        plain value loss at weight 0.1 and a value clip of 0.2 (this library's defaults until
+                        the critic was fixed): the value loss gets almost none of the trunk's gradient and the
                         head predicts the returns no better than a constant (explained variance about 0).
                         The baseline's critic (the middle block, the value loss over Var(returns), weight 2,
-                        clip 1) learns the returns over the run; a separate critic trunk initialised from
-                        the reward model (share_backbone = False) starts out knowing more.
+                        clip 1, and the reward model's score of each prefix as its prior) explains the
+                        returns from the first update; a separate critic trunk initialised from the reward
+                        model (share_backbone = False) learns them in a few.
     no missing-EOS      short responses (max_new_tokens 10) scored even when cut off: the EOS rate falls, as
       penalty           the actor learns to keep praising until the limit; with a penalty of 1 it does not.
 
@@ -63,6 +64,7 @@ def settings(config: TrainConfig, name: str) -> None:
     elif name == "starved critic":  # the settings the shared critic had before (docs/design.md)
         config.run.value_layer = AutoConfig.from_pretrained(POLICY_DIR).num_hidden_layers  # its last hidden state
         config.ppo.normalize_value_loss, config.ppo.vf_coef, config.ppo.clip_range_value = False, 0.1, 0.2
+        config.run.value_prior = "none"  # the head alone, as it was
     elif name.startswith("no EOS penalty"):
         config.env.max_new_tokens = 10
     elif name.startswith("EOS penalty"):

@@ -102,6 +102,9 @@ def warm_agent(out: Path, iterations: int = WARM_ITERATIONS) -> ActorCritic:
         config.run.eval_every, config.run.eval_episodes, config.run.checkpoint_every = 10**6, 8, 10**6
         config.run.run_dir, config.run.progress = partial, False
         config.ppo.minibatch_size = config.ppo.micro_batch_size = 16
+        # the critic as the examples teach it: the value head alone (the library's default on this task adds the
+        # reward model's score of each prefix to it, docs/design.md; examples 12 and 13 train with that default)
+        config.run.value_prior = "none"
         train(config)
         shutil.rmtree(run_dir, ignore_errors=True)
         os.replace(partial, run_dir)

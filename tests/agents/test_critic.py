@@ -191,7 +191,7 @@ def test_the_design_docs_critic_tables_agree_with_their_results():
 DESIGN_TABLE = ["before", "before, separate", "after"]
 OTHER_SETTINGS = ["after, seeds 3-4", "loss only", "middle block, Var(returns) only", "middle block, vf_coef 1",
                   "middle block, plain loss, vf_coef 2", "middle block, plain loss, vf_coef 3",
-                  "after, separate from the policy", "value head at 3x"]  # fmt: skip
+                  "after, separate from the policy", "value head at 3x", "value prior"]  # fmt: skip
 
 
 def test_a_critic_trunk_from_a_reward_models_directory_shows_no_load_report_and_refuses_missing_weights(tmp_path):
