@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="flags for every run, after --")
     parser.add_argument("--doc-table", nargs="+", metavar="LABEL", help="print docs/design.md's table of these labels")
     parser.add_argument("--plot", type=Path, help="draw explained variance and training score of --plot-labels here")
-    parser.add_argument("--plot-labels", nargs="+", default=["before", "before, separate", "after"])
+    parser.add_argument("--plot-labels", nargs="+", default=["before", "before, separate", "after", "value prior"])
     args = parser.parse_args()
     if args.doc_table or args.plot:  # from the JSON; nothing runs
         report = json.loads(args.output.read_text())
