@@ -162,13 +162,20 @@ def prefix_scores(
     env, prompt_ids: Tensor, prompt_mask: Tensor, actions: Tensor, mask: Tensor, env_mask: Tensor | None
 ) -> Tensor:
     """The env's score of the prefix each value is read at (``Rollout.value_prior``): V(s_t) at the last prompt
-    token (t = 0) and at each column's token after it. (B, T + 1) on the host, 0 past each episode's end."""
+    token (t = 0) and at each column's token after it, up to each episode's last step. (B, T + 1) on the host.
+
+    0 from the state after the last step on: the env paid the score at that step (at EOS or at a cut), so none of
+    it is still to come. That state's value is the bootstrap of an episode cut at ``max_new_tokens``, whose reward
+    already holds the score of the very prefix a prior would add again: with it, a cut episode's return counted the
+    score twice, and a run whose responses were often cut learned to be cut (its prior's weight rising far above 1).
+    """
     context = mask if env_mask is None else mask | env_mask
     attention = torch.cat([prompt_mask, context.long()], 1)
     scores = env.unwrapped.prefix_scores(torch.cat([prompt_ids, actions], 1), attention).cpu()
     width = prompt_ids.shape[1]
-    real = torch.cat([torch.ones_like(context[:, :1]), context], 1)  # the last prompt token, then the context's
-    return torch.where(real, scores[:, width - 1 :], 0.0)
+    columns = torch.arange(mask.shape[1] + 1)
+    last = torch.where(mask, columns[:-1], -1).max(1, keepdim=True).values  # each row's last agent column
+    return torch.where(columns <= last, scores[:, width - 1 :], 0.0)  # V(s_t) for t up to that step's state
 
 
 INTERACTION_TERM = "interaction"

@@ -9,6 +9,7 @@ named, where it cannot.
 
 import pytest
 import torch
+from gymnasium.vector import AutoresetMode
 from safetensors.torch import load_file
 
 from agents.policy import PRIOR_WEIGHT_KEY, VALUE_HEAD_FILE, ActorCritic
@@ -39,11 +40,27 @@ def test_each_value_reads_the_uncached_score_of_its_prefix(prior_rollout, env):
     for row in range(8):
         prompt = prompt_ids[row][prompt_mask[row]].tolist()
         actions = rollout.actions[row][rollout.mask[row]].tolist()
-        expected = [uncached_score(reward_model, prompt + actions[:t]) for t in range(len(actions) + 1)]
-        got = rollout.value_prior[row, : len(actions) + 1]
+        expected = [uncached_score(reward_model, prompt + actions[:t]) for t in range(len(actions))]
+        got = rollout.value_prior[row, : len(actions)]
         torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0, msg=f"row {row}")
-        assert (rollout.value_prior[row, len(actions) + 1 :] == 0).all()  # past the end
+        # after the last step the score has been paid: nothing of it is still to come (a cut episode's bootstrap)
+        assert (rollout.value_prior[row, len(actions) :] == 0).all()
     assert rollout.value_prior[:, 0].std() > 0.01  # the prompts' scores differ: a real feature
+
+
+def test_a_cut_episodes_bootstrap_does_not_count_its_score_again(make_vec):
+    """Responses cut at max_new_tokens bootstrap from V(s_T); the env paid the score of s_T's prefix on the last
+    step, so the prior adds nothing there: the bootstrap is the head's alone."""
+    torch.manual_seed(0)
+    agent = ActorCritic.from_models(POLICY_DIR, value_prior=True).eval()
+    env = make_vec(8, autoreset_mode=AutoresetMode.DISABLED, max_new_tokens=3)
+    rollout = collect_rollout(agent, env, 1.0, seed=0, generator=torch.Generator().manual_seed(0))
+    assert rollout.truncated.sum() >= 4
+    assert (rollout.value_prior[:, 3] == 0).all() and (rollout.value_prior[:, :3] != 0).all()
+    with torch.no_grad():
+        values = score_rollout(agent, rollout, 1.0).values
+        plain = ActorCritic(agent.policy, value_layer=agent.value_layer)
+        torch.testing.assert_close(values[:, 3], score_rollout(plain, rollout, 1.0).values[:, 3])
 
 
 @pytest.mark.parametrize("pack", [False, True])
