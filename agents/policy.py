@@ -306,7 +306,8 @@ class ActorCritic(nn.Module):
         """Give the critic a value prior, its weight at 1 (``value_prior``), before any training of it."""
         if self.value_prior:
             raise ValueError("this agent's critic has a value prior already")
-        self.prior_weight = nn.Parameter(torch.ones((), device=self.value_head.weight.device))
+        # shape (1,), not a scalar: FSDP shards no 0-dim parameter
+        self.prior_weight = nn.Parameter(torch.ones(1, device=self.value_head.weight.device))
 
     @property
     def share_backbone(self) -> bool:
