@@ -73,6 +73,24 @@ def test_readme_trl_comparison_agrees_with_the_benchmarks_json():
     assert sentence in " ".join(README.read_text().split()), sentence
 
 
+def test_readme_value_prior_cost_agrees_with_its_benchmarks_json():
+    import json
+
+    report = json.loads((README.parent / "docs" / "results" / "ppo_iteration_value_prior.json").read_text())
+    default = report["shapes"]["default"]
+    new, old = default["sides"]["textenv shared"], default["sides"]["textenv shared @other"]
+    own = new["phases"]["rollout other"] - old["phases"]["rollout other"]  # the prior's forward, in the rollout
+    sentence = (
+        f"iteration measures {new['x_trl_time']:.2f}x TRL's time, against {old['x_trl_time']:.2f}x for the code "
+        f"before it in the same rounds (`docs/results/ppo_iteration_value_prior.json`: `--shapes default --critics "
+        f"shared --other-checkout` at that commit, load about 1): the prior's own reward-model forward is {own:.2f} s "
+        f"of {new['s_per_update']:.2f} s, and the rest is longer responses from an actor that learns faster "
+        f"({new['response_length_last']:.1f} tokens after {default['updates']} updates against "
+        f"{old['response_length_last']:.1f})"
+    )
+    assert sentence in " ".join(README.read_text().split()), sentence
+
+
 def test_scaling_doc_quotes_the_benchmarks_json():
     import json
 
