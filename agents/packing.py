@@ -134,8 +134,8 @@ def packing_works(agent: nn.Module) -> bool:
     Probed once per agent (no gradient); a failure warns and is remembered.
     """
     if agent not in _PROBED:
-        name = type(_unwrapped(agent).policy).__name__
-        vocab = _unwrapped(agent).policy.get_input_embeddings().num_embeddings
+        name = type(unwrapped(agent).policy).__name__
+        vocab = unwrapped(agent).policy.get_input_embeddings().num_embeddings
         _PROBED[agent] = probe(lambda ids, mask, positions: agent(ids, mask, positions), vocab, agent, name)
     return _PROBED[agent]
 
@@ -143,7 +143,7 @@ def packing_works(agent: nn.Module) -> bool:
 def lm_packing_works(model: nn.Module) -> bool:
     """``packing_works`` for a plain causal LM (supervised fine-tuning packs demonstrations the same way)."""
     if model not in _PROBED:
-        base = _unwrapped(model)
+        base = unwrapped(model)
         vocab = base.get_input_embeddings().num_embeddings
 
         def forward(ids, mask, positions):
@@ -191,5 +191,6 @@ def output(out, key: str) -> Tensor | None:
     return getattr(out, key, None)
 
 
-def _unwrapped(agent: nn.Module) -> nn.Module:
+def unwrapped(agent: nn.Module) -> nn.Module:
+    """The agent itself, from a DistributedDataParallel wrapper or not."""
     return getattr(agent, "module", agent)  # DistributedDataParallel keeps the agent as .module

@@ -414,6 +414,8 @@ class ActorCritic(nn.Module):
         agent = cls(policy, critic, value_layer)
         prior_weight = load_value_head(agent.value_head, directory)
         if prior_weight is not None:
-            agent.prior_weight = nn.Parameter(prior_weight.float())
+            agent.add_value_prior()
+            with torch.no_grad():
+                agent.prior_weight.copy_(prior_weight)
         disable_dropout(agent)
         return agent

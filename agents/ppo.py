@@ -84,7 +84,7 @@ from agents.losses import (
     sampler_weights,
     value_loss,
 )
-from agents.packing import packing_works, plan_packing
+from agents.packing import packing_works, plan_packing, unwrapped
 from agents.policy import ActorCritic
 from agents.rollout import Rollout
 from textenv.config import check_choice, check_float, check_int
@@ -422,7 +422,7 @@ def score_rollout(
 def value_prior_layout(agent: torch.nn.Module, rollout: Rollout, width: int, taken: int) -> Tensor | None:
     """The rollout's value prior (B, T + 1) in the layout of the cropped episodes (B, width + taken) that
     ``score_rollout`` runs (value t is read at position width - 1 + t); None where the agent's critic has none."""
-    if not getattr(agent, "module", agent).value_prior:  # DistributedDataParallel keeps the agent as .module
+    if not unwrapped(agent).value_prior:
         return None
     if rollout.value_prior is None:
         raise ValueError(

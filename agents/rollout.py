@@ -82,8 +82,7 @@ class Rollout(NamedTuple):
     @property
     def terminated_steps(self) -> Tensor:
         """(B, T) True at the last step of the episodes that ended with EOS."""
-        columns = torch.arange(self.mask.shape[1])
-        last = torch.where(self.mask, columns, -1).max(1).values  # the last agent column of each row
+        last = last_step_columns(self.mask)
         steps = torch.zeros_like(self.mask)
         steps[torch.arange(len(last)), last.clamp(min=0)] = True
         return steps & self.terminated[:, None]
@@ -174,8 +173,14 @@ def prefix_scores(
     scores = env.unwrapped.prefix_scores(torch.cat([prompt_ids, actions], 1), attention).cpu()
     width = prompt_ids.shape[1]
     columns = torch.arange(mask.shape[1] + 1)
-    last = torch.where(mask, columns[:-1], -1).max(1, keepdim=True).values  # each row's last agent column
+    last = last_step_columns(mask)[:, None]
     return torch.where(columns <= last, scores[:, width - 1 :], 0.0)  # V(s_t) for t up to that step's state
+
+
+def last_step_columns(mask: Tensor) -> Tensor:
+    """(B,) the column of each row's last agent step (``mask`` (B, T)); -1 for a row that took none."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, columns, -1).max(1).values
 
 
 INTERACTION_TERM = "interaction"

@@ -659,15 +659,16 @@ def parameter_groups(model: torch.nn.Module, agent: ActorCritic, value_lr_scale:
     ``value_lr_scale`` other than 1, the value head's in a group of their own at that multiple of the rate; with a
     value prior, its weight in a group of its own at ``PRIOR_LR_SCALE``."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if value_lr_scale == 1 and not agent.value_prior:
+    scaled = []  # (the ids of a group's parameters, its scale), each apart from the rest
+    if value_lr_scale != 1:
+        scaled.append(({id(p) for p in agent.value_head.parameters()}, value_lr_scale))
+    if agent.value_prior:
+        scaled.append(({id(agent.prior_weight)}, PRIOR_LR_SCALE))
+    if not scaled:
         return [{"params": trainable}]  # one group, as every run had before the scale existed
-    own = {"head": {id(p) for p in agent.value_head.parameters()} if value_lr_scale != 1 else set()}
-    own["prior"] = {id(agent.prior_weight)} if agent.value_prior else set()
-    groups = [{"params": [p for p in trainable if not any(id(p) in ids for ids in own.values())], LR_SCALE: 1.0}]
-    for name, scale in (("head", value_lr_scale), ("prior", PRIOR_LR_SCALE)):
-        if own[name]:
-            groups.append({"params": [p for p in trainable if id(p) in own[name]], LR_SCALE: scale})
-    return groups
+    apart = set().union(*(ids for ids, _ in scaled))
+    groups = [{"params": [p for p in trainable if id(p) not in apart], LR_SCALE: 1.0}]
+    return groups + [{"params": [p for p in trainable if id(p) in ids], LR_SCALE: scale} for ids, scale in scaled]
 
 
 def uses_value_prior(config: TrainConfig, env) -> bool:
