@@ -27,10 +27,11 @@ paths (``docs/departures.md`` lists every departure, with its gain and its test)
   1.2e-7 x max(1, |x|), set as a config override, so a saved agent's config names the
   activation its weights were trained with;
 - ``forward(..., sparse_embedding_grad=True)``, which the update asks for: the lookup of a
-  tied input embedding gives autograd its gradient as the looked-up rows (a sparse
-  tensor) rather than a vocabulary-sized dense one; autograd adds them to the LM head's
-  dense gradient of the same matrix. The same gradient to the bit, a vocabulary-sized
-  temporary less.
+  tied input embedding adds the looked-up rows into the LM head's gradient of the same
+  matrix in place (``SparseRowsLookup``, with the head run as ``TiedHead`` for that one
+  call), where autograd would build a vocabulary-sized dense gradient for the lookup and
+  add the two out of place. The same gradient to the bit, two vocabulary-sized
+  temporaries less.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import copy
 import inspect
 import logging
 import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -208,22 +210,65 @@ def agent_autocast(precision: Precision | None, device: torch.device) -> torch.a
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-class SparseRowsLookup(torch.autograd.Function):
-    """``F.embedding(ids, weight, padding_idx)`` whose weight gradient is sparse: the looked-up rows alone.
+class TiedGradient:
+    """Where the tied LM head's weight gradient waits, from the head's backward (``TiedHead``) until the input
+    lookup's (``SparseRowsLookup``, which runs later: the embedding is the first operation of the forward) adds
+    its rows to it in place. One per forward."""
 
-    Autograd's own backward of a lookup is a dense (vocabulary x width) tensor, zeros but for
-    the rows looked up, which autograd then adds to a tied LM head's dense gradient of the same
-    matrix: two passes over a vocabulary-sized matrix for a few hundred rows. Given a sparse
-    gradient, autograd adds its rows into the head's in place. Repeated ids are summed first,
-    in order, as the dense backward sums them: the weight's gradient is the same to the bit.
-    Plain autograd otherwise (``torch.autograd.grad`` sees the summed, dense gradient); the
-    weight's gradient stays sparse only where nothing dense is added to it (untied).
+    def __init__(self):
+        self.head: Tensor | None = None
+
+
+class TiedHead(torch.autograd.Function):
+    """``F.linear(x, weight)`` for a tied LM head, whose weight gradient goes to ``slot`` rather than to autograd.
+
+    The lookup of the same matrix (``SparseRowsLookup``) returns it, its own rows added, as the whole
+    weight's gradient: autograd then has one gradient for the matrix and no sum to make. (It adds a
+    sparse gradient to a dense one out of place in torch 2.13, a copy of the vocabulary x width matrix;
+    nor does it add two dense ones in place when one is a view, as the head's gradient is.) The same
+    products as autograd's backward of ``F.linear``, in autocast's dtype where the forward ran under
+    autocast: the same gradients to the bit.
     """
 
     @staticmethod
-    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, slot: TiedGradient) -> Tensor:
+        device = x.device.type
+        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.slot = slot
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        if ctx.dtype is not None:  # what autocast's F.linear multiplied: both operands cast
+            x, weight = x.to(ctx.dtype), weight.to(ctx.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = rows.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            head = rows.t().mm(x.reshape(-1, x.shape[-1])).to(ctx.saved_tensors[1].dtype)
+            ctx.slot.head = head if ctx.slot.head is None else ctx.slot.head.add_(head)
+        return grad_x, None, None
+
+
+class SparseRowsLookup(torch.autograd.Function):
+    """``F.embedding(ids, weight, padding_idx)`` whose weight gradient is the looked-up rows, added to the tied LM
+    head's gradient in place.
+
+    Autograd's own backward of a lookup is a dense (vocabulary x width) tensor, zeros but for
+    the rows looked up, which autograd then adds to the tied LM head's dense gradient of the same
+    matrix: passes over a vocabulary-sized matrix for a few hundred rows. Here the rows are summed
+    (repeated ids in order, as the dense backward sums them) and added into the head's gradient that
+    ``TiedHead`` left in ``slot``, which becomes the weight's gradient: the same gradient to the bit.
+    Where the head did not leave one (a loss without the logits; a head ``TiedHead`` does not run), the
+    gradient is the rows as a sparse tensor, which autograd adds to any other. ``torch.autograd.grad``
+    sees the summed, dense gradient either way.
+    """
+
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None, slot: TiedGradient) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.padding_idx, ctx.shape = padding_idx, weight.shape
+        ctx.padding_idx, ctx.shape, ctx.slot = padding_idx, weight.shape, slot
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -234,8 +279,27 @@ class SparseRowsLookup(torch.autograd.Function):
             rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
         unique, inverse = torch.unique(ids, return_inverse=True)  # sorted and distinct: a coalesced tensor's indices
         sums = rows.new_zeros(len(unique), rows.shape[1]).index_add_(0, inverse, rows)
+        head, ctx.slot.head = ctx.slot.head, None
+        if head is not None:
+            return None, head.index_add_(0, unique, sums.to(head.dtype)), None, None
         weight_grad = torch.sparse_coo_tensor(unique[None], sums, ctx.shape, is_coalesced=True, check_invariants=False)
-        return None, weight_grad, None
+        return None, weight_grad, None, None
+
+
+@contextmanager
+def tied_head(model: nn.Module, slot: TiedGradient):
+    """For the duration of a forward, ``model``'s LM head runs as ``TiedHead`` with ``slot``, where it is a plain
+    ``nn.Linear`` without bias (others run as they are: the lookup's gradient is then sparse rows). The head's
+    ``forward`` is an instance attribute for that time, and removed after: nothing stays changed."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or "forward" in vars(head):
+        yield
+        return
+    head.forward = lambda x: TiedHead.apply(x, head.weight, slot)
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def sparse_lookup_applies(model: nn.Module) -> bool:
@@ -364,17 +428,19 @@ class ActorCritic(nn.Module):
         cache = past_key_values
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
         keep = {"logits_to_keep": logits_at} if logits_at is not None and self._logits_to_keep else {}
-        tokens = {"input_ids": input_ids}
+        tokens, head = {"input_ids": input_ids}, nullcontext()
         if sparse_embedding_grad and torch.is_grad_enabled() and sparse_lookup_applies(self.policy):
-            embedding = self.policy.get_input_embeddings()
-            tokens = {"inputs_embeds": SparseRowsLookup.apply(input_ids, embedding.weight, embedding.padding_idx)}
-        out = self.policy(
-            **tokens,
-            output_hidden_states=self.share_backbone,
-            **{cache_keyword(self.policy): None if cache is None else cache[0]},
-            **inputs,
-            **keep,
-        )
+            embedding, slot = self.policy.get_input_embeddings(), TiedGradient()
+            lookup = SparseRowsLookup.apply(input_ids, embedding.weight, embedding.padding_idx, slot)
+            tokens, head = {"inputs_embeds": lookup}, tied_head(self.policy, slot)
+        with head:
+            out = self.policy(
+                **tokens,
+                output_hidden_states=self.share_backbone,
+                **{cache_keyword(self.policy): None if cache is None else cache[0]},
+                **inputs,
+                **keep,
+            )
         logits = out.logits if logits_at is None or keep else out.logits[logits_at]
         critic_cache = None
         if self.share_backbone:

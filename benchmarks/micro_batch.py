@@ -19,15 +19,21 @@ It first checks that ``sparse`` gives ``dense``'s gradients to the bit. Shapes: 
 (12 layers, width 768, vocabulary 50,257, random init; 4 rows of 16 prompt + 32 response
 tokens, ``ppo_iteration.py``'s micro-batch) and ``default`` (the embedded default task's
 policy; 16 rows of 8 + 24). Medians over ``--repeats``; the load average is printed (other
-processes on the machine slow every mode, not equally: compare within one run).
+processes on the machine slow every mode, not equally: compare within one run). ``--json`` keeps the
+figures under the shape's name in a JSON file (other shapes' entries in it are kept):
+
+    python benchmarks/micro_batch.py --shape gpt2-small --json docs/results/micro_batch.json
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import tyro
@@ -44,6 +50,8 @@ class MicroBatchArgs:
     threads: int = 1
     """torch's CPU threads."""
     seed: int = 0
+    json: Path | None = None
+    """Write the figures to this JSON file, under the shape's name (the file's other shapes are kept)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,10 +115,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sparse embedding gradient equal to autograd's dense one, to the bit: {same}")
     dense = statistics.median(f + b for f, b in times["dense"])
     print(f"{'mode':10s} {'forward s':>10s} {'backward s':>11s} {'total s':>8s} {'x dense':>8s}")
+    figures = {}
     for mode in MODES:
         forward, backward = (statistics.median(t[i] for t in times[mode]) for i in (0, 1))
         total = statistics.median(f + b for f, b in times[mode])
+        figures[mode] = {"forward_s": forward, "backward_s": backward, "total_s": total, "x_dense": total / dense}
         print(f"{mode:10s} {forward:10.4f} {backward:11.4f} {total:8.4f} {total / dense:8.3f}")
+    if args.json is not None:
+        entry = {
+            "command": "python benchmarks/micro_batch.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "tokens": {"rows": rows, "prompt": prompt, "response": response, "vocabulary": vocab},
+            "load_average": round(os.getloadavg()[0], 2),
+            "sparse_equals_dense": same,
+            "modes": figures,
+        }
+        known = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        args.json.write_text(json.dumps(known | {args.shape: entry}, indent=1) + "\n")
+        print(f"written to {args.json}")
 
 
 if __name__ == "__main__":

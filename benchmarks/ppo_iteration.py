@@ -556,6 +556,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"@other: textenv's code from {Path(args.other_checkout).resolve()}, same script and settings")
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "trl_python", "other_checkout")}
     command = " ".join(argv or sys.argv[1:]).replace(args.trl_python or "\0", "TRL_PYTHON")  # no machine's paths
+    command = command.replace(args.other_checkout or "\0", "OTHER_CHECKOUT")
     written: dict = {"command": "python benchmarks/ppo_iteration.py " + command}
     written |= {"torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count()}
     written |= {

@@ -194,8 +194,11 @@ def tied(family: str) -> torch.nn.Module:
     return tiny_causal_lm(family, **({} if family in ("gpt2", "opt") else {"tie_word_embeddings": True}))
 
 
-def accumulated_gradients(agent: ActorCritic, sparse: bool, micro_batches: int = 3) -> dict[str, torch.Tensor]:
-    """Gradients of a loss of logits and values, accumulated over micro-batches by ``backward``, as the update does."""
+def accumulated_gradients(
+    agent: ActorCritic, sparse: bool, micro_batches: int = 3, autocast: bool = False
+) -> dict[str, torch.Tensor]:
+    """Gradients of a loss of logits and values, accumulated over micro-batches by ``backward``, as the update does
+    (its forwards under bf16 autocast with ``autocast``)."""
     generator = torch.Generator().manual_seed(3)
     vocab = agent.policy.config.vocab_size
     agent.zero_grad(set_to_none=True)
@@ -204,17 +207,21 @@ def accumulated_gradients(agent: ActorCritic, sparse: bool, micro_batches: int =
         ids = torch.cat([torch.tensor([[0, 5, 5, 7, 0, 9]]), torch.randint(0, 20, (3, 6), generator=generator)])
         mask = torch.ones_like(ids)
         keep = torch.rand(4, 6, generator=generator) < 0.7
-        out = agent(ids, mask, position_ids_from_mask(mask), logits_at=keep, sparse_embedding_grad=sparse)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = agent(ids, mask, position_ids_from_mask(mask), logits_at=keep, sparse_embedding_grad=sparse)
         weights = torch.randn(out.logits.shape[0], vocab, generator=generator)
-        ((out.logits * weights).sum() + out.values.sum()).backward()
+        ((out.logits.float() * weights).sum() + out.values.sum()).backward()
     return {name: p.grad.clone() for name, p in agent.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "qwen3"])
-def test_the_tied_embeddings_sparse_gradient_is_autograds_to_the_bit(family):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_tied_embeddings_sparse_gradient_is_autograds_to_the_bit(family, autocast, request):
+    if autocast:  # bf16 kernels, native or emulated (tests/conftest.py)
+        request.getfixturevalue("bf16_cpu")
     agent = ActorCritic.from_models(tied(family)).train()
     assert sparse_lookup_applies(agent.policy)
-    dense, sparse = (accumulated_gradients(agent, flag) for flag in (False, True))
+    dense, sparse = (accumulated_gradients(agent, flag, autocast=autocast) for flag in (False, True))
     assert dense.keys() == sparse.keys()
     for name, grad in dense.items():  # repeated ids summed in autograd's order, every micro-batch
         assert sparse[name].layout == torch.strided and torch.equal(sparse[name], grad), name
@@ -222,10 +229,30 @@ def test_the_tied_embeddings_sparse_gradient_is_autograds_to_the_bit(family):
     mask, positions = torch.ones_like(ids), torch.arange(4)[None]
     with_rows, without = (agent(ids, mask, positions, sparse_embedding_grad=flag).logits for flag in (True, False))
     assert torch.equal(with_rows, without)
-    assert "SparseRowsLookupBackward" in backward_nodes(with_rows)
-    assert "SparseRowsLookupBackward" not in backward_nodes(without)
+    assert {"SparseRowsLookupBackward", "TiedHeadBackward"} <= backward_nodes(with_rows)
+    assert not {"SparseRowsLookupBackward", "TiedHeadBackward"} & backward_nodes(without)
+    assert "forward" not in vars(agent.policy.get_output_embeddings())  # the head is itself again after the forward
     with torch.no_grad():  # nothing to backpropagate: the request is ignored
         assert torch.equal(agent(ids, mask, positions, sparse_embedding_grad=True).logits, without)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_the_tied_matrix_gets_one_gradient_and_no_vocabulary_sized_copy(family):
+    """The head's gradient of the tied matrix takes the looked-up rows in place and becomes the weight's gradient:
+    no out-of-place sum of the two (autograd adds a sparse gradient to a dense one by copying the dense one), and
+    the first micro-batch's ``.grad`` is that very tensor."""
+    agent = ActorCritic.from_models(tied(family)).train()
+    weight = agent.policy.get_input_embeddings().weight
+    ids = torch.tensor([[3, 4, 5, 4, 6, 7]])
+    mask = torch.ones_like(ids)
+    out = agent(ids, mask, position_ids_from_mask(mask), sparse_embedding_grad=True)
+    made = []
+    weight.register_hook(lambda grad: made.append(grad.data_ptr()))  # the one gradient, before it is accumulated
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out.logits.logsumexp(-1).sum().backward()
+    vocabulary_sized = [event.name for event in profile.events() if list(weight.shape) in event.input_shapes]
+    assert not {"aten::add", "aten::copy_", "aten::clone"} & set(vocabulary_sized), vocabulary_sized
+    assert made == [weight.grad.data_ptr()]
 
 
 def backward_nodes(output: torch.Tensor) -> set[str]:

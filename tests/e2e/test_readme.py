@@ -91,6 +91,48 @@ def test_readme_value_prior_cost_agrees_with_its_benchmarks_json():
     assert sentence in " ".join(README.read_text().split()), sentence
 
 
+def test_the_micro_batch_figures_agree_with_their_json():
+    """benchmarks/README.md's micro-batch table and docs/departures.md's gains are docs/results/micro_batch.json's."""
+    import json
+
+    results = README.parent / "docs" / "results"
+    micro = json.loads((results / "micro_batch.json").read_text())
+    small, default = micro["gpt2-small"], micro["default"]
+    assert small["sparse_equals_dense"] and default["sparse_equals_dense"]
+    g, d = small["modes"], default["modes"]
+    rows = [
+        f"| GPT-2-small, 4 x 48 tokens | {small['repeats']} | {g['dense']['total_s']:.3f} s (fwd "
+        f"{g['dense']['forward_s']:.3f}, bwd {g['dense']['backward_s']:.3f}) | {g['sparse']['total_s']:.3f} s "
+        f"({g['sparse']['x_dense']:.3f}x; bwd {g['sparse']['backward_s']:.3f}) | {g['gelu_new']['total_s']:.3f} s "
+        f"({g['gelu_new']['x_dense']:.3f}x) |",
+        f"| default task, 16 x 32 tokens | {default['repeats']} | {d['dense']['total_s'] * 1000:.1f} ms | "
+        f"{d['sparse']['total_s'] * 1000:.1f} ms ({d['sparse']['x_dense']:.3f}x) | "
+        f"{d['gelu_new']['total_s'] * 1000:.1f} ms ({d['gelu_new']['x_dense']:.3f}x) |",
+    ]
+    benchmarks = (README.parent / "benchmarks" / "README.md").read_text()
+    for row in rows:
+        assert row in benchmarks, row
+    sides = json.loads((results / "ppo_iteration_tied_gradient.json").read_text())["shapes"]["gpt2-small"]["sides"]
+    new, old = sides["textenv shared"], sides["textenv shared @other"]
+    assert (new["score_last"], new["kl_last"]) == (old["score_last"], old["kl_last"])  # the same training
+    sentence = (
+        f"a GPT-2-small iteration's backwards take {new['phases']['backwards']:.2f} s against "
+        f"{old['phases']['backwards']:.2f} s and the run's peak RSS is {new['peak_rss_mb']:,.0f} MB against "
+        f"{old['peak_rss_mb']:,.0f} MB"
+    )
+    assert sentence in " ".join(benchmarks.split()), sentence
+    departures = " ".join((README.parent / "docs" / "departures.md").read_text().split())
+    for sentence in (
+        f"one micro-batch's forward and backward {g['dense']['total_s']:.3f} -> {g['sparse']['total_s']:.3f} s "
+        f"({100 * (1 - g['sparse']['x_dense']):.0f}% less",
+        f"peak RSS {old['peak_rss_mb']:,.0f} -> {new['peak_rss_mb']:,.0f} MB",
+        f"{d['dense']['total_s'] * 1000:.1f} -> {d['sparse']['total_s'] * 1000:.1f} ms",
+        f"default task {d['gelu_new']['total_s'] * 1000:.1f} -> {d['dense']['total_s'] * 1000:.1f} ms",
+        f"GPT-2-small shape {g['gelu_new']['total_s']:.3f} -> {g['dense']['total_s']:.3f} s",
+    ):
+        assert sentence in departures, sentence
+
+
 def test_scaling_doc_quotes_the_benchmarks_json():
     import json
 
