@@ -39,7 +39,7 @@ import torch
 import tyro
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GPT2Config, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
 from agents.checkpoint import Checkpoints, TrainerState
 from agents.distributed import Distributed
@@ -471,11 +471,6 @@ def save_final(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Pa
         shutil.rmtree(final)
     os.replace(partial, final)
     return final
-
-
-def unwrap(model: nn.Module) -> PreTrainedModel:
-    """The transformers model under a DDP wrapper."""
-    return getattr(model, "module", model)
 
 
 # ---------------------------------------------------------------- data
