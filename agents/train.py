@@ -41,7 +41,6 @@ from agents.ppo import PPOConfig, ppo_update
 from agents.rollout import Rollout, collect_rollout, make_rollout_env
 from textenv import TokenEnvConfig
 from textenv.config import AsPath, check_choice, check_float, check_int, resolve_config, resolve_precision
-from textenv.lm import has_prefix_scores
 from textenv.loading import (
     eval_split,
     load_config,
@@ -687,19 +686,9 @@ def value_prior_obstacle(config: TrainConfig, env) -> str | None:
     """Why the reward model's prefix scores cannot serve the critic of this run, or None where they can."""
     if not config.ppo.uses_critic:
         return f"--algo {config.ppo.algo} has no critic"
-    if env.reward_model is None:
-        return "the task has no reward model, so no prefix has a score"
-    if env.reward_tokenizer is not None:
-        return (
-            "the reward model reads text with its own tokenizer, so its scores have no place among the policy's tokens"
-        )
-    if env.config.reward_mode != "sparse":
+    if env.reward_model is not None and env.config.reward_mode != "sparse":
         return "with --reward-mode dense the rewards already pay each prefix's score (a prior would count it twice)"
-    if not has_prefix_scores(env.reward_model):
-        return (
-            f"the reward model ({type(env.reward_model).__name__}) has no per-position score head to read prefixes at"
-        )
-    return None
+    return env.prefix_scores_obstacle()  # the env's own rule: a causal reward model of the policy's tokens
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:

@@ -12,7 +12,7 @@ from gymnasium import spaces
 
 from textenv.config import TokenEnvConfig, TokenEnvSettings, check_kl_coef, resolve_config
 from textenv.core import TokenBatchCore
-from textenv.lm import prefix_scores
+from textenv.lm import has_prefix_scores, prefix_scores
 from textenv.loading import load_task
 from textenv.rewards import clip_score
 
@@ -125,6 +125,20 @@ class CoreView:
         ids, or there is no reward model."""
         return getattr(self.core.scorer, "reward_tokenizer", None)
 
+    def prefix_scores_obstacle(self) -> str | None:
+        """Why this env cannot score prefixes (``prefix_scores``), or None where it can."""
+        reward_model = self.core.reward_model
+        if reward_model is None:
+            return "this env has no reward model, so no prefix has a score"
+        if self.reward_tokenizer is not None:
+            return (
+                "this env's reward model reads text with its own tokenizer (reward_tokenizer), so its scores have no "
+                "place among the policy's tokens"
+            )
+        if not has_prefix_scores(reward_model):
+            return f"this env's reward model ({type(reward_model).__name__}) has no per-position score head ('score')"
+        return None
+
     def prefix_scores(self, input_ids, attention_mask):
         """The score the env would pay each prefix of these rows had the episode ended there: the reward model's
         score of the tokens up to each position, clipped to ``score_clip`` (``textenv.lm.prefix_scores``, one
@@ -134,13 +148,9 @@ class CoreView:
         What a learner may read as a feature of the state (``agents``' value prior). Refused where the env has no
         reward model, or one that reads text with its own tokenizer (its positions are not these tokens).
         """
-        if self.core.reward_model is None:
-            raise ValueError("this env has no reward model, so no prefix has a score: set reward_model")
-        if self.reward_tokenizer is not None:
-            raise ValueError(
-                "this env's reward model reads text with its own tokenizer (reward_tokenizer), so its scores have no "
-                "position among the policy's tokens: prefix scores need a reward model of the policy's vocabulary"
-            )
+        obstacle = self.prefix_scores_obstacle()
+        if obstacle is not None:
+            raise ValueError(f"{obstacle}: prefix scores need a causal reward model of the policy's tokens")
         device = next(self.core.reward_model.parameters()).device
         scores = prefix_scores(self.core.reward_model, input_ids.to(device), attention_mask.to(device))
         return clip_score(scores, self.core.config.score_clip)

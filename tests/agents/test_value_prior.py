@@ -164,7 +164,7 @@ def test_a_task_without_a_reward_model_has_no_prior_and_refuses_one(tmp_path):
     assert not trainer.agent.value_prior
     config = tiny_config(tmp_path / "refused", task="arithmetic")
     config.run.value_prior = "score"
-    with pytest.raises(ValueError, match="--value-prior score: the task has no reward model"):
+    with pytest.raises(ValueError, match="--value-prior score: this env has no reward model"):
         Trainer(config)
     assert not (tmp_path / "refused").exists()
 
