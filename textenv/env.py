@@ -145,8 +145,9 @@ class CoreView:
         forward), before the reward functions and the missing-EOS penalty. ``input_ids``/``attention_mask`` (B, T)
         tensors of the policy's token ids; returns (B, T) float32 on the reward model's device.
 
-        What a learner may read as a feature of the state (``agents``' value prior). Refused where the env has no
-        reward model, or one that reads text with its own tokenizer (its positions are not these tokens).
+        What a learner may read as a feature of the state (``agents``' value prior). Refused where
+        ``prefix_scores_obstacle`` names a reason: no reward model, one that reads text with its own tokenizer (its
+        positions are not these tokens), or one without a per-position score head.
         """
         obstacle = self.prefix_scores_obstacle()
         if obstacle is not None:
