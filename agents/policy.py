@@ -241,12 +241,13 @@ class TiedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
+        master = weight.dtype  # the weight's own dtype, which its gradient takes
         if ctx.dtype is not None:  # what autocast's F.linear multiplied: both operands cast
             x, weight = x.to(ctx.dtype), weight.to(ctx.dtype)
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = rows.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
-            head = rows.t().mm(x.reshape(-1, x.shape[-1])).to(ctx.saved_tensors[1].dtype)
+            head = rows.t().mm(x.reshape(-1, x.shape[-1])).to(master)
             ctx.slot.head = head if ctx.slot.head is None else ctx.slot.head.add_(head)
         return grad_x, None, None
 
