@@ -18,8 +18,8 @@ That forward may pack several episodes into one row (``agents.packing``): then i
 no attention mask, and position ids that restart at 0 for each episode.
 
 A model handed to the agent (``from_models(model)``) is changed in one way only: its
-dropout is turned off. No module is swapped and no hook is registered. The two speed
-paths (``docs/departures.md`` lists every departure, with its gain and its test):
+dropout is turned off. No module is swapped and no hook is registered. The speed paths
+(``docs/departures.md`` lists every departure, with its gain and its test):
 
 - a model the agent loads itself (``load_policy``; every critic trunk it builds) runs
   GPT-2's ``gelu_new`` as ``gelu_pytorch_tanh``, transformers' name for torch's fused
@@ -31,7 +31,10 @@ paths (``docs/departures.md`` lists every departure, with its gain and its test)
   matrix in place (``SparseRowsLookup``, with the head run as ``TiedHead`` for that one
   call), where autograd would build a vocabulary-sized dense gradient for the lookup and
   add the two out of place. The same gradient to the bit, two vocabulary-sized
-  temporaries less.
+  temporaries less;
+- on the CPU in float32, a plain LM head's logits are computed in vocabulary blocks
+  (``textenv.vocabulary``; the head's ``forward`` replaced for the call only): the same
+  floats, faster.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import copy
 import inspect
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,6 +57,7 @@ from transformers.utils import logging as hf_logging
 
 from textenv.config import Precision, resolve_precision
 from textenv.lm import cache_keyword, disable_dropout, output_cache
+from textenv.vocabulary import blocked_head, plain_head, vocabulary_head, vocabulary_linear
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_LAYER_KEY = "value_layer"
@@ -236,7 +240,7 @@ class TiedHead(torch.autograd.Function):
         ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.slot = slot
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight)
+        return vocabulary_linear(x, weight)  # F.linear's floats, in vocabulary blocks on the CPU
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -292,8 +296,8 @@ def tied_head(model: nn.Module, slot: TiedGradient):
     """For the duration of a forward, ``model``'s LM head runs as ``TiedHead`` with ``slot``, where it is a plain
     ``nn.Linear`` without bias (others run as they are: the lookup's gradient is then sparse rows). The head's
     ``forward`` is an instance attribute for that time, and removed after: nothing stays changed."""
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None or "forward" in vars(head):
+    head = plain_head(model)
+    if head is None:
         yield
         return
     head.forward = lambda x: TiedHead.apply(x, head.weight, slot)
@@ -429,7 +433,7 @@ class ActorCritic(nn.Module):
         cache = past_key_values
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
         keep = {"logits_to_keep": logits_at} if logits_at is not None and self._logits_to_keep else {}
-        tokens, head = {"input_ids": input_ids}, nullcontext()
+        tokens, head = {"input_ids": input_ids}, blocked_head(vocabulary_head(self.policy))
         if sparse_embedding_grad and torch.is_grad_enabled() and sparse_lookup_applies(self.policy):
             embedding, slot = self.policy.get_input_embeddings(), TiedGradient()
             lookup = SparseRowsLookup.apply(input_ids, embedding.weight, embedding.padding_idx, slot)

@@ -13,7 +13,8 @@ means the same thing whether it is padded on the left or on the right.
 - ``CachedStepper``: a model stepped over N rows with one KV cache (prefill the
   prompts, then one token per step); the env's frozen models, ``sample``, the
   agent's rollout and the benchmarks all step through it. A full-attention cache
-  lives in ``PreallocatedLayer`` buffers written in place, not grown by ``torch.cat``.
+  lives in ``PreallocatedLayer`` buffers written in place, not grown by ``torch.cat``;
+  a plain LM head runs in vocabulary blocks on the CPU (``textenv.vocabulary``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from textenv.vocabulary import blocked_head, vocabulary_head
 
 # ---------------------------------------------------------------- probabilities
 
@@ -394,6 +397,7 @@ class CachedStepper:
         self.room, self.preallocate = room, preallocate
         self.device = next(model.parameters()).device
         self.cache_keyword = cache_keyword(model)
+        self.head = None if scores else vocabulary_head(model)  # an LM head whose logits run in vocabulary blocks
         self.cache, self._editable = None, False
         self.mask: Tensor | None = None  # (N, C) which cache positions are real tokens
         self.position: Tensor | None = None  # (N,) next position id of each row
@@ -444,7 +448,10 @@ class CachedStepper:
         if self.scores:
             with pooling_at_last_position(self.model):
                 return self.model(**inputs, use_cache=True)
-        return self.model(**inputs, use_cache=True)
+        if self.head is None:
+            return self.model(**inputs, use_cache=True)
+        with blocked_head(self.head):  # the LM head's product in vocabulary blocks on the CPU: the same floats
+            return self.model(**inputs, use_cache=True)
 
     def rebuild(self, contexts: list[list[int]]) -> None:
         """Recompute every row's cache from its tokens (``contexts``, one list per row)."""

@@ -1,7 +1,7 @@
 """agents/policy.py: the actor-critic leaves a model handed to it as it was (but for dropout), its gradients are
 autograd's, it trains float32 master weights, and its fast paths compute what the plain ones did: the fused GELU
 (torch's kernel for GPT-2's ``gelu_new``, through the config), logits only at the positions asked for, the tied
-embedding's sparse gradient."""
+embedding's sparse gradient, a vocabulary-sized head's logits in blocks."""
 
 import copy
 import math
@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN, NewGELUActivation
 from agents.policy import ActorCritic, critic_trunk, load_policy, sparse_lookup_applies
 from agents.train import TrainConfig, build_agent
 from tests.models import tiny_causal_lm
+from textenv import vocabulary
 from textenv.default_task import POLICY_DIR, REWARD_MODEL_DIR
 from textenv.lm import position_ids_from_mask
 
@@ -253,6 +254,24 @@ def test_the_tied_matrix_gets_one_gradient_and_no_vocabulary_sized_copy(family):
     vocabulary_sized = [event.name for event in profile.events() if list(weight.shape) in event.input_shapes]
     assert not {"aten::add", "aten::copy_", "aten::clone"} & set(vocabulary_sized), vocabulary_sized
     assert made == [weight.grad.data_ptr()]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_vocabulary_sized_head_in_blocks_gives_autograds_gradients_to_the_bit(family, monkeypatch):
+    """The update's forward with a head of two blocks or more (``textenv.vocabulary``): GPT-2's tied head runs as
+    ``TiedHead``, Llama's untied one as ``VocabularyLinear``; every gradient is plain autograd's, without blocks."""
+    agent = ActorCritic.from_models(tiny_causal_lm(family, vocab_size=2 * vocabulary.BLOCK + 37)).train()
+    ids = torch.tensor([[3, 4, 5, 2080]])
+    with torch.profiler.profile(record_shapes=True) as profile:
+        agent(ids, torch.ones_like(ids), torch.arange(4)[None], sparse_embedding_grad=True)
+    blocks = [e for e in profile.events() if e.name == "aten::mm" and e.input_shapes[1][-1] == vocabulary.BLOCK]
+    assert len(blocks) == 2  # the third block is a short one
+    ours = accumulated_gradients(agent, sparse=True)
+    monkeypatch.setattr(vocabulary, "BLOCK", 10**9)  # no vocabulary of two blocks: torch's products, autograd's
+    plain = accumulated_gradients(agent, sparse=False)
+    assert ours.keys() == plain.keys()
+    for name, grad in plain.items():
+        assert torch.equal(ours[name], grad), name
 
 
 def backward_nodes(output: torch.Tensor) -> set[str]:
