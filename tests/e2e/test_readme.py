@@ -133,6 +133,64 @@ def test_the_micro_batch_figures_agree_with_their_json():
         assert sentence in departures, sentence
 
 
+def vocabulary_block_sentences() -> dict[str, list[str]]:
+    """What README.md, docs/departures.md and benchmarks/README.md say of the LM head's vocabulary blocks, from
+    docs/results/vocabulary_blocks.json and docs/results/ppo_iteration_head_blocks.json."""
+    import json
+
+    results = README.parent / "docs" / "results"
+    blocks = json.loads((results / "vocabulary_blocks.json").read_text())
+    assert all(row["same_floats"] for row in blocks["rows"] if row["product"] == "logits")
+    logits = {row["tokens"]: row for row in blocks["rows"] if row["product"] == "logits"}
+    sides = json.loads((results / "ppo_iteration_head_blocks.json").read_text())["shapes"]["gpt2-small"]["sides"]
+    shared, shared_old = sides["textenv shared"], sides["textenv shared @other"]
+    separate, separate_old = sides["textenv separate"], sides["textenv separate @other"]
+    for new, old in ((shared, shared_old), (separate, separate_old)):  # the same training, to the digit
+        assert (new["score_last"], new["kl_last"]) == (old["score_last"], old["kl_last"])
+    gains = (
+        f"GPT-2-small's head, one torch thread: the logits of 128 tokens {logits[128]['torch_gflops']:.0f} -> "
+        f"{logits[128]['blocked_gflops']:.0f} GFLOP/s, of a 16-row rollout step {logits[16]['torch_gflops']:.0f} -> "
+        f"{logits[16]['blocked_gflops']:.0f} GFLOP/s"
+    )
+    iteration = (
+        f"a GPT-2-small PPO iteration {shared_old['s_per_update']:.1f} -> {shared['s_per_update']:.1f} s with the "
+        f"shared critic and {separate_old['s_per_update']:.1f} -> {separate['s_per_update']:.1f} s with a separate one"
+    )
+    table = [
+        f"| {row['tokens']} | {row['torch_gflops']:.1f} | {row['blocked_gflops']:.1f} | {row['speedup']:.2f}x |"
+        for row in logits.values()
+    ]
+    backward = {(row["tokens"], row["product"]): row["torch_gflops"] for row in blocks["rows"]}
+    readme = (
+        f"at GPT-2-small shape textenv now takes {shared['x_trl_time']:.2f}x TRL's time and "
+        f"{shared['x_trl_rss']:.2f}x its peak memory with the shared critic, {separate['x_trl_time']:.2f}x and "
+        f"{separate['x_trl_rss']:.2f}x with a separate one"
+    )
+    return {
+        "departures": [gains, iteration],
+        "benchmarks": [
+            *table,
+            iteration,
+            f"the hidden states' gradient runs at {backward[(128, 'input grad')]:.0f} GFLOP/s, near the trunk's rate, "
+            f"and the weight's at {backward[(128, 'weight grad')]:.0f} GFLOP/s,",
+        ],
+        "readme": [readme],
+    }
+
+
+def test_the_vocabulary_block_figures_agree_with_their_jsons():
+    sentences = vocabulary_block_sentences()
+    texts = {
+        "departures": README.parent / "docs" / "departures.md",
+        "benchmarks": README.parent / "benchmarks" / "README.md",
+        "readme": README,
+    }
+    for where, path in texts.items():
+        text = " ".join(path.read_text().split())
+        for sentence in sentences[where]:
+            assert " ".join(sentence.split()) in text, (where, sentence)
+
+
 def test_scaling_doc_quotes_the_benchmarks_json():
     import json
 
