@@ -58,7 +58,7 @@ def vocabulary_linear(x: Tensor, weight: Tensor) -> Tensor:
 
 class VocabularyLinear(torch.autograd.Function):
     """``F.linear(x, weight)`` for an LM head (no bias) whose forward is ``vocabulary_linear``; its backward is
-    autograd's products for ``F.linear`` (they run at full speed unblocked)."""
+    autograd's two products for ``F.linear``, unblocked (blocks do not make them faster)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
