@@ -147,6 +147,18 @@ def vocabulary_block_sentences() -> dict[str, list[str]]:
     separate, separate_old = sides["textenv separate"], sides["textenv separate @other"]
     for new, old in ((shared, shared_old), (separate, separate_old)):  # the same training, to the digit
         assert (new["score_last"], new["kl_last"]) == (old["score_last"], old["kl_last"])
+    rounds = json.loads((results / "ppo_iteration_head_blocks_shared.json").read_text())
+    settings, rounds = rounds["settings"], rounds["shapes"]["gpt2-small"]["sides"]
+    longer, longer_old = rounds["textenv shared"], rounds["textenv shared @other"]
+    assert (longer["score_last"], longer["kl_last"]) == (longer_old["score_last"], longer_old["kl_last"])
+    longer_run = (
+        f"{settings['gpt2_rounds']} rounds of {settings['gpt2_updates']} updates, shared critic only: "
+        f"{longer_old['s_per_update']:.1f} -> {longer['s_per_update']:.1f} s"
+    )
+
+    def moved(name: str) -> str:
+        return f"{longer_old['phases'][name]:.2f} -> {longer['phases'][name]:.2f}"
+
     gains = (
         f"GPT-2-small's head, one torch thread: the logits of 128 tokens {logits[128]['torch_gflops']:.0f} -> "
         f"{logits[128]['blocked_gflops']:.0f} GFLOP/s, of a 16-row rollout step {logits[16]['torch_gflops']:.0f} -> "
@@ -167,8 +179,11 @@ def vocabulary_block_sentences() -> dict[str, list[str]]:
         f"{separate['x_trl_rss']:.2f}x with a separate one"
     )
     return {
-        "departures": [gains, iteration],
+        "departures": [gains, iteration, longer_run],
         "benchmarks": [
+            longer_run,
+            f"the rollout's policy and reference steps {moved('policy')} and {moved('reference')} s, the update's "
+            f"forwards and re-score {moved('forwards')} and {moved('re-score')} s",
             *table,
             iteration,
             f"the hidden states' gradient runs at {backward[(128, 'input grad')]:.0f} GFLOP/s, near the trunk's rate, "
