@@ -43,7 +43,7 @@ import copy
 import inspect
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,7 +57,7 @@ from transformers.utils import logging as hf_logging
 
 from textenv.config import Precision, resolve_precision
 from textenv.lm import cache_keyword, disable_dropout, output_cache
-from textenv.vocabulary import blocked_head, plain_head, vocabulary_head, vocabulary_linear
+from textenv.vocabulary import blocked_head, head_forward, plain_head, vocabulary_head, vocabulary_linear
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_LAYER_KEY = "value_layer"
@@ -291,20 +291,12 @@ class SparseRowsLookup(torch.autograd.Function):
         return None, weight_grad, None, None
 
 
-@contextmanager
-def tied_head(model: nn.Module, slot: TiedGradient):
+def tied_head(model: nn.Module, slot: TiedGradient) -> AbstractContextManager[None]:
     """For the duration of a forward, ``model``'s LM head runs as ``TiedHead`` with ``slot``, where it is a plain
-    ``nn.Linear`` without bias (others run as they are: the lookup's gradient is then sparse rows). The head's
-    ``forward`` is an instance attribute for that time, and removed after: nothing stays changed."""
+    ``nn.Linear`` without bias (others run as they are: the lookup's gradient is then sparse rows), through
+    ``textenv.vocabulary.head_forward``: nothing stays changed."""
     head = plain_head(model)
-    if head is None:
-        yield
-        return
-    head.forward = lambda x: TiedHead.apply(x, head.weight, slot)
-    try:
-        yield
-    finally:
-        del head.forward
+    return head_forward(head, lambda x: TiedHead.apply(x, head.weight, slot))
 
 
 def sparse_lookup_applies(model: nn.Module) -> bool:

@@ -448,8 +448,6 @@ class CachedStepper:
         if self.scores:
             with pooling_at_last_position(self.model):
                 return self.model(**inputs, use_cache=True)
-        if self.head is None:
-            return self.model(**inputs, use_cache=True)
         with blocked_head(self.head):  # the LM head's product in vocabulary blocks on the CPU: the same floats
             return self.model(**inputs, use_cache=True)
 

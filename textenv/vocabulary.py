@@ -19,8 +19,8 @@ own product.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -101,16 +101,23 @@ def vocabulary_head(model: nn.Module) -> nn.Linear | None:
 
 
 @contextmanager
-def blocked_head(head: nn.Linear | None) -> Iterator[None]:
-    """For the duration of a forward, the LM head ``head`` (``vocabulary_head``'s) computes through
-    ``head_linear`` where it is on the CPU (None, a head elsewhere, or one whose ``forward`` was replaced since:
-    as it is). Its ``forward`` is an instance attribute for that time, and removed after: nothing stays
-    changed."""
-    if head is None or head.weight.device.type != "cpu" or "forward" in vars(head):
+def head_forward(head: nn.Linear | None, forward: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """For the duration of a forward, ``head`` (an LM head) computes through ``forward``: an instance attribute
+    for that time, removed after, so nothing stays changed. None, or a head whose ``forward`` someone else
+    replaced, runs as it is."""
+    if head is None or "forward" in vars(head):
         yield
         return
-    head.forward = lambda x: head_linear(x, head.weight)
+    head.forward = forward
     try:
         yield
     finally:
         del head.forward
+
+
+def blocked_head(head: nn.Linear | None) -> AbstractContextManager[None]:
+    """For the duration of a forward, the LM head ``head`` (``vocabulary_head``'s) computes through
+    ``head_linear`` where it is on the CPU (``head_forward``; None or a head elsewhere: as it is)."""
+    if head is None or head.weight.device.type != "cpu":
+        return head_forward(None, F.linear)
+    return head_forward(head, lambda x: head_linear(x, head.weight))
